@@ -1,0 +1,23 @@
+//! Shared NEO vocabulary used by every node: ids (TIDs, OIDs, node ids, ptids), node/cluster/cell
+//! states, the partition table, the `neo.conf` model, wire error codes and logging set-up.
+//!
+//! Nothing here does network or database IO; the only IO is the log file writer.
+
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod logging;
+pub mod node;
+pub mod pt;
+pub mod states;
+
+pub use error::ErrorCode;
+pub use ids::{Nid, Oid, Ptid, Tid};
+pub use node::NodeInfo;
+pub use pt::{Cell, CellChange, PartitionTable};
+pub use states::{CellState, ClusterState, NodeState, NodeType};
+
+/// Version of the neo-rs wire protocol, checked at identification.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Default maximum size of one frame on the wire (a 64 MiB record plus headers fits).
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024 + 64 * 1024;

@@ -1,0 +1,266 @@
+//! The partition table: `np` rows (partitions), each a list of cells `(nid, state)`, versioned by
+//! a ptid. Pure data and its invariants; the master decides changes, every node applies them.
+
+use crate::{CellState, Nid, Ptid};
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Cell {
+    pub nid: Nid,
+    pub state: CellState,
+}
+
+/// One change of a cell: `state == Discarded` removes the cell.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct CellChange {
+    pub partition: u32,
+    pub nid: Nid,
+    pub state: CellState,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PtError {
+    #[error("partition table change for ptid {got} does not follow ptid {have}")]
+    NotNext { have: Ptid, got: Ptid },
+    #[error("partition {partition} out of range (table has {np} partitions)")]
+    BadPartition { partition: u32, np: u32 },
+    #[error("cannot make a partition table without storage nodes")]
+    NoNodes,
+    #[error("the partition table must have at least one partition")]
+    NoPartitions,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PartitionTable {
+    pub ptid: Ptid,
+    pub replicas: u32,
+    rows: Vec<Vec<Cell>>,
+}
+
+impl PartitionTable {
+    /// An empty table (no cells) of `np` partitions; ptid 0 means "no table yet".
+    pub fn new(np: u32, replicas: u32) -> PartitionTable {
+        PartitionTable { ptid: Ptid(0), replicas, rows: vec![Vec::new(); np as usize] }
+    }
+
+    /// Build a table from rows received from a peer or read from disk.
+    pub fn from_rows(ptid: Ptid, replicas: u32, rows: Vec<Vec<Cell>>) -> Result<PartitionTable, PtError> {
+        if rows.is_empty() {
+            return Err(PtError::NoPartitions);
+        }
+        Ok(PartitionTable { ptid, replicas, rows })
+    }
+
+    /// A new table for a new cluster: each partition gets `min(replicas+1, nodes)` cells on
+    /// distinct nodes, spread round robin so every node gets the same share (±1). ptid 1.
+    pub fn make(np: u32, replicas: u32, nodes: &[Nid]) -> Result<PartitionTable, PtError> {
+        if np == 0 {
+            return Err(PtError::NoPartitions);
+        }
+        let mut nodes: Vec<Nid> = nodes.to_vec();
+        nodes.sort();
+        nodes.dedup();
+        if nodes.is_empty() {
+            return Err(PtError::NoNodes);
+        }
+        let n = nodes.len();
+        let repeats = (replicas as usize + 1).min(n);
+        let rows = (0..np as usize)
+            .map(|p| {
+                (0..repeats)
+                    .map(|i| Cell { nid: nodes[(p * repeats + i) % n], state: CellState::UpToDate })
+                    .collect()
+            })
+            .collect();
+        Ok(PartitionTable { ptid: Ptid(1), replicas, rows })
+    }
+
+    pub fn np(&self) -> u32 {
+        self.rows.len() as u32
+    }
+    pub fn rows(&self) -> &[Vec<Cell>] {
+        &self.rows
+    }
+    pub fn row(&self, partition: u32) -> &[Cell] {
+        self.rows.get(partition as usize).map(Vec::as_slice).unwrap_or(&[])
+    }
+    /// Partition of an oid or tid value.
+    pub fn partition_of(&self, id: u64) -> u32 {
+        (id % u64::from(self.np().max(1))) as u32
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows.iter().all(Vec::is_empty)
+    }
+
+    pub fn readable_cells(&self, partition: u32) -> impl Iterator<Item = &Cell> {
+        self.row(partition).iter().filter(|c| c.state.is_readable())
+    }
+    pub fn writable_cells(&self, partition: u32) -> impl Iterator<Item = &Cell> {
+        self.row(partition).iter().filter(|c| c.state.is_writable())
+    }
+    pub fn cell(&self, partition: u32, nid: Nid) -> Option<CellState> {
+        self.row(partition).iter().find(|c| c.nid == nid).map(|c| c.state)
+    }
+
+    /// Every node with at least one cell.
+    pub fn nodes(&self) -> BTreeSet<Nid> {
+        self.rows.iter().flatten().map(|c| c.nid).collect()
+    }
+    /// Partitions where `nid` has a cell (any state).
+    pub fn partitions_of(&self, nid: Nid) -> Vec<u32> {
+        (0..self.np()).filter(|p| self.cell(*p, nid).is_some()).collect()
+    }
+
+    /// True when every partition has at least one readable cell on a node for which `up` holds.
+    pub fn operational(&self, up: impl Fn(Nid) -> bool) -> bool {
+        !self.rows.is_empty()
+            && self.rows.iter().all(|row| row.iter().any(|c| c.state.is_readable() && up(c.nid)))
+    }
+
+    /// Apply changes carried by a notification for ptid `ptid` (must be current + 1).
+    pub fn apply(&mut self, ptid: Ptid, replicas: u32, changes: &[CellChange]) -> Result<(), PtError> {
+        if ptid.0 != self.ptid.0 + 1 {
+            return Err(PtError::NotNext { have: self.ptid, got: ptid });
+        }
+        for ch in changes {
+            if ch.partition >= self.np() {
+                return Err(PtError::BadPartition { partition: ch.partition, np: self.np() });
+            }
+        }
+        for ch in changes {
+            self.set_cell(*ch);
+        }
+        self.ptid = ptid;
+        self.replicas = replicas;
+        Ok(())
+    }
+
+    fn set_cell(&mut self, ch: CellChange) {
+        let Some(row) = self.rows.get_mut(ch.partition as usize) else { return };
+        if ch.state == CellState::Discarded {
+            row.retain(|c| c.nid != ch.nid);
+        } else if let Some(c) = row.iter_mut().find(|c| c.nid == ch.nid) {
+            c.state = ch.state;
+        } else {
+            row.push(Cell { nid: ch.nid, state: ch.state });
+        }
+    }
+
+    /// Master side: record changes decided locally, bumping the ptid. Returns the new ptid.
+    pub fn commit_changes(&mut self, changes: &[CellChange]) -> Ptid {
+        for ch in changes {
+            self.set_cell(*ch);
+        }
+        self.ptid = Ptid(self.ptid.0 + 1);
+        self.ptid
+    }
+
+    /// Changes that mark the readable cells of `nid` OUT_OF_DATE, except where the node holds the
+    /// last readable cell of a partition (so the cluster can restart from it). FEEDING cells of
+    /// a lost node are discarded.
+    pub fn outdate_changes(&self, nid: Nid) -> Vec<CellChange> {
+        let mut out = Vec::new();
+        for (p, row) in self.rows.iter().enumerate() {
+            let Some(cell) = row.iter().find(|c| c.nid == nid) else { continue };
+            if !cell.state.is_readable() {
+                continue;
+            }
+            let others = row.iter().filter(|c| c.nid != nid && c.state.is_readable()).count();
+            if others == 0 {
+                continue;
+            }
+            let state = if cell.state == CellState::Feeding {
+                CellState::Discarded
+            } else {
+                CellState::OutOfDate
+            };
+            out.push(CellChange { partition: p as u32, nid, state });
+        }
+        out
+    }
+
+    /// Summary `{state: count}` as NEO's monitoring prints it.
+    pub fn summary(&self) -> Vec<(CellState, usize)> {
+        CellState::ALL
+            .iter()
+            .map(|s| (*s, self.rows.iter().flatten().filter(|c| c.state == *s).count()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// The compact grid of `neoctl print pt`: one column per node, one letter per cell.
+    pub fn format_grid(&self) -> String {
+        let nodes: Vec<Nid> = self.nodes().into_iter().collect();
+        let mut out = format!("# ptid: {}, replicas: {}\n", self.ptid, self.replicas);
+        let _ = writeln!(
+            out,
+            "{:>5} | {}",
+            "",
+            nodes.iter().map(|n| format!("{n:>4}")).collect::<Vec<_>>().join(" ")
+        );
+        for (p, row) in self.rows.iter().enumerate() {
+            let cells: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    let l = row.iter().find(|c| c.nid == *n).map(|c| c.state.letter()).unwrap_or('.');
+                    format!("{l:>4}")
+                })
+                .collect();
+            let _ = writeln!(out, "{p:>5} | {}", cells.join(" "));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NodeType;
+
+    fn s(n: u32) -> Nid {
+        Nid::new(NodeType::Storage, n)
+    }
+
+    #[test]
+    fn make_spreads_replicas_on_distinct_nodes() {
+        let pt = PartitionTable::make(12, 1, &[s(1), s(2)]).unwrap();
+        assert_eq!(pt.np(), 12);
+        for p in 0..12 {
+            let row = pt.row(p);
+            assert_eq!(row.len(), 2);
+            assert_ne!(row[0].nid, row[1].nid);
+        }
+        let pt = PartitionTable::make(10, 0, &[s(1), s(2), s(3)]).unwrap();
+        let counts: Vec<usize> = (1..=3).map(|n| pt.partitions_of(s(n)).len()).collect();
+        assert!(counts.iter().all(|c| *c == 3 || *c == 4), "{counts:?}");
+        assert!(pt.operational(|_| true));
+        assert!(!pt.operational(|n| n != s(2)));
+        assert!(PartitionTable::make(1, 0, &[]).is_err());
+    }
+
+    #[test]
+    fn outdate_keeps_last_readable_cell() {
+        let mut pt = PartitionTable::make(4, 1, &[s(1), s(2)]).unwrap();
+        let ch = pt.outdate_changes(s(1));
+        assert_eq!(ch.len(), 4);
+        pt.commit_changes(&ch);
+        assert_eq!(pt.ptid, Ptid(2));
+        assert!(pt.operational(|n| n == s(2)));
+        assert!(!pt.operational(|n| n == s(1)));
+        // s2 now holds the last readable cells: it is not outdated.
+        assert!(pt.outdate_changes(s(2)).is_empty());
+    }
+
+    #[test]
+    fn apply_requires_next_ptid() {
+        let mut pt = PartitionTable::make(2, 0, &[s(1)]).unwrap();
+        let ch = [CellChange { partition: 0, nid: s(2), state: CellState::OutOfDate }];
+        assert!(pt.apply(Ptid(3), 0, &ch).is_err());
+        pt.apply(Ptid(2), 0, &ch).unwrap();
+        assert_eq!(pt.cell(0, s(2)), Some(CellState::OutOfDate));
+        let bad = [CellChange { partition: 9, nid: s(2), state: CellState::OutOfDate }];
+        assert!(pt.apply(Ptid(3), 0, &bad).is_err());
+        assert!(pt.format_grid().contains("S1"));
+    }
+}
