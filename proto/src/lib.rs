@@ -6,6 +6,7 @@ pub mod convert;
 pub mod frame;
 pub mod link;
 pub mod net;
+pub mod node;
 pub mod tls;
 
 /// Generated protobuf types (package `neo`).

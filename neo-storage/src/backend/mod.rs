@@ -1,0 +1,134 @@
+//! The storage backend interface. It knows nothing of any database driver: one module per engine
+//! (`sqlite`; MySQL comes later) implements `Backend`, and one conformance suite (`tests` below)
+//! runs against every engine.
+//!
+//! Backends are synchronous; the node calls them only from the database thread (`crate::db`),
+//! never from async worker threads.
+//!
+//! Commit discipline (what must be durable when a method returns): `vote`, `lock`, `unlock`,
+//! `abort`, `set_config`, `save_pt`, `drop_unfinished`.
+
+pub mod sqlite;
+
+use neo_lib::pt::PartitionTable;
+use neo_lib::{Oid, Tid};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("corrupt database: {0}")]
+    Corrupt(String),
+    #[error("database belongs to cluster {found:?}, not {expected:?}")]
+    WrongCluster { found: String, expected: String },
+    #[error("database schema version {found} is newer than this program supports ({supported})")]
+    SchemaTooNew { found: u32, supported: u32 },
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Identifier of a row of the data table (deduplicated by checksum and compression).
+pub type DataId = i64;
+
+/// One stored record as returned by a load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRecord {
+    /// TID of this revision.
+    pub serial: Tid,
+    /// TID of the next revision of the object, if any.
+    pub next_serial: Option<Tid>,
+    /// 0 raw, 1 zlib. 0 with empty data and a zero checksum for a deletion.
+    pub compression: u32,
+    /// SHA-1 of `data` (20 bytes), 20 zero bytes for a deletion.
+    pub checksum: Vec<u8>,
+    pub data: Vec<u8>,
+    /// For undo back-pointers: TID whose data this revision reuses.
+    pub data_serial: Option<Tid>,
+}
+
+/// Outcome of a load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Load {
+    Found(ObjectRecord),
+    /// The object exists but has no revision matching the request (e.g. created later).
+    NotFound,
+    /// No revision of this object at all.
+    DoesNotExist,
+}
+
+/// An object of a transaction being voted: `data_id` None means deletion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TempObject {
+    pub oid: Oid,
+    pub data_id: Option<DataId>,
+    pub data_serial: Option<Tid>,
+}
+
+/// Transaction metadata, stored by the cells of partition(ttid).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct TxnMeta {
+    pub user: Vec<u8>,
+    pub description: Vec<u8>,
+    pub extension: Vec<u8>,
+    /// Every oid of the transaction (also those stored on other partitions).
+    pub oids: Vec<Oid>,
+}
+
+/// Committed transaction metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnInfo {
+    pub tid: Tid,
+    pub ttid: Tid,
+    pub packed: bool,
+    pub meta: TxnMeta,
+}
+
+/// The interface every storage engine implements.
+pub trait Backend: Send {
+    /// Engine name for logs ("SQLite").
+    fn engine(&self) -> &'static str;
+
+    // --- configuration (keys: "name" (cluster), "nid", "ptid", "replicas", "partitions", ...)
+    fn get_config(&mut self, key: &str) -> Result<Option<String>>;
+    /// `None` deletes the key. Durable on return.
+    fn set_config(&mut self, key: &str, value: Option<&str>) -> Result<()>;
+
+    // --- partition table
+    /// The stored table (ptid, replicas, every cell), or None if never saved.
+    fn load_pt(&mut self) -> Result<Option<PartitionTable>>;
+    /// Replace the stored table by `pt`. Durable on return.
+    fn save_pt(&mut self, pt: &PartitionTable) -> Result<()>;
+
+    // --- reads
+    /// Highest committed TID and highest OID in committed *and* voted data.
+    fn last_ids(&mut self) -> Result<(Option<Tid>, Option<Oid>)>;
+    /// Load a revision of `oid` (partition `partition`): `at` = exact serial, `before` = newest
+    /// revision with serial < before; neither = newest revision.
+    fn load(&mut self, partition: u32, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Load>;
+    /// Serial of the newest committed revision of `oid`, None if the object does not exist.
+    fn last_serial(&mut self, partition: u32, oid: Oid) -> Result<Option<Tid>>;
+    /// Committed transaction metadata by final tid.
+    fn transaction(&mut self, partition: u32, tid: Tid) -> Result<Option<TxnInfo>>;
+
+    // --- commit path
+    /// Insert a data row (or reuse an identical one: same checksum and compression) for an
+    /// object of partition `partition`. Not necessarily durable until the following `vote`.
+    fn store_data(&mut self, partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId>;
+    /// Persist a transaction as temporary data: `objects` (each with its partition computed by
+    /// the caller) keyed by `ttid`, plus metadata when this node holds partition(ttid).
+    /// Calling vote twice for the same ttid adds objects. Durable on return.
+    fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()>;
+    /// Record the commit decision: the final tid of `ttid`. Durable on return.
+    fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()>;
+    /// Make the transaction permanent under `tid`: temporary objects and metadata become
+    /// committed. Idempotent. Durable on return.
+    fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()>;
+    /// Delete the temporary data of `ttid` (no-op if unknown) and unreferenced data rows.
+    fn abort(&mut self, ttid: Tid) -> Result<()>;
+    /// Transactions with temporary data: (ttid, final tid if locked).
+    fn locked_transactions(&mut self) -> Result<Vec<(Tid, Option<Tid>)>>;
+    /// Final tid of a committed transaction, looked up by its ttid.
+    fn final_tid(&mut self, ttid: Tid) -> Result<Option<Tid>>;
+    /// Delete all temporary data of transactions that were not locked, and unreferenced data.
+    fn drop_unfinished(&mut self) -> Result<()>;
+}
