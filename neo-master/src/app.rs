@@ -1,0 +1,599 @@
+//! The master actor: connection registry, node registry, identification, dispatch of every
+//! message to a handler, and broadcasts. Recovery/verification live in `recovery.rs`,
+//! transactions in `transactions.rs`.
+
+use crate::MasterError;
+use crate::transactions::Transactions;
+use neo_lib::config::{Address, NodeConfig};
+use neo_lib::pt::{CellChange, PartitionTable};
+use neo_lib::{ClusterState, ErrorCode, Nid, NodeInfo, NodeState, NodeType};
+use proto::msg;
+use proto::net::{NetConfig, receive_identification};
+use proto::{Body, Incoming, Link, LinkError, Request};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+pub type ConnId = u64;
+
+/// What the actor reacts to.
+pub enum Event {
+    /// A peer sent a valid identification request.
+    Identified { link: Link, incoming: Incoming, id: u32, req: msg::RequestIdentification },
+    /// A request or notification from an identified peer.
+    Message { conn: ConnId, req: Request },
+    Closed { conn: ConnId },
+    /// Answer to a request the master sent (see `Master::spawn_ask`).
+    Answer { conn: ConnId, nid: Nid, kind: AskKind, result: Result<Body, LinkError> },
+}
+
+/// Which request an `Event::Answer` answers.
+#[derive(Clone, Copy, Debug)]
+pub enum AskKind {
+    Recovery,
+    PartitionTable,
+    LockedTransactions,
+    LastIds,
+    LockInformation { ttid: neo_lib::Tid },
+}
+
+pub struct Conn {
+    pub link: Link,
+    pub nid: Nid,
+    pub node_type: NodeType,
+}
+
+pub struct Node {
+    pub info: NodeInfo,
+    pub conn: Option<ConnId>,
+}
+
+pub struct Master {
+    pub cfg: NodeConfig,
+    pub nid: Nid,
+    pub state: ClusterState,
+    pub conns: HashMap<ConnId, Conn>,
+    pub nodes: BTreeMap<Nid, Node>,
+    pub pt: Option<PartitionTable>,
+    pub tx: mpsc::Sender<Event>,
+    pub shutdown: CancellationToken,
+    started: Instant,
+    last_timestamp: f64,
+    pub recovery: crate::recovery::Recovery,
+    pub tm: Transactions,
+    /// Set when `SetClusterState(STOPPING)` was accepted: refuse new transactions, stop when
+    /// the in-flight ones are done.
+    pub stopping: bool,
+}
+
+impl Master {
+    pub async fn start(cfg: NodeConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), MasterError> {
+        let net = NetConfig {
+            tls: cfg.tls.as_ref().map(proto::tls::TlsContext::load).transpose()?,
+            max_frame: neo_lib::DEFAULT_MAX_FRAME,
+        };
+        let local = listener.local_addr().map_err(|err| MasterError::Listen { addr: cfg.bind.to_string(), err })?;
+        let address = Address { host: cfg.bind.host.clone(), port: local.port() };
+        let nid = cfg.nid.unwrap_or(Nid::new(NodeType::Master, 1));
+        if nid.node_type() != Some(NodeType::Master) {
+            return Err(MasterError::Config(format!("nid {nid} is not a master node id")));
+        }
+        let span = tracing::info_span!("master", nid = %nid, cluster = %cfg.cluster);
+        let (tx, mut rx) = mpsc::channel::<Event>(4096);
+        let mut m = Master {
+            nid,
+            state: ClusterState::Recovering,
+            conns: HashMap::new(),
+            nodes: BTreeMap::new(),
+            pt: None,
+            tx: tx.clone(),
+            shutdown: shutdown.clone(),
+            started: Instant::now(),
+            last_timestamp: 0.0,
+            recovery: Default::default(),
+            tm: Transactions::default(),
+            stopping: false,
+            cfg,
+        };
+        let ts = m.timestamp();
+        m.nodes.insert(
+            nid,
+            Node {
+                info: NodeInfo {
+                    node_type: NodeType::Master,
+                    nid,
+                    address: Some(address.clone()),
+                    state: NodeState::Running,
+                    id_timestamp: ts,
+                },
+                conn: None,
+            },
+        );
+        async {
+            info!("listening on {address}, cluster {:?}, RECOVERING", m.cfg.cluster);
+            let accept_token = shutdown.child_token();
+            tokio::spawn(accept_loop(listener, net, m.cfg.cluster.clone(), tx.clone(), accept_token.clone()));
+            loop {
+                let ev = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    ev = rx.recv() => match ev { Some(ev) => ev, None => break },
+                };
+                m.handle_event(ev).await;
+                if m.state == ClusterState::Stopping && m.shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            accept_token.cancel();
+            for c in m.conns.values() {
+                c.link.close().await;
+            }
+            info!("master stopped");
+        }
+        .instrument(span)
+        .await;
+        Ok(())
+    }
+
+    /// Strictly increasing identification timestamps.
+    fn timestamp(&mut self) -> f64 {
+        let t = self.started.elapsed().as_secs_f64().max(self.last_timestamp + 1e-6);
+        self.last_timestamp = t;
+        t
+    }
+
+    async fn handle_event(&mut self, ev: Event) {
+        match ev {
+            Event::Identified { link, incoming, id, req } => self.identify(link, incoming, id, req).await,
+            Event::Message { conn, req } => self.dispatch(conn, req).await,
+            Event::Closed { conn } => self.connection_lost(conn).await,
+            Event::Answer { conn, nid, kind, result } => self.handle_answer(conn, nid, kind, result).await,
+        }
+    }
+
+    /// Send a request to a peer from a task; its answer comes back as `Event::Answer`.
+    pub fn spawn_ask(&self, conn: ConnId, kind: AskKind, body: Body) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let (link, nid, tx) = (c.link.clone(), c.nid, self.tx.clone());
+        tokio::spawn(async move {
+            let result = link.ask(body).await;
+            let _ = tx.send(Event::Answer { conn, nid, kind, result }).await;
+        });
+    }
+
+    pub async fn notify(&self, conn: ConnId, body: impl Into<Body>) {
+        if let Some(c) = self.conns.get(&conn) {
+            let _ = c.link.notify(body).await;
+        }
+    }
+
+    pub async fn answer(&self, conn: ConnId, id: u32, body: impl Into<Body>) {
+        if let Some(c) = self.conns.get(&conn) {
+            let _ = c.link.answer(id, body).await;
+        }
+    }
+
+    /// Connections of identified nodes of the given types.
+    pub fn conns_of(&self, types: &[NodeType]) -> Vec<ConnId> {
+        let mut v: Vec<ConnId> = self.conns.iter().filter(|(_, c)| types.contains(&c.node_type)).map(|(id, _)| *id).collect();
+        v.sort();
+        v
+    }
+
+    pub fn conn_of_node(&self, nid: Nid) -> Option<ConnId> {
+        self.nodes.get(&nid).and_then(|n| n.conn)
+    }
+
+    /// Storages that are connected and RUNNING.
+    pub fn running_storages(&self) -> Vec<Nid> {
+        self.nodes
+            .values()
+            .filter(|n| n.info.node_type == NodeType::Storage && n.info.state == NodeState::Running && n.conn.is_some())
+            .map(|n| n.info.nid)
+            .collect()
+    }
+
+    /// Storages that are connected (PENDING or RUNNING).
+    pub fn connected_storages(&self) -> Vec<Nid> {
+        self.nodes
+            .values()
+            .filter(|n| n.info.node_type == NodeType::Storage && n.conn.is_some())
+            .map(|n| n.info.nid)
+            .collect()
+    }
+
+    /// Which nodes a peer of type `to` is told about.
+    fn visible_to(to: NodeType, about: NodeType) -> bool {
+        match to {
+            NodeType::Admin => true,
+            _ => matches!(about, NodeType::Master | NodeType::Storage),
+        }
+    }
+
+    /// Broadcast changed node entries to everyone allowed to see them.
+    pub async fn broadcast_nodes(&self, nids: &[Nid]) {
+        let infos: Vec<&NodeInfo> = nids.iter().filter_map(|n| self.nodes.get(n)).map(|n| &n.info).collect();
+        if infos.is_empty() {
+            return;
+        }
+        for c in self.conns.values() {
+            let nodes: Vec<msg::NodeInfo> = infos
+                .iter()
+                .filter(|i| Self::visible_to(c.node_type, i.node_type))
+                .map(|i| proto::convert::node_to_msg(i))
+                .collect();
+            if !nodes.is_empty() {
+                let _ = c.link.notify(msg::NotifyNodeInformation { nodes }).await;
+            }
+        }
+    }
+
+    pub async fn set_node_state(&mut self, nid: Nid, state: NodeState) {
+        if let Some(n) = self.nodes.get_mut(&nid) {
+            if n.info.state == state {
+                return;
+            }
+            n.info.state = state;
+        }
+        self.broadcast_nodes(&[nid]).await;
+    }
+
+    pub async fn set_cluster_state(&mut self, state: ClusterState) {
+        if self.state == state {
+            return;
+        }
+        info!("cluster state {} -> {}", self.state, state);
+        self.state = state;
+        for c in self.conns.values() {
+            let _ = c.link.notify(msg::NotifyClusterInformation { state: state as i32 }).await;
+        }
+    }
+
+    /// Send the whole partition table to storages and admins (and clients if `clients`).
+    pub async fn send_pt_to_all(&self, clients: bool) {
+        let Some(pt) = &self.pt else { return };
+        let m = proto::convert::pt_to_msg(pt);
+        for c in self.conns.values() {
+            if matches!(c.node_type, NodeType::Storage | NodeType::Admin) || (clients && c.node_type == NodeType::Client) {
+                let _ = c.link.notify(Body::SendPartitionTable(m.clone())).await;
+            }
+        }
+    }
+
+    /// Commit partition table changes and notify every storage, admin and client.
+    pub async fn commit_pt_changes(&mut self, changes: &[CellChange]) {
+        let Some(pt) = &mut self.pt else { return };
+        if changes.is_empty() {
+            return;
+        }
+        let ptid = pt.commit_changes(changes);
+        info!("partition table changed: ptid {ptid}, {changes:?}");
+        let m = proto::convert::changes_to_msg(ptid, pt.replicas, changes);
+        for c in self.conns.values() {
+            if c.node_type != NodeType::Master {
+                let _ = c.link.notify(m.clone()).await;
+            }
+        }
+    }
+
+    fn allocate_nid(&self, t: NodeType) -> Nid {
+        let mut used: std::collections::BTreeSet<Nid> = self.nodes.keys().copied().collect();
+        if let Some(pt) = &self.pt {
+            used.extend(pt.nodes());
+        }
+        (1..=0xff_ffff).map(|n| Nid::new(t, n)).find(|n| !used.contains(n)).unwrap_or(Nid::new(t, 0xff_ffff))
+    }
+
+    async fn identify(&mut self, link: Link, incoming: Incoming, id: u32, req: msg::RequestIdentification) {
+        let Some(node_type) = NodeType::from_i32(req.node_type) else {
+            link.refuse(id, ErrorCode::ProtocolError, "invalid node type").await;
+            return;
+        };
+        let address = match proto::convert::address(&req.address) {
+            Ok(a) => a,
+            Err(e) => {
+                link.refuse(id, ErrorCode::ProtocolError, e.to_string()).await;
+                return;
+            }
+        };
+        let refuse = |code, msg: String| {
+            let link = link.clone();
+            async move {
+                info!("refused {} from {}: {msg}", node_type, link.peer());
+                link.refuse(id, code, msg).await;
+            }
+        };
+        let (nid, state) = match node_type {
+            NodeType::Master => {
+                return refuse(ErrorCode::ProtocolError, "this master does not accept other masters".into()).await;
+            }
+            NodeType::Storage => {
+                if self.stopping || self.state == ClusterState::Stopping {
+                    return refuse(ErrorCode::NotReady, "cluster is stopping".into()).await;
+                }
+                if address.is_none() {
+                    return refuse(ErrorCode::ProtocolError, "a storage must give its address".into()).await;
+                }
+                let nid = match req.nid.map(Nid) {
+                    Some(n) if n.node_type() != Some(NodeType::Storage) => {
+                        return refuse(ErrorCode::ProtocolError, format!("{n} is not a storage node id")).await;
+                    }
+                    Some(n) => {
+                        if self.nodes.get(&n).is_some_and(|x| x.conn.is_some()) {
+                            return refuse(ErrorCode::ProtocolError, format!("node {n} is already connected")).await;
+                        }
+                        n
+                    }
+                    None => self.allocate_nid(NodeType::Storage),
+                };
+                let in_pt = self.pt.as_ref().is_some_and(|pt| pt.nodes().contains(&nid));
+                let state = match self.state {
+                    ClusterState::Recovering => NodeState::Pending,
+                    ClusterState::Running if in_pt => NodeState::Running,
+                    ClusterState::Running => NodeState::Pending,
+                    _ => return refuse(ErrorCode::NotReady, format!("cluster is {}", self.state)).await,
+                };
+                (nid, state)
+            }
+            NodeType::Client => {
+                if self.state != ClusterState::Running || self.stopping {
+                    return refuse(ErrorCode::NotReady, format!("cluster is {}", self.state)).await;
+                }
+                (self.allocate_nid(NodeType::Client), NodeState::Running)
+            }
+            NodeType::Admin => (self.allocate_nid(NodeType::Admin), NodeState::Running),
+        };
+        let conn = link.conn_id();
+        let ts = self.timestamp();
+        let info = NodeInfo { node_type, nid, address, state, id_timestamp: ts };
+        info!("{} {} identified from {} ({})", node_type, nid, link.peer(), state);
+        let accept = msg::AcceptIdentification {
+            node_type: NodeType::Master as i32,
+            nid: Some(self.nid.0),
+            your_nid: Some(nid.0),
+            partitions: self.pt.as_ref().map(|p| p.np()).unwrap_or(0),
+        };
+        if link.answer(id, accept).await.is_err() {
+            return;
+        }
+        self.conns.insert(conn, Conn { link: link.clone(), nid, node_type });
+        self.nodes.insert(nid, Node { info, conn: Some(conn) });
+        // Pump the rest of the connection into the actor.
+        let tx = self.tx.clone();
+        tokio::spawn(
+            pump(conn, incoming, tx, link.clone())
+                .instrument(tracing::debug_span!("peer", nid = %nid, conn = conn)),
+        );
+        // Full node list to the new node, then the new node to everyone else.
+        let nodes: Vec<msg::NodeInfo> = self
+            .nodes
+            .values()
+            .filter(|n| Self::visible_to(node_type, n.info.node_type))
+            .map(|n| proto::convert::node_to_msg(&n.info))
+            .collect();
+        let _ = link.notify(msg::NotifyNodeInformation { nodes }).await;
+        for c in self.conns.values() {
+            if c.link.conn_id() != conn && Self::visible_to(c.node_type, node_type) {
+                let m = proto::convert::node_to_msg(&self.nodes[&nid].info);
+                let _ = c.link.notify(msg::NotifyNodeInformation { nodes: vec![m] }).await;
+            }
+        }
+        let send_pt = match node_type {
+            NodeType::Storage => self.state != ClusterState::Recovering,
+            _ => true,
+        };
+        if send_pt {
+            if let Some(pt) = &self.pt {
+                let _ = link.notify(Body::SendPartitionTable(proto::convert::pt_to_msg(pt))).await;
+            }
+        }
+        let _ = link.notify(msg::NotifyClusterInformation { state: self.state as i32 }).await;
+        if node_type == NodeType::Storage {
+            match self.state {
+                ClusterState::Recovering => self.recovery_storage_added(conn),
+                ClusterState::Running if state == NodeState::Running => {
+                    // A storage of the partition table came back: its cells stay OUT_OF_DATE
+                    // (they were outdated when it left) and it receives new writes.
+                    let _ = link.notify(msg::StartOperation { backup: false }).await;
+                    self.tm.storage_starting(nid);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, conn: ConnId, req: Request) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let (nid, node_type) = (c.nid, c.node_type);
+        let Request { id, body } = req;
+        match body {
+            Body::Ping(_) => self.answer(conn, id, msg::Pong {}).await,
+            Body::AskBeginTransaction(m) => self.handle_begin(conn, nid, id, m).await,
+            Body::AskNewOids(m) => self.handle_new_oids(conn, id, m).await,
+            Body::AskFinishTransaction(m) => self.handle_finish(conn, nid, id, m).await,
+            Body::AbortTransaction(m) => self.handle_abort(conn, m).await,
+            Body::AskLastTransaction(_) => {
+                let tid = self.tm.last_tid.0;
+                self.answer(conn, id, msg::AnswerLastTransaction { tid }).await
+            }
+            Body::NotifyReady(_) if node_type == NodeType::Storage => self.handle_ready(nid).await,
+            Body::AskClusterState(_) => {
+                self.answer(conn, id, msg::AnswerClusterState { state: self.state as i32 }).await
+            }
+            Body::AskIds(_) => {
+                let m = msg::AnswerIds {
+                    last_oid: self.tm.last_oid.0,
+                    last_tid: self.tm.last_tid.0,
+                    ptid: self.pt.as_ref().map(|p| p.ptid.0).unwrap_or(0),
+                    backup_tid: None,
+                };
+                self.answer(conn, id, m).await
+            }
+            Body::AskNodeList(m) => {
+                let filter = m.node_type.and_then(NodeType::from_i32);
+                let nodes = self
+                    .nodes
+                    .values()
+                    .filter(|n| filter.is_none_or(|t| t == n.info.node_type))
+                    .map(|n| proto::convert::node_to_msg(&n.info))
+                    .collect();
+                self.answer(conn, id, msg::AnswerNodeList { nodes }).await
+            }
+            Body::AskPartitionList(_) => match &self.pt {
+                Some(pt) => self.answer(conn, id, Body::AnswerPartitionList(proto::convert::pt_to_msg(pt))).await,
+                None => self.answer(conn, id, proto::error(ErrorCode::NotReady, "no partition table yet")).await,
+            },
+            Body::SetClusterState(m) if node_type == NodeType::Admin => self.handle_set_state(conn, id, m).await,
+            other => {
+                let name = proto::body_name(&other);
+                debug!("unexpected {name} from {nid}");
+                self.answer(conn, id, proto::error(ErrorCode::ProtocolError, format!("unexpected message {name}")))
+                    .await
+            }
+        }
+    }
+
+    async fn handle_set_state(&mut self, conn: ConnId, id: u32, m: msg::SetClusterState) {
+        let requested = ClusterState::from_i32(m.state);
+        let reply = match requested {
+            Some(ClusterState::Verifying) if self.state == ClusterState::Recovering => {
+                info!("startup allowed by administrator");
+                self.recovery.startup_allowed = true;
+                proto::ack()
+            }
+            Some(ClusterState::Stopping) => {
+                info!("cluster stop requested");
+                self.stopping = true;
+                proto::ack()
+            }
+            Some(s) => proto::error(ErrorCode::Denied, format!("Invalid state requested: {s} (cluster is {})", self.state)),
+            None => proto::error(ErrorCode::ProtocolError, "invalid cluster state"),
+        };
+        self.answer(conn, id, reply).await;
+        if self.stopping {
+            self.maybe_stop().await;
+        } else {
+            self.check_recovery().await;
+        }
+    }
+
+    /// Stop the cluster once no transaction is in flight: every node is told STOPPING and exits.
+    pub async fn maybe_stop(&mut self) {
+        if !self.stopping || self.tm.has_pending() {
+            return;
+        }
+        self.set_cluster_state(ClusterState::Stopping).await;
+        for c in self.conns.values() {
+            c.link.close().await;
+        }
+        self.shutdown.cancel();
+    }
+
+    async fn connection_lost(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        let nid = c.nid;
+        info!("{} {} disconnected", c.node_type, nid);
+        match c.node_type {
+            NodeType::Storage => {
+                let in_pt = self.pt.as_ref().is_some_and(|pt| pt.nodes().contains(&nid));
+                if let Some(n) = self.nodes.get_mut(&nid) {
+                    n.conn = None;
+                }
+                if in_pt {
+                    self.set_node_state(nid, NodeState::Down).await;
+                } else {
+                    self.forget_node(nid).await;
+                }
+                self.storage_lost(nid).await;
+            }
+            NodeType::Client => {
+                self.forget_node(nid).await;
+                self.client_lost(conn).await;
+            }
+            _ => self.forget_node(nid).await,
+        }
+    }
+
+    async fn forget_node(&mut self, nid: Nid) {
+        if let Some(mut n) = self.nodes.remove(&nid) {
+            n.info.state = NodeState::Unknown;
+            let m = proto::convert::node_to_msg(&n.info);
+            for c in self.conns.values() {
+                if Self::visible_to(c.node_type, n.info.node_type) {
+                    let _ = c.link.notify(msg::NotifyNodeInformation { nodes: vec![m.clone()] }).await;
+                }
+            }
+        }
+    }
+
+    /// A storage left: outdate its cells, stop waiting for it, and fall back to RECOVERING if
+    /// the partition table is no longer operational.
+    async fn storage_lost(&mut self, nid: Nid) {
+        match self.state {
+            ClusterState::Recovering => self.recovery_storage_lost(nid).await,
+            ClusterState::Verifying => {
+                warn!("storage {nid} lost during verification: back to recovery");
+                self.restart_recovery().await;
+            }
+            ClusterState::Running => {
+                if let Some(pt) = &self.pt {
+                    let changes = pt.outdate_changes(nid);
+                    self.commit_pt_changes(&changes).await;
+                }
+                self.tm.storage_starting_done(nid);
+                self.transactions_storage_lost(nid).await;
+                let running = self.running_storages();
+                let operational = self.pt.as_ref().is_some_and(|pt| pt.operational(|n| running.contains(&n)));
+                if !operational {
+                    warn!("partition table not operational without {nid}: back to recovery");
+                    self.restart_recovery().await;
+                }
+                self.maybe_begin_delayed().await;
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    net: NetConfig,
+    cluster: String,
+    tx: mpsc::Sender<Event>,
+    token: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = token.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { warn!("accept failed: {e}"); tokio::time::sleep(std::time::Duration::from_millis(100)).await; continue; }
+            },
+        };
+        let (net, cluster, tx) = (net.clone(), cluster.clone(), tx.clone());
+        tokio::spawn(async move {
+            let (link, mut incoming) = match proto::net::accept(tcp, &net).await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("connection from {peer} refused: {e}");
+                    return;
+                }
+            };
+            if let Some((id, req)) = receive_identification(&link, &mut incoming, &cluster).await {
+                let _ = tx.send(Event::Identified { link, incoming, id, req }).await;
+            }
+        });
+    }
+}
+
+async fn pump(conn: ConnId, mut incoming: Incoming, tx: mpsc::Sender<Event>, link: Link) {
+    while let Some(req) = incoming.recv().await {
+        if tx.send(Event::Message { conn, req }).await.is_err() {
+            return;
+        }
+    }
+    link.abort();
+    let _ = tx.send(Event::Closed { conn }).await;
+}

@@ -1,0 +1,299 @@
+//! RECOVERING and VERIFYING: find the newest partition table among the storages, decide when
+//! the cluster may start, finish or drop transactions interrupted by a stop, collect the last
+//! TID/OID, then start the storages and go RUNNING.
+
+use crate::app::{AskKind, ConnId, Master};
+use neo_lib::pt::PartitionTable;
+use neo_lib::{ClusterState, Nid, NodeState, NodeType, Oid, Ptid, Tid};
+use proto::{Body, LinkError, msg};
+use std::collections::{BTreeMap, BTreeSet};
+use tracing::{info, warn};
+
+#[derive(Default)]
+pub struct Recovery {
+    /// `neoctl start` was given (or the cluster restarts after losing operation).
+    pub startup_allowed: bool,
+    /// Storages asked for their ptid and not answered yet.
+    asked: BTreeSet<Nid>,
+    /// ptid reported by each storage.
+    ptids: BTreeMap<Nid, Ptid>,
+    /// A partition table was requested from a storage and not received yet.
+    pt_requested: bool,
+    // --- verification
+    verifying: BTreeSet<Nid>,
+    locked: BTreeMap<Tid, (Option<Tid>, BTreeSet<Nid>)>,
+    last_ids: BTreeSet<Nid>,
+    last_tid: Option<Tid>,
+    last_oid: Option<Oid>,
+}
+
+impl Master {
+    pub fn recovery_storage_added(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get(&conn) {
+            self.recovery.asked.insert(c.nid);
+        }
+        self.spawn_ask(conn, AskKind::Recovery, msg::AskRecovery {}.into());
+    }
+
+    pub async fn recovery_storage_lost(&mut self, nid: Nid) {
+        self.recovery.asked.remove(&nid);
+        self.recovery.ptids.remove(&nid);
+        self.check_recovery().await;
+    }
+
+    /// Back to RECOVERING after losing operation: storages become PENDING, clients are
+    /// disconnected, transactions not yet committed are forgotten (storages drop them).
+    pub async fn restart_recovery(&mut self) {
+        self.set_cluster_state(ClusterState::Recovering).await;
+        for c in self.conns_of(&[NodeType::Client]) {
+            if let Some(conn) = self.conns.get(&c) {
+                conn.link.close().await;
+            }
+        }
+        for c in self.conns_of(&[NodeType::Storage]) {
+            self.notify(c, msg::StopOperation {}).await;
+        }
+        self.tm.reset();
+        self.recovery = crate::recovery::Recovery { startup_allowed: true, ..Default::default() };
+        for nid in self.connected_storages() {
+            self.set_node_state(nid, NodeState::Pending).await;
+            if let Some(conn) = self.conn_of_node(nid) {
+                self.recovery_storage_added(conn);
+            }
+        }
+    }
+
+    pub async fn handle_answer(&mut self, conn: ConnId, nid: Nid, kind: AskKind, result: Result<Body, LinkError>) {
+        match kind {
+            AskKind::Recovery => {
+                if !self.recovery.asked.remove(&nid) || self.state != ClusterState::Recovering {
+                    return;
+                }
+                match result.and_then(|b| proto::expect_answer!(b, AnswerRecovery)) {
+                    Ok(a) => {
+                        self.recovery.ptids.insert(nid, Ptid(a.ptid));
+                        let best = self.pt.as_ref().map(|p| p.ptid).unwrap_or(Ptid(0));
+                        if a.ptid > best.0 && !self.recovery.pt_requested {
+                            self.recovery.pt_requested = true;
+                            self.spawn_ask(conn, AskKind::PartitionTable, msg::AskPartitionTable {}.into());
+                        }
+                    }
+                    Err(e) => warn!("recovery answer from {nid}: {e}"),
+                }
+                self.check_recovery().await;
+            }
+            AskKind::PartitionTable => {
+                self.recovery.pt_requested = false;
+                if self.state != ClusterState::Recovering {
+                    return;
+                }
+                match result.and_then(|b| proto::expect_answer!(b, AnswerPartitionTable)) {
+                    Ok(m) => match proto::convert::pt_from_msg(&m) {
+                        Ok(pt) if self.pt.as_ref().is_none_or(|p| pt.ptid > p.ptid) => {
+                            info!("partition table {} (ptid {}) from {nid}", pt.np(), pt.ptid);
+                            self.pt = Some(pt);
+                            for c in self.conns_of(&[NodeType::Admin]) {
+                                if let Some(pt) = &self.pt {
+                                    self.notify(c, Body::SendPartitionTable(proto::convert::pt_to_msg(pt))).await;
+                                }
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("invalid partition table from {nid}: {e}"),
+                    },
+                    Err(e) => warn!("partition table from {nid}: {e}"),
+                }
+                // A storage may have reported a newer ptid meanwhile.
+                let best = self.pt.as_ref().map(|p| p.ptid).unwrap_or(Ptid(0));
+                if let Some((n, _)) = self.recovery.ptids.iter().find(|(_, p)| **p > best) {
+                    if let Some(c) = self.conn_of_node(*n) {
+                        self.recovery.pt_requested = true;
+                        self.spawn_ask(c, AskKind::PartitionTable, msg::AskPartitionTable {}.into());
+                    }
+                }
+                self.check_recovery().await;
+            }
+            AskKind::LockedTransactions => self.verification_locked(nid, result).await,
+            AskKind::LastIds => self.verification_last_ids(nid, result).await,
+            AskKind::LockInformation { ttid } => self.lock_answered(ttid, nid, result).await,
+        }
+    }
+
+    /// Decide whether the cluster can leave RECOVERING.
+    pub async fn check_recovery(&mut self) {
+        if self.state != ClusterState::Recovering || self.stopping {
+            return;
+        }
+        if !self.recovery.asked.is_empty() || self.recovery.pt_requested {
+            return; // wait for every connected storage to report its partition table id
+        }
+        let pending: Vec<Nid> = self.connected_storages();
+        let best_seen = self.recovery.ptids.values().max().copied().unwrap_or(Ptid(0));
+        match &self.pt {
+            Some(pt) if pt.ptid.0 > 0 => {
+                if pt.ptid < best_seen {
+                    return; // the newest table is still being fetched
+                }
+                let readable_nodes: BTreeSet<Nid> =
+                    pt.rows().iter().flatten().filter(|c| c.state.is_readable()).map(|c| c.nid).collect();
+                let all_back = readable_nodes.iter().all(|n| pending.contains(n));
+                let operational = pt.operational(|n| pending.contains(&n));
+                if !operational {
+                    return;
+                }
+                if !all_back && !self.recovery.startup_allowed {
+                    return;
+                }
+            }
+            _ => {
+                let enough = match self.cfg.autostart {
+                    Some(n) => pending.len() >= n as usize,
+                    None => false,
+                };
+                if pending.is_empty() || !(self.recovery.startup_allowed || enough) {
+                    return;
+                }
+                match PartitionTable::make(self.cfg.partitions, self.cfg.replicas, &pending) {
+                    Ok(pt) => {
+                        info!(
+                            "new cluster: {} partitions, {} replicas, storages {:?}",
+                            pt.np(),
+                            pt.replicas,
+                            pending
+                        );
+                        self.pt = Some(pt);
+                    }
+                    Err(e) => {
+                        warn!("cannot create partition table: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+        self.start_verification().await;
+    }
+
+    async fn start_verification(&mut self) {
+        let pending = self.connected_storages();
+        // Cells of storages that did not come back are out of date.
+        let changes: Vec<_> = match &self.pt {
+            Some(pt) => pt.nodes().into_iter().filter(|n| !pending.contains(n)).flat_map(|n| pt.outdate_changes(n)).collect(),
+            None => return,
+        };
+        if !changes.is_empty() {
+            if let Some(pt) = &mut self.pt {
+                pt.commit_changes(&changes);
+            }
+        }
+        let pt_nodes = self.pt.as_ref().map(|p| p.nodes()).unwrap_or_default();
+        for nid in pending.iter().filter(|n| pt_nodes.contains(n)) {
+            self.set_node_state(*nid, NodeState::Running).await;
+        }
+        for nid in pt_nodes.iter().filter(|n| !pending.contains(n)) {
+            if let Some(n) = self.nodes.get(nid) {
+                if n.info.state != NodeState::Down {
+                    self.set_node_state(*nid, NodeState::Down).await;
+                }
+            }
+        }
+        self.set_cluster_state(ClusterState::Verifying).await;
+        self.send_pt_to_all(false).await;
+        self.recovery.verifying = self.running_storages().into_iter().collect();
+        self.recovery.locked.clear();
+        for nid in self.recovery.verifying.clone() {
+            if let Some(c) = self.conn_of_node(nid) {
+                self.spawn_ask(c, AskKind::LockedTransactions, msg::AskLockedTransactions {}.into());
+            }
+        }
+        if self.recovery.verifying.is_empty() {
+            self.restart_recovery().await;
+        }
+    }
+
+    async fn verification_locked(&mut self, nid: Nid, result: Result<Body, LinkError>) {
+        if self.state != ClusterState::Verifying || !self.recovery.verifying.remove(&nid) {
+            return;
+        }
+        match result.and_then(|b| proto::expect_answer!(b, AnswerLockedTransactions)) {
+            Ok(a) => {
+                for t in a.transactions {
+                    let e = self.recovery.locked.entry(Tid(t.ttid)).or_insert((None, BTreeSet::new()));
+                    if let Some(tid) = t.tid {
+                        e.0 = Some(Tid(tid));
+                    }
+                    e.1.insert(nid);
+                }
+            }
+            Err(e) => {
+                warn!("verification: {nid}: {e}");
+                return self.restart_recovery().await;
+            }
+        }
+        if !self.recovery.verifying.is_empty() {
+            return;
+        }
+        // A transaction locked on any storage was decided: commit it everywhere it voted.
+        for (ttid, (tid, nids)) in std::mem::take(&mut self.recovery.locked) {
+            match tid {
+                Some(tid) => {
+                    info!("verification: validating transaction {ttid:?} as {tid:?} on {nids:?}");
+                    for n in nids {
+                        if let Some(c) = self.conn_of_node(n) {
+                            self.notify(c, msg::ValidateTransaction { ttid: ttid.0, tid: tid.0 }).await;
+                        }
+                    }
+                }
+                None => info!("verification: dropping unfinished transaction {ttid:?}"),
+            }
+        }
+        self.recovery.last_ids = self.running_storages().into_iter().collect();
+        self.recovery.last_tid = None;
+        self.recovery.last_oid = None;
+        for nid in self.recovery.last_ids.clone() {
+            if let Some(c) = self.conn_of_node(nid) {
+                self.spawn_ask(c, AskKind::LastIds, msg::AskLastIds {}.into());
+            }
+        }
+    }
+
+    async fn verification_last_ids(&mut self, nid: Nid, result: Result<Body, LinkError>) {
+        if self.state != ClusterState::Verifying || !self.recovery.last_ids.remove(&nid) {
+            return;
+        }
+        match result.and_then(|b| proto::expect_answer!(b, AnswerLastIds)) {
+            Ok(a) => {
+                if let Some(t) = a.last_tid {
+                    self.recovery.last_tid = self.recovery.last_tid.max(Some(Tid(t)));
+                }
+                if let Some(o) = a.last_oid {
+                    self.recovery.last_oid = self.recovery.last_oid.max(Some(Oid(o)));
+                }
+            }
+            Err(e) => {
+                warn!("verification: {nid}: {e}");
+                return self.restart_recovery().await;
+            }
+        }
+        if !self.recovery.last_ids.is_empty() {
+            return;
+        }
+        let last_tid = self.recovery.last_tid.unwrap_or(Tid::ZERO);
+        let next_oid = self.recovery.last_oid.map(|o| Oid(o.0 + 1)).unwrap_or(Oid::ZERO);
+        self.tm.recovered(last_tid, next_oid);
+        info!("verification done: last tid {last_tid:?}, next oid {next_oid:?}");
+        for nid in self.running_storages() {
+            self.tm.storage_starting(nid);
+            if let Some(c) = self.conn_of_node(nid) {
+                self.notify(c, msg::StartOperation { backup: false }).await;
+            }
+        }
+        self.set_cluster_state(ClusterState::Running).await;
+        self.recovery.startup_allowed = false;
+    }
+
+    /// A storage finished StartOperation.
+    pub async fn handle_ready(&mut self, nid: Nid) {
+        self.tm.storage_starting_done(nid);
+        self.maybe_begin_delayed().await;
+    }
+}
