@@ -9,6 +9,8 @@
 //! `abort`, `set_config`, `save_pt`, `drop_unfinished`.
 
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use neo_lib::pt::PartitionTable;
 use neo_lib::{Oid, Tid};

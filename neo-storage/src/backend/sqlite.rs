@@ -1,1 +1,851 @@
-//! SQLite backend (to be written).
+//! SQLite backend: one database file per storage node (`:memory:` for tests).
+//!
+//! Layout (every id is an INTEGER holding the `as i64` bit cast of its u64; TIDs fit in i64):
+//! - `config(name, value)`: key/value settings (`version`, `name`, `nid`, `ptid`, ...);
+//! - `pt(partition, nid, state)`: the partition table, plus config keys `ptid`, `replicas` and
+//!   `partitions` so that a table whose rows are all empty round-trips;
+//! - `trans` / `obj`: committed transaction metadata and object revisions;
+//! - `data`: record payloads, deduplicated by the unique index on (hash, compression);
+//! - `ttrans` / `tobj`: voted (temporary) transactions and objects keyed by ttid, moved to
+//!   `trans` / `obj` by `unlock`.
+//!
+//! Durability: the connection runs with `synchronous=FULL` (and WAL for files), so every
+//! method that commits is durable on return. `store_data` alone commits with
+//! `synchronous=NORMAL` (no fsync): its rows become durable with the following `vote`, whose
+//! FULL commit syncs the whole write-ahead log.
+
+use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
+use neo_lib::pt::{Cell, PartitionTable};
+use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+/// Current schema version: the number of `MIGRATIONS` a database has applied.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Schema migrations in order: a database at version N has applied the first N entries. A new
+/// schema version appends an entry (and bumps `SCHEMA_VERSION`); entries are never edited.
+const MIGRATIONS: &[&str] = &[
+    // Version 1: initial schema.
+    "CREATE TABLE config (
+        name TEXT PRIMARY KEY,
+        value TEXT
+    ) WITHOUT ROWID;
+    CREATE TABLE pt (
+        partition INTEGER NOT NULL,
+        nid INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        PRIMARY KEY (partition, nid)
+    ) WITHOUT ROWID;
+    CREATE TABLE trans (
+        partition INTEGER NOT NULL,
+        tid INTEGER NOT NULL,
+        packed INTEGER NOT NULL,
+        oids BLOB NOT NULL,
+        user BLOB NOT NULL,
+        description BLOB NOT NULL,
+        ext BLOB NOT NULL,
+        ttid INTEGER NOT NULL,
+        PRIMARY KEY (partition, tid)
+    ) WITHOUT ROWID;
+    CREATE INDEX trans_ttid ON trans (ttid);
+    CREATE TABLE obj (
+        partition INTEGER NOT NULL,
+        oid INTEGER NOT NULL,
+        tid INTEGER NOT NULL,
+        data_id INTEGER NULL,
+        value_tid INTEGER NULL,
+        PRIMARY KEY (partition, oid, tid)
+    ) WITHOUT ROWID;
+    CREATE INDEX obj_partition_tid_oid ON obj (partition, tid, oid);
+    CREATE INDEX obj_data_id ON obj (data_id);
+    CREATE TABLE data (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        hash BLOB NOT NULL,
+        compression INTEGER NOT NULL,
+        value BLOB NOT NULL
+    );
+    CREATE UNIQUE INDEX data_hash_compression ON data (hash, compression);
+    CREATE TABLE ttrans (
+        ttid INTEGER PRIMARY KEY,
+        partition INTEGER NULL,
+        tid INTEGER NULL,
+        meta INTEGER NOT NULL,
+        oids BLOB,
+        user BLOB,
+        description BLOB,
+        ext BLOB
+    );
+    CREATE TABLE tobj (
+        partition INTEGER NOT NULL,
+        oid INTEGER NOT NULL,
+        tid INTEGER NOT NULL,
+        data_id INTEGER NULL,
+        value_tid INTEGER NULL,
+        PRIMARY KEY (tid, oid)
+    ) WITHOUT ROWID;",
+];
+
+const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
+
+/// How long a statement waits for a lock held by another connection before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Length of a SHA-1 checksum.
+const CHECKSUM_LEN: usize = 20;
+
+/// Map a driver error (the trait knows no driver, so no `From` impl).
+fn db(e: rusqlite::Error) -> BackendError {
+    BackendError::Db(e.to_string())
+}
+
+fn corrupt(msg: impl Into<String>) -> BackendError {
+    BackendError::Corrupt(msg.into())
+}
+
+/// Bind value of a u64 id (bit cast, as stored).
+fn id64(v: u64) -> i64 {
+    v as i64
+}
+
+// --- column readers: validate what the database returns instead of trusting it. `what` names
+// the row for error messages; it is only evaluated on error.
+
+fn col_opt_int(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<i64>> {
+    match row.get_ref(idx).map_err(db)? {
+        ValueRef::Null => Ok(None),
+        ValueRef::Integer(v) => Ok(Some(v)),
+        other => Err(corrupt(format!(
+            "{}: column {col} holds a {} value, expected an integer",
+            what(),
+            other.data_type()
+        ))),
+    }
+}
+
+fn col_int(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<i64> {
+    col_opt_int(row, idx, col, what)?.ok_or_else(|| corrupt(format!("{}: column {col} is NULL", what())))
+}
+
+fn tid_of(v: i64, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
+    u64::try_from(v)
+        .map(Tid)
+        .map_err(|_| corrupt(format!("{}: column {col} holds a negative TID ({v})", what())))
+}
+
+fn col_opt_tid(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<Tid>> {
+    col_opt_int(row, idx, col, what)?.map(|v| tid_of(v, col, what)).transpose()
+}
+
+fn col_tid(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
+    tid_of(col_int(row, idx, col, what)?, col, what)
+}
+
+/// A BLOB column; with `lenient`, TEXT is taken as bytes and NULL as empty (metadata columns).
+fn col_blob(row: &Row<'_>, idx: usize, col: &str, lenient: bool, what: &dyn Fn() -> String) -> Result<Vec<u8>> {
+    match row.get_ref(idx).map_err(db)? {
+        ValueRef::Blob(b) => Ok(b.to_vec()),
+        ValueRef::Text(t) if lenient => Ok(t.to_vec()),
+        ValueRef::Null if lenient => Ok(Vec::new()),
+        other => Err(corrupt(format!(
+            "{}: column {col} holds a {} value, expected a blob",
+            what(),
+            other.data_type()
+        ))),
+    }
+}
+
+fn encode_oids(oids: &[Oid]) -> Vec<u8> {
+    oids.iter().flat_map(|o| o.to_bytes()).collect()
+}
+
+fn decode_oids(blob: &[u8], what: &dyn Fn() -> String) -> Result<Vec<Oid>> {
+    if blob.len() % 8 != 0 {
+        return Err(corrupt(format!(
+            "{}: oid list of {} bytes is not a multiple of 8",
+            what(),
+            blob.len()
+        )));
+    }
+    Ok(blob
+        .chunks_exact(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            Oid(u64::from_be_bytes(b))
+        })
+        .collect())
+}
+
+fn compression_of(v: i64, what: &dyn Fn() -> String) -> Result<u32> {
+    match v {
+        0 | 1 => Ok(v as u32),
+        _ => Err(corrupt(format!("{}: unknown compression {v}", what()))),
+    }
+}
+
+/// The SQLite storage backend. Not shared between threads: the node's database thread owns it.
+pub struct SqliteBackend {
+    conn: Connection,
+    /// Data rows handed out by `store_data` that no vote references yet, with how many times
+    /// each was handed out (two transactions may store identical data and get the same
+    /// deduplicated row). Pruning never deletes a held row, so the data of a transaction that
+    /// is still being stored survives the abort of another transaction sharing it. `vote`
+    /// drops one hold per voted object; the node calls `release` for the data of a transaction
+    /// aborted before it voted, then `abort`, which prunes the released rows if nothing else
+    /// uses them. `drop_unfinished` (no transaction in flight) clears everything. Data ids
+    /// come from AUTOINCREMENT and are never reused, so a stale hold cannot protect a new row.
+    held: HashMap<DataId, u32>,
+    /// Rows whose last hold was released: candidates for the next prune.
+    released: HashSet<DataId>,
+}
+
+impl std::fmt::Debug for SqliteBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteBackend")
+            .field("path", &self.conn.path())
+            .field("held", &self.held.len())
+            .finish()
+    }
+}
+
+impl SqliteBackend {
+    /// Open (creating it if needed) the database at `path` (`:memory:` for a private in-memory
+    /// database) for cluster `cluster`, upgrading its schema to `SCHEMA_VERSION`.
+    pub fn open(path: &Path, cluster: &str) -> Result<SqliteBackend> {
+        let memory = path == Path::new(":memory:");
+        let mut conn = if memory {
+            Connection::open_in_memory()
+        } else {
+            Connection::open(path)
+        }
+        .map_err(db)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+        if !memory {
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+                .map_err(db)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(BackendError::Db(format!(
+                    "cannot enable WAL journal mode on {} (got {mode})",
+                    path.display()
+                )));
+            }
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")
+            .map_err(db)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Self::init_schema(&mut conn, cluster)?;
+        Ok(SqliteBackend { conn, held: HashMap::new(), released: HashSet::new() })
+    }
+
+    /// Create or upgrade the schema and check the cluster name, in one transaction (rolled back
+    /// on any error, so a wrong cluster leaves the file untouched).
+    fn init_schema(conn: &mut Connection, cluster: &str) -> Result<()> {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let has_config: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type='table' AND name='config')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        let version = if has_config {
+            let v: Option<String> = tx
+                .query_row("SELECT value FROM config WHERE name='version'", [], |r| r.get(0))
+                .optional()
+                .map_err(db)?
+                .flatten();
+            match v {
+                None => 0,
+                Some(v) => v
+                    .parse::<u32>()
+                    .map_err(|_| corrupt(format!("config: invalid schema version {v:?}")))?,
+            }
+        } else {
+            0
+        };
+        if version > SCHEMA_VERSION {
+            return Err(BackendError::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
+        }
+        if version > 0 {
+            // Check the cluster before touching anything.
+            check_cluster(&tx, cluster)?;
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(sql)
+                .map_err(|e| BackendError::Db(format!("schema migration to version {}: {e}", i + 1)))?;
+        }
+        if version < SCHEMA_VERSION {
+            tx.execute(
+                "INSERT OR REPLACE INTO config (name, value) VALUES ('version', ?1)",
+                [SCHEMA_VERSION.to_string()],
+            )
+            .map_err(db)?;
+        }
+        check_cluster(&tx, cluster)?;
+        tx.commit().map_err(db)
+    }
+
+    /// Drop one hold on each of `ids` (data stored by a transaction that is aborted before it
+    /// voted). Call before `abort`, which then deletes the rows nothing references.
+    pub fn release(&mut self, ids: &[DataId]) {
+        for id in ids {
+            if let Some(n) = self.held.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.held.remove(id);
+                    self.released.insert(*id);
+                }
+            }
+        }
+    }
+
+    /// Delete the data rows among `ids` that are neither held nor referenced by obj or tobj.
+    fn prune(tx: &Connection, held: &HashMap<DataId, u32>, ids: impl IntoIterator<Item = DataId>) -> Result<()> {
+        let mut stmt = tx
+            .prepare_cached(
+                "DELETE FROM data WHERE id = ?1
+                   AND NOT EXISTS (SELECT 1 FROM obj WHERE data_id = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM tobj WHERE data_id = ?1)",
+            )
+            .map_err(db)?;
+        for id in ids {
+            if !held.contains_key(&id) {
+                stmt.execute([id]).map_err(db)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn insert_data(&mut self, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
+        let existing: Option<DataId> = self
+            .conn
+            .prepare_cached("SELECT id FROM data WHERE hash = ?1 AND compression = ?2")
+            .map_err(db)?
+            .query_row(params![checksum, i64::from(compression)], |r| r.get(0))
+            .optional()
+            .map_err(db)?;
+        if let Some(id) = existing {
+            return Ok(id);
+        }
+        self.conn
+            .prepare_cached("INSERT INTO data (hash, compression, value) VALUES (?1, ?2, ?3)")
+            .map_err(db)?
+            .execute(params![checksum, i64::from(compression), data])
+            .map_err(db)?;
+        Ok(self.conn.last_insert_rowid())
+    }
+}
+
+fn check_cluster(conn: &Connection, cluster: &str) -> Result<()> {
+    let found: Option<Option<String>> = conn
+        .query_row("SELECT value FROM config WHERE name='name'", [], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    match found.flatten() {
+        Some(found) if found != cluster => {
+            Err(BackendError::WrongCluster { found, expected: cluster.to_string() })
+        }
+        Some(_) => Ok(()),
+        None => {
+            conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES ('name', ?1)", [cluster])
+                .map_err(db)?;
+            Ok(())
+        }
+    }
+}
+
+fn config_value(conn: &Connection, key: &str) -> Result<Option<String>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT value FROM config WHERE name = ?1")
+        .map_err(db)?;
+    let mut rows = stmt.query([key]).map_err(db)?;
+    let Some(row) = rows.next().map_err(db)? else { return Ok(None) };
+    match row.get_ref(0).map_err(db)? {
+        ValueRef::Null => Ok(None),
+        ValueRef::Text(t) => String::from_utf8(t.to_vec())
+            .map(Some)
+            .map_err(|_| corrupt(format!("config {key:?}: value is not UTF-8"))),
+        ValueRef::Integer(i) => Ok(Some(i.to_string())),
+        other => Err(corrupt(format!("config {key:?}: value holds a {} value", other.data_type()))),
+    }
+}
+
+fn parse_config<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<T> {
+    let v = config_value(conn, key)?.ok_or_else(|| corrupt(format!("config {key:?} is missing")))?;
+    v.parse()
+        .map_err(|_| corrupt(format!("config {key:?}: invalid value {v:?}")))
+}
+
+/// Load statements: `tid` condition none / `= at` / `< before` / both.
+const LOAD_COLUMNS: &str = "SELECT o.tid, o.data_id, o.value_tid, d.id, d.hash, d.compression, d.value,
+        (SELECT MIN(n.tid) FROM obj n WHERE n.partition = o.partition AND n.oid = o.oid
+           AND n.tid > o.tid)
+    FROM obj o LEFT JOIN data d ON d.id = o.data_id
+    WHERE o.partition = ?1 AND o.oid = ?2";
+
+impl Backend for SqliteBackend {
+    fn engine(&self) -> &'static str {
+        "SQLite"
+    }
+
+    fn get_config(&mut self, key: &str) -> Result<Option<String>> {
+        config_value(&self.conn, key)
+    }
+
+    fn set_config(&mut self, key: &str, value: Option<&str>) -> Result<()> {
+        match value {
+            Some(v) => self
+                .conn
+                .prepare_cached("INSERT OR REPLACE INTO config (name, value) VALUES (?1, ?2)")
+                .map_err(db)?
+                .execute([key, v]),
+            None => self
+                .conn
+                .prepare_cached("DELETE FROM config WHERE name = ?1")
+                .map_err(db)?
+                .execute([key]),
+        }
+        .map_err(db)?;
+        Ok(())
+    }
+
+    fn load_pt(&mut self) -> Result<Option<PartitionTable>> {
+        let tx = self.conn.transaction().map_err(db)?;
+        if config_value(&tx, "ptid")?.is_none() {
+            return Ok(None);
+        }
+        let ptid: u64 = parse_config(&tx, "ptid")?;
+        let replicas: u32 = parse_config(&tx, "replicas")?;
+        let np: u32 = parse_config(&tx, "partitions")?;
+        let mut rows: Vec<Vec<Cell>> = vec![Vec::new(); np as usize];
+        {
+            let mut stmt = tx
+                .prepare_cached("SELECT partition, nid, state FROM pt ORDER BY partition, nid")
+                .map_err(db)?;
+            let mut q = stmt.query([]).map_err(db)?;
+            while let Some(row) = q.next().map_err(db)? {
+                let what = || "partition table row".to_string();
+                let partition = col_int(row, 0, "partition", &what)?;
+                let nid = col_int(row, 1, "nid", &what)?;
+                let state = col_int(row, 2, "state", &what)?;
+                let what = || format!("partition table cell (partition {partition}, nid {nid})");
+                let slot = usize::try_from(partition)
+                    .ok()
+                    .and_then(|p| rows.get_mut(p))
+                    .ok_or_else(|| corrupt(format!("{}: partition out of range (table has {np})", what())))?;
+                let nid = i32::try_from(nid).map_err(|_| corrupt(format!("{}: invalid node id", what())))?;
+                let state = i32::try_from(state)
+                    .ok()
+                    .and_then(CellState::from_i32)
+                    .ok_or_else(|| corrupt(format!("{}: invalid cell state {state}", what())))?;
+                slot.push(Cell { nid: Nid(nid), state });
+            }
+        }
+        tx.commit().map_err(db)?;
+        PartitionTable::from_rows(Ptid(ptid), replicas, rows)
+            .map(Some)
+            .map_err(|e| corrupt(format!("partition table: {e}")))
+    }
+
+    fn save_pt(&mut self, pt: &PartitionTable) -> Result<()> {
+        let tx = self.conn.transaction().map_err(db)?;
+        tx.prepare_cached("DELETE FROM pt").map_err(db)?.execute([]).map_err(db)?;
+        {
+            let mut ins = tx
+                .prepare_cached("INSERT INTO pt (partition, nid, state) VALUES (?1, ?2, ?3)")
+                .map_err(db)?;
+            for (p, row) in pt.rows().iter().enumerate() {
+                for cell in row {
+                    ins.execute(params![p as i64, cell.nid.0, cell.state as i32]).map_err(db)?;
+                }
+            }
+            let mut cfg = tx
+                .prepare_cached("INSERT OR REPLACE INTO config (name, value) VALUES (?1, ?2)")
+                .map_err(db)?;
+            cfg.execute(["ptid", &pt.ptid.0.to_string()]).map_err(db)?;
+            cfg.execute(["replicas", &pt.replicas.to_string()]).map_err(db)?;
+            cfg.execute(["partitions", &pt.np().to_string()]).map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn last_ids(&mut self) -> Result<(Option<Tid>, Option<Oid>)> {
+        // Skip scans over the leading `partition` column of the primary keys: one index seek
+        // per partition instead of a full scan.
+        // One statement, so one consistent snapshot.
+        let mut stmt = self
+            .conn
+                .prepare_cached(
+                    "WITH RECURSIVE
+                       tp(p) AS (SELECT MIN(partition) FROM trans
+                                 UNION ALL
+                                 SELECT (SELECT MIN(partition) FROM trans WHERE partition > p)
+                                 FROM tp WHERE p IS NOT NULL),
+                       op(p) AS (SELECT MIN(partition) FROM obj
+                                 UNION ALL
+                                 SELECT (SELECT MIN(partition) FROM obj WHERE partition > p)
+                                 FROM op WHERE p IS NOT NULL)
+                     SELECT
+                       (SELECT MAX((SELECT MAX(tid) FROM trans WHERE partition = tp.p))
+                          FROM tp WHERE p IS NOT NULL),
+                       (SELECT MAX(m) FROM (
+                          SELECT (SELECT MAX(oid) FROM obj WHERE partition = op.p) AS m
+                            FROM op WHERE p IS NOT NULL
+                          UNION ALL
+                          SELECT MAX(oid) FROM tobj))",
+                )
+                .map_err(db)?;
+            let mut q = stmt.query([]).map_err(db)?;
+            let row = q.next().map_err(db)?.ok_or_else(|| BackendError::Db("last_ids: no row".into()))?;
+            let what = || "last ids".to_string();
+            let tid = col_opt_tid(row, 0, "trans.tid", &what)?;
+            let oid = col_opt_int(row, 1, "oid", &what)?.map(|v| Oid(v as u64));
+            Ok((tid, oid))
+    }
+
+    fn load(&mut self, partition: u32, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Load> {
+        let max = Tid::MAX.0;
+        // A `before` beyond the largest storable TID excludes nothing; an `at` beyond it
+        // matches nothing (-1 is never a valid stored TID).
+        let before = before.filter(|b| b.0 <= max);
+        let at = at.map(|a| if a.0 <= max { a.0 as i64 } else { -1 });
+        let (part, oid64) = (i64::from(partition), id64(oid.0));
+        let found = {
+            let mut stmt;
+            let mut q = match (at, before) {
+                (None, None) => {
+                    stmt = self
+                        .conn
+                        .prepare_cached(&format!("{LOAD_COLUMNS} ORDER BY o.tid DESC LIMIT 1"))
+                        .map_err(db)?;
+                    stmt.query(params![part, oid64])
+                }
+                (Some(at), None) => {
+                    stmt = self
+                        .conn
+                        .prepare_cached(&format!("{LOAD_COLUMNS} AND o.tid = ?3"))
+                        .map_err(db)?;
+                    stmt.query(params![part, oid64, at])
+                }
+                (None, Some(before)) => {
+                    stmt = self
+                        .conn
+                        .prepare_cached(&format!("{LOAD_COLUMNS} AND o.tid < ?3 ORDER BY o.tid DESC LIMIT 1"))
+                        .map_err(db)?;
+                    stmt.query(params![part, oid64, before.0 as i64])
+                }
+                (Some(at), Some(before)) => {
+                    stmt = self
+                        .conn
+                        .prepare_cached(&format!("{LOAD_COLUMNS} AND o.tid = ?3 AND o.tid < ?4"))
+                        .map_err(db)?;
+                    stmt.query(params![part, oid64, at, before.0 as i64])
+                }
+            }
+            .map_err(db)?;
+            match q.next().map_err(db)? {
+                None => None,
+                Some(row) => Some(read_record(row, oid)?),
+            }
+        };
+        if let Some(record) = found {
+            return Ok(Load::Found(record));
+        }
+        let exists: bool = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM obj WHERE partition = ?1 AND oid = ?2)")
+            .map_err(db)?
+            .query_row(params![part, oid64], |r| r.get(0))
+            .map_err(db)?;
+        Ok(if exists { Load::NotFound } else { Load::DoesNotExist })
+    }
+
+    fn last_serial(&mut self, partition: u32, oid: Oid) -> Result<Option<Tid>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT MAX(tid) FROM obj WHERE partition = ?1 AND oid = ?2")
+            .map_err(db)?;
+        let mut q = stmt.query(params![i64::from(partition), id64(oid.0)]).map_err(db)?;
+        match q.next().map_err(db)? {
+            None => Ok(None),
+            Some(row) => col_opt_tid(row, 0, "tid", &|| format!("object {oid}")),
+        }
+    }
+
+    fn transaction(&mut self, partition: u32, tid: Tid) -> Result<Option<TxnInfo>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT packed, oids, user, description, ext, ttid FROM trans
+                 WHERE partition = ?1 AND tid = ?2",
+            )
+            .map_err(db)?;
+        let mut q = stmt.query(params![i64::from(partition), id64(tid.0)]).map_err(db)?;
+        let Some(row) = q.next().map_err(db)? else { return Ok(None) };
+        let what = || format!("transaction {tid} (partition {partition})");
+        let packed = match col_int(row, 0, "packed", &what)? {
+            0 => false,
+            1 => true,
+            v => return Err(corrupt(format!("{}: invalid packed flag {v}", what()))),
+        };
+        let oids = decode_oids(&col_blob(row, 1, "oids", true, &what)?, &what)?;
+        Ok(Some(TxnInfo {
+            tid,
+            ttid: col_tid(row, 5, "ttid", &what)?,
+            packed,
+            meta: TxnMeta {
+                user: col_blob(row, 2, "user", true, &what)?,
+                description: col_blob(row, 3, "description", true, &what)?,
+                extension: col_blob(row, 4, "ext", true, &what)?,
+                oids,
+            },
+        }))
+    }
+
+    fn store_data(&mut self, _partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
+        if checksum.len() != CHECKSUM_LEN {
+            return Err(BackendError::Db(format!(
+                "store_data: checksum of {} bytes, expected {CHECKSUM_LEN}",
+                checksum.len()
+            )));
+        }
+        if compression > 1 {
+            return Err(BackendError::Db(format!("store_data: unknown compression {compression}")));
+        }
+        // No fsync here: the next vote's FULL commit makes this row durable with the WAL.
+        self.conn.execute_batch("PRAGMA synchronous=NORMAL").map_err(db)?;
+        let result = self.insert_data(checksum, compression, data);
+        let restore = self.conn.execute_batch("PRAGMA synchronous=FULL").map_err(db);
+        let id = result?;
+        restore?;
+        *self.held.entry(id).or_insert(0) += 1;
+        self.released.remove(&id);
+        Ok(id)
+    }
+
+    fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
+        let ttid64 = id64(ttid.0);
+        let tx = self.conn.transaction().map_err(db)?;
+        {
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO tobj (partition, oid, tid, data_id, value_tid)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(db)?;
+            for (partition, o) in objects {
+                ins.execute(params![
+                    i64::from(*partition),
+                    id64(o.oid.0),
+                    ttid64,
+                    o.data_id,
+                    o.data_serial.map(|t| id64(t.0)),
+                ])
+                .map_err(db)?;
+            }
+            match meta {
+                Some((partition, m)) => tx
+                    .prepare_cached(
+                        "INSERT INTO ttrans (ttid, partition, tid, meta, oids, user, description, ext)
+                         VALUES (?1, ?2, NULL, 1, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (ttid) DO UPDATE SET partition = excluded.partition, meta = 1,
+                           oids = excluded.oids, user = excluded.user,
+                           description = excluded.description, ext = excluded.ext",
+                    )
+                    .map_err(db)?
+                    .execute(params![
+                        ttid64,
+                        i64::from(partition),
+                        encode_oids(&m.oids),
+                        m.user,
+                        m.description,
+                        m.extension,
+                    ]),
+                None => tx
+                    .prepare_cached(
+                        "INSERT INTO ttrans (ttid, meta) VALUES (?1, 0) ON CONFLICT (ttid) DO NOTHING",
+                    )
+                    .map_err(db)?
+                    .execute([ttid64]),
+            }
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        // The voted objects now reference their data rows: drop the holds of store_data.
+        for (_, o) in objects {
+            if let Some(id) = o.data_id
+                && let Some(n) = self.held.get_mut(&id)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.held.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO ttrans (ttid, tid, meta) VALUES (?1, ?2, 0)
+                 ON CONFLICT (ttid) DO UPDATE SET tid = excluded.tid",
+            )
+            .map_err(db)?
+            .execute(params![id64(ttid.0), id64(tid.0)])
+            .map_err(db)?;
+        Ok(())
+    }
+
+    fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
+        let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
+        let tx = self.conn.transaction().map_err(db)?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO obj (partition, oid, tid, data_id, value_tid)
+             SELECT partition, oid, ?2, data_id, value_tid FROM tobj WHERE tid = ?1",
+        )
+        .map_err(db)?
+        .execute([ttid64, tid64])
+        .map_err(db)?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO trans (partition, tid, packed, oids, user, description, ext, ttid)
+             SELECT partition, ?2, 0, COALESCE(oids, X''), COALESCE(user, X''),
+                    COALESCE(description, X''), COALESCE(ext, X''), ttid
+             FROM ttrans WHERE ttid = ?1 AND meta = 1",
+        )
+        .map_err(db)?
+        .execute([ttid64, tid64])
+        .map_err(db)?;
+        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1")
+            .map_err(db)?
+            .execute([ttid64])
+            .map_err(db)?;
+        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1")
+            .map_err(db)?
+            .execute([ttid64])
+            .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    fn abort(&mut self, ttid: Tid) -> Result<()> {
+        let ttid64 = id64(ttid.0);
+        let tx = self.conn.transaction().map_err(db)?;
+        let mut candidates: Vec<DataId> = self.released.iter().copied().collect();
+        {
+            let mut stmt = tx
+                .prepare_cached("SELECT DISTINCT data_id FROM tobj WHERE tid = ?1 AND data_id IS NOT NULL")
+                .map_err(db)?;
+            let mut q = stmt.query([ttid64]).map_err(db)?;
+            while let Some(row) = q.next().map_err(db)? {
+                candidates.push(col_int(row, 0, "data_id", &|| format!("temporary object of {ttid}"))?);
+            }
+        }
+        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1")
+            .map_err(db)?
+            .execute([ttid64])
+            .map_err(db)?;
+        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1")
+            .map_err(db)?
+            .execute([ttid64])
+            .map_err(db)?;
+        Self::prune(&tx, &self.held, candidates)?;
+        tx.commit().map_err(db)?;
+        self.released.clear();
+        Ok(())
+    }
+
+    fn locked_transactions(&mut self) -> Result<Vec<(Tid, Option<Tid>)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT ttid, tid FROM ttrans ORDER BY ttid")
+            .map_err(db)?;
+        let mut q = stmt.query([]).map_err(db)?;
+        let mut out = Vec::new();
+        while let Some(row) = q.next().map_err(db)? {
+            let what = || "temporary transaction".to_string();
+            let ttid = col_tid(row, 0, "ttid", &what)?;
+            let final_tid = col_opt_tid(row, 1, "tid", &|| format!("temporary transaction {ttid}"))?;
+            out.push((ttid, final_tid));
+        }
+        Ok(out)
+    }
+
+    fn final_tid(&mut self, ttid: Tid) -> Result<Option<Tid>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT tid FROM trans WHERE ttid = ?1 LIMIT 1")
+            .map_err(db)?;
+        let mut q = stmt.query([id64(ttid.0)]).map_err(db)?;
+        match q.next().map_err(db)? {
+            None => Ok(None),
+            Some(row) => col_tid(row, 0, "tid", &|| format!("transaction with ttid {ttid}")).map(Some),
+        }
+    }
+
+    fn drop_unfinished(&mut self) -> Result<()> {
+        let tx = self.conn.transaction().map_err(db)?;
+        tx.prepare_cached("DELETE FROM tobj WHERE tid IN (SELECT ttid FROM ttrans WHERE tid IS NULL)")
+            .map_err(db)?
+            .execute([])
+            .map_err(db)?;
+        tx.prepare_cached("DELETE FROM ttrans WHERE tid IS NULL")
+            .map_err(db)?
+            .execute([])
+            .map_err(db)?;
+        // Temporary objects without a transaction row cannot be unlocked: drop them too.
+        tx.prepare_cached("DELETE FROM tobj WHERE tid NOT IN (SELECT ttid FROM ttrans)")
+            .map_err(db)?
+            .execute([])
+            .map_err(db)?;
+        // No transaction is in flight: every data row nothing references goes, including those
+        // stored before a crash by transactions that never voted. One pass over `data` with
+        // index lookups; only done at startup/recovery.
+        tx.prepare_cached(
+            "DELETE FROM data WHERE NOT EXISTS (SELECT 1 FROM obj WHERE obj.data_id = data.id)
+               AND NOT EXISTS (SELECT 1 FROM tobj WHERE tobj.data_id = data.id)",
+        )
+        .map_err(db)?
+        .execute([])
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        self.held.clear();
+        self.released.clear();
+        Ok(())
+    }
+}
+
+/// Decode one row of `LOAD_COLUMNS`.
+fn read_record(row: &Row<'_>, oid: Oid) -> Result<ObjectRecord> {
+    let serial = col_tid(row, 0, "tid", &|| format!("object {oid}"))?;
+    let what = || format!("object {oid} revision {serial}");
+    let data_id = col_opt_int(row, 1, "data_id", &what)?;
+    let data_serial = col_opt_tid(row, 2, "value_tid", &what)?;
+    let next_serial = col_opt_tid(row, 7, "next tid", &what)?;
+    let (compression, checksum, data) = match data_id {
+        None => (0, vec![0u8; CHECKSUM_LEN], Vec::new()),
+        Some(id) => {
+            if col_opt_int(row, 3, "data.id", &what)?.is_none() {
+                return Err(corrupt(format!("{}: data row {id} does not exist", what())));
+            }
+            let what = || format!("object {oid} revision {serial} (data row {id})");
+            let checksum = col_blob(row, 4, "hash", false, &what)?;
+            if checksum.len() != CHECKSUM_LEN {
+                return Err(corrupt(format!(
+                    "{}: checksum of {} bytes, expected {CHECKSUM_LEN}",
+                    what(),
+                    checksum.len()
+                )));
+            }
+            let compression = compression_of(col_int(row, 5, "compression", &what)?, &what)?;
+            (compression, checksum, col_blob(row, 6, "value", false, &what)?)
+        }
+    };
+    Ok(ObjectRecord { serial, next_serial, compression, checksum, data, data_serial })
+}

@@ -1,0 +1,563 @@
+//! The storage node: its session with the primary master (partition table, recovery,
+//! verification, lock/unlock), and the handlers of client requests (store, vote, load, abort).
+
+use crate::backend::{Load, TempObject, TxnMeta};
+use crate::db::Db;
+use crate::tm::{LockAttempt, Stored, Tm};
+use crate::StorageError;
+use neo_lib::config::{Address, NodeConfig};
+use neo_lib::pt::PartitionTable;
+use neo_lib::{CellState, ClusterState, ErrorCode, Nid, NodeState, NodeType, Oid, Ptid, Tid};
+use proto::net::{NetConfig, connect_identified, identification, receive_identification};
+use proto::{Body, Incoming, Link, Request, msg};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+const ZERO_HASH: [u8; 20] = [0; 20];
+
+pub fn sha1(data: &[u8]) -> [u8; 20] {
+    let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, data);
+    let mut out = [0u8; 20];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+#[derive(Default)]
+struct Shared {
+    nid: Option<Nid>,
+    pt: Option<PartitionTable>,
+    /// Between StartOperation and StopOperation/master loss.
+    ready: bool,
+}
+
+pub struct Storage {
+    cfg: NodeConfig,
+    net: NetConfig,
+    db: Db,
+    tm: Tm,
+    shared: Mutex<Shared>,
+    address: Address,
+    shutdown: CancellationToken,
+}
+
+enum SessionEnd {
+    /// The cluster is stopping, or this node was told to leave.
+    Stop,
+    /// The master connection was lost: reconnect.
+    Lost,
+}
+
+impl Storage {
+    fn with<R>(&self, f: impl FnOnce(&mut Shared) -> R) -> R {
+        let mut g = match self.shared.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g)
+    }
+
+    /// (partition of `id`, state of this node's cell in it).
+    fn cell_of(&self, id: u64) -> Option<(u32, CellState)> {
+        self.with(|s| {
+            let pt = s.pt.as_ref()?;
+            let p = pt.partition_of(id);
+            Some((p, pt.cell(p, s.nid?)?))
+        })
+    }
+
+    fn np(&self) -> u32 {
+        self.with(|s| s.pt.as_ref().map(|p| p.np()).unwrap_or(1))
+    }
+}
+
+pub async fn run(
+    cfg: NodeConfig,
+    net: NetConfig,
+    db: Db,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StorageError> {
+    let local = listener.local_addr().map_err(|err| StorageError::Listen { addr: cfg.bind.to_string(), err })?;
+    let address = Address { host: cfg.bind.host.clone(), port: local.port() };
+    let (nid, pt) = db
+        .call(|b| -> Result<_, crate::backend::BackendError> {
+            let nid = b.get_config("nid")?.and_then(|s| s.parse::<i32>().ok()).map(Nid);
+            Ok((nid, b.load_pt()?))
+        })
+        .await??;
+    let nid = nid.or(cfg.nid);
+    let st = Arc::new(Storage {
+        net,
+        db,
+        tm: Tm::default(),
+        shared: Mutex::new(Shared { nid, pt, ready: false }),
+        address: address.clone(),
+        shutdown: shutdown.clone(),
+        cfg,
+    });
+    let span = tracing::info_span!("storage", nid = ?nid, cluster = %st.cfg.cluster);
+    async {
+        info!("listening on {address}");
+        let peers = shutdown.child_token();
+        tokio::spawn(accept_loop(st.clone(), listener, peers.clone()));
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match master_session(&st).await {
+                Some(SessionEnd::Stop) => break,
+                Some(SessionEnd::Lost) => {
+                    warn!("lost the primary master; reconnecting");
+                    st.with(|s| s.ready = false);
+                    abort_all(&st).await;
+                }
+                None => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        peers.cancel();
+        abort_all(&st).await;
+        info!("storage stopped");
+    }
+    .instrument(span)
+    .await;
+    st.db.clone().close().await;
+    Ok(())
+}
+
+/// Connect to a master and serve it until the link closes. None: no master reachable.
+async fn master_session(st: &Arc<Storage>) -> Option<SessionEnd> {
+    let nid = st.with(|s| s.nid);
+    let mut found = None;
+    for addr in &st.cfg.masters {
+        let req = identification(&st.cfg.cluster, NodeType::Storage, nid, Some(&st.address));
+        let res = tokio::select! {
+            _ = st.shutdown.cancelled() => return Some(SessionEnd::Stop),
+            r = connect_identified(addr, &st.net, req) => r,
+        };
+        match res {
+            Ok(x) => {
+                found = Some(x);
+                break;
+            }
+            Err(e) => debug!("master {addr}: {e}"),
+        }
+    }
+    let (link, mut incoming, accept) = found?;
+    if let Some(your) = accept.your_nid.map(Nid) {
+        if nid != Some(your) {
+            info!("node id {your} assigned by the master");
+            let s = your.0.to_string();
+            match st.db.call(move |b| b.set_config("nid", Some(&s))).await {
+                Ok(Ok(())) => st.with(|sh| sh.nid = Some(your)),
+                Ok(Err(e)) => {
+                    warn!("cannot save node id: {e}");
+                    link.abort();
+                    return Some(SessionEnd::Lost);
+                }
+                Err(_) => return Some(SessionEnd::Stop),
+            }
+        }
+    }
+    info!("connected to the primary master {}", link.peer());
+    loop {
+        let req = tokio::select! {
+            _ = st.shutdown.cancelled() => { link.close().await; return Some(SessionEnd::Stop); }
+            r = incoming.recv() => r,
+        };
+        let Some(req) = req else { return Some(SessionEnd::Lost) };
+        match handle_master(st, &link, req).await {
+            Ok(None) => {}
+            Ok(Some(end)) => {
+                link.close().await;
+                return Some(end);
+            }
+            Err(e) => {
+                warn!("{e}: closing the master connection");
+                link.abort();
+                return Some(SessionEnd::Lost);
+            }
+        }
+    }
+}
+
+async fn save_pt(st: &Storage) -> Result<(), StorageError> {
+    let Some(pt) = st.with(|s| s.pt.clone()) else { return Ok(()) };
+    st.db.call(move |b| b.save_pt(&pt)).await??;
+    Ok(())
+}
+
+/// One message from the master, in order. Ok(Some(..)) ends the session.
+async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<Option<SessionEnd>, StorageError> {
+    let Request { id, body } = req;
+    let proto_err = |e: proto::convert::ConvertError| StorageError::Protocol(e.to_string());
+    match body {
+        Body::NotifyNodeInformation(m) => {
+            let me = st.with(|s| s.nid);
+            for n in &m.nodes {
+                if Some(Nid(n.nid)) == me && n.state == NodeState::Down as i32 {
+                    info!("the master marked this node DOWN: stopping");
+                    return Ok(Some(SessionEnd::Stop));
+                }
+            }
+        }
+        Body::SendPartitionTable(m) => {
+            let pt = proto::convert::pt_from_msg(&m).map_err(proto_err)?;
+            debug!("partition table ptid {}", pt.ptid);
+            st.with(|s| s.pt = Some(pt));
+            save_pt(st).await?;
+        }
+        Body::NotifyPartitionChanges(m) => {
+            let changes = proto::convert::changes_from_msg(&m).map_err(proto_err)?;
+            st.with(|s| match s.pt.as_mut() {
+                Some(pt) => pt.apply(Ptid(m.ptid), m.replicas, &changes).map_err(|e| StorageError::Protocol(e.to_string())),
+                None => Err(StorageError::Protocol("partition changes without a partition table".into())),
+            })?;
+            save_pt(st).await?;
+        }
+        Body::NotifyClusterInformation(m) => {
+            if m.state == ClusterState::Stopping as i32 {
+                info!("cluster is stopping");
+                return Ok(Some(SessionEnd::Stop));
+            }
+        }
+        Body::AskRecovery(_) => {
+            let ptid = st.with(|s| s.pt.as_ref().map(|p| p.ptid).unwrap_or(Ptid(0)));
+            let _ = link.answer(id, msg::AnswerRecovery { ptid: ptid.0, backup_tid: None, truncate_tid: None }).await;
+        }
+        Body::AskPartitionTable(_) => {
+            let m = st.with(|s| s.pt.as_ref().map(proto::convert::pt_to_msg));
+            let m = m.unwrap_or(msg::PartitionTableMsg { ptid: 0, replicas: 0, rows: vec![] });
+            let _ = link.answer(id, Body::AnswerPartitionTable(m)).await;
+        }
+        Body::AskLockedTransactions(_) => {
+            let list = st.db.call(|b| b.locked_transactions()).await??;
+            let transactions = list
+                .into_iter()
+                .map(|(ttid, tid)| msg::LockedTransaction { ttid: ttid.0, tid: tid.map(|t| t.0) })
+                .collect();
+            let _ = link.answer(id, msg::AnswerLockedTransactions { transactions }).await;
+        }
+        Body::ValidateTransaction(m) => {
+            let (ttid, tid) = (Tid(m.ttid), Tid(m.tid));
+            info!("validating transaction {ttid:?} as {tid:?}");
+            st.db.call(move |b| b.lock(ttid, tid).and_then(|_| b.unlock(ttid, tid))).await??;
+        }
+        Body::AskLastIds(_) => {
+            let (t, o) = st.db.call(|b| b.last_ids()).await??;
+            let _ = link.answer(id, msg::AnswerLastIds { last_tid: t.map(|t| t.0), last_oid: o.map(|o| o.0) }).await;
+        }
+        Body::AskFinalTid(m) => {
+            let ttid = Tid(m.ttid);
+            let tid = match st.tm.locked_tid(ttid) {
+                Some(t) => Some(t),
+                None => st.db.call(move |b| b.final_tid(ttid)).await??,
+            };
+            let _ = link.answer(id, msg::AnswerFinalTid { tid: tid.map(|t| t.0) }).await;
+        }
+        Body::StartOperation(_) => {
+            st.db.call(|b| b.drop_unfinished()).await??;
+            st.with(|s| s.ready = true);
+            info!("operational");
+            let _ = link.notify(msg::NotifyReady {}).await;
+        }
+        Body::StopOperation(_) => {
+            st.with(|s| s.ready = false);
+            abort_all(st).await;
+        }
+        Body::AskLockInformation(m) => {
+            let (ttid, tid) = (Tid(m.ttid), Tid(m.tid));
+            st.tm.set_locked(ttid, tid);
+            st.db.call(move |b| b.lock(ttid, tid)).await??;
+            let _ = link.answer(id, msg::AnswerInformationLocked { ttid: ttid.0 }).await;
+        }
+        Body::NotifyUnlockInformation(m) => {
+            let ttid = Tid(m.ttid);
+            match st.tm.locked_tid(ttid) {
+                Some(tid) => {
+                    st.db.call(move |b| b.unlock(ttid, tid)).await??;
+                    st.tm.release(ttid);
+                }
+                None => warn!("unlock of unknown transaction {ttid:?}"),
+            }
+        }
+        Body::AbortTransaction(m) => abort(st, Tid(m.ttid)).await,
+        Body::Ping(_) => {
+            let _ = link.answer(id, msg::Pong {}).await;
+        }
+        other => debug!("ignored {} from the master", proto::body_name(&other)),
+    }
+    Ok(None)
+}
+
+/// Abort a transaction that is not locked: release its locks and delete its temporary data.
+async fn abort(st: &Storage, ttid: Tid) {
+    if st.tm.locked_tid(ttid).is_some() {
+        return; // a locked transaction is never aborted
+    }
+    if let Some(held) = st.tm.release(ttid) {
+        debug!("abort {ttid:?}");
+        let _ = held; // RELEASE-HELD: wired to Backend::release_data once the trait has it
+        match st.db.call(move |b| b.abort(ttid)).await {
+            Ok(Err(e)) => warn!("abort {ttid:?}: {e}"),
+            Ok(Ok(())) | Err(_) => {}
+        }
+    }
+}
+
+async fn abort_all(st: &Storage) {
+    for ttid in st.tm.all_unlocked() {
+        abort(st, ttid).await;
+    }
+}
+
+async fn accept_loop(st: Arc<Storage>, listener: TcpListener, token: CancellationToken) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = token.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { warn!("accept failed: {e}"); tokio::time::sleep(Duration::from_millis(100)).await; continue; }
+            },
+        };
+        let (st, token) = (st.clone(), token.clone());
+        tokio::spawn(async move {
+            let (link, incoming) = match proto::net::accept(tcp, &st.net).await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("connection from {peer} refused: {e}");
+                    return;
+                }
+            };
+            serve_peer(st, link, incoming, token).await;
+        });
+    }
+}
+
+async fn serve_peer(st: Arc<Storage>, link: Link, mut incoming: Incoming, token: CancellationToken) {
+    let Some((id, req)) = receive_identification(&link, &mut incoming, &st.cfg.cluster).await else { return };
+    if req.node_type != NodeType::Client as i32 {
+        link.refuse(id, ErrorCode::ProtocolError, "only clients may connect to a storage for now").await;
+        return;
+    }
+    if !st.with(|s| s.ready) {
+        link.refuse(id, ErrorCode::NotReady, "storage is not operational").await;
+        return;
+    }
+    let nid = st.with(|s| s.nid);
+    let accept = msg::AcceptIdentification {
+        node_type: NodeType::Storage as i32,
+        nid: nid.map(|n| n.0),
+        your_nid: req.nid,
+        partitions: st.np(),
+    };
+    if link.answer(id, accept).await.is_err() {
+        return;
+    }
+    let conn = link.conn_id();
+    loop {
+        let req = tokio::select! {
+            _ = token.cancelled() => break,
+            r = incoming.recv() => match r { Some(r) => r, None => break },
+        };
+        handle_client(&st, &link, req).await;
+    }
+    link.close().await;
+    for ttid in st.tm.unlocked_of_conn(conn) {
+        abort(&st, ttid).await;
+    }
+}
+
+async fn handle_client(st: &Arc<Storage>, link: &Link, req: Request) {
+    let Request { id, body } = req;
+    let (st2, link2) = (st.clone(), link.clone());
+    match body {
+        Body::AskStoreObject(m) => {
+            tokio::spawn(async move {
+                let ans = store(&st2, link2.conn_id(), m).await;
+                let _ = link2.answer(id, ans).await;
+            });
+        }
+        Body::AskStoreTransaction(m) => {
+            tokio::spawn(async move {
+                let ttid = Tid(m.ttid);
+                let meta = TxnMeta {
+                    user: m.user,
+                    description: m.description,
+                    extension: m.extension,
+                    oids: m.oids.into_iter().map(Oid).collect(),
+                };
+                let ans = vote(&st2, link2.conn_id(), ttid, Some(meta)).await.map(|_| msg::AnswerStoreTransaction {}.into());
+                let _ = link2.answer(id, ans.unwrap_or_else(|b| b)).await;
+            });
+        }
+        Body::AskVoteTransaction(m) => {
+            tokio::spawn(async move {
+                let ans = vote(&st2, link2.conn_id(), Tid(m.ttid), None).await.map(|_| msg::AnswerVoteTransaction {}.into());
+                let _ = link2.answer(id, ans.unwrap_or_else(|b| b)).await;
+            });
+        }
+        Body::AskObject(m) => {
+            tokio::spawn(async move {
+                let ans = load(&st2, m).await;
+                let _ = link2.answer(id, ans).await;
+            });
+        }
+        Body::AbortTransaction(m) => abort(st, Tid(m.ttid)).await,
+        Body::Ping(_) => {
+            let _ = link.answer(id, msg::Pong {}).await;
+        }
+        other => {
+            let name = proto::body_name(&other);
+            let _ = link.answer(id, proto::error(ErrorCode::ProtocolError, format!("unexpected message {name}"))).await;
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Body {
+    proto::error(ErrorCode::ProtocolError, format!("storage error: {e}"))
+}
+
+async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
+    let (ttid, oid) = (Tid(m.ttid), Oid(m.oid));
+    if !m.deleted {
+        if m.compression > 1 {
+            return proto::error(ErrorCode::ProtocolError, format!("invalid compression {}", m.compression));
+        }
+        if m.checksum.len() != 20 || sha1(&m.data)[..] != m.checksum[..] {
+            warn!("checksum mismatch for {oid:?} in {ttid:?}");
+            return proto::error(ErrorCode::ProtocolError, format!("checksum mismatch for oid {oid}"));
+        }
+    }
+    let Some((partition, state)) = st.cell_of(oid.0) else {
+        return msg::AnswerStoreObject { conflict: Some(0), locked_by: None }.into();
+    };
+    if !state.is_writable() {
+        return msg::AnswerStoreObject { conflict: Some(0), locked_by: None }.into();
+    }
+    if !st.tm.register(ttid, conn) {
+        return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} is already locked"));
+    }
+    // Take the write lock, waiting for older transactions.
+    loop {
+        let changed = st.tm.changed();
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match st.tm.try_lock(ttid, oid) {
+            LockAttempt::Acquired => break,
+            LockAttempt::Gone => return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted")),
+            LockAttempt::Conflict(holder) => {
+                let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
+                    Ok(Ok(s)) => s.unwrap_or(Tid::ZERO),
+                    Ok(Err(e)) => return internal(e),
+                    Err(e) => return internal(e),
+                };
+                return msg::AnswerStoreObject { conflict: Some(current.0), locked_by: Some(holder.0) }.into();
+            }
+            LockAttempt::Wait => {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = st.shutdown.cancelled() => return proto::error(ErrorCode::NotReady, "storage is stopping"),
+                }
+            }
+        }
+    }
+    let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
+        Ok(Ok(s)) => s.unwrap_or(Tid::ZERO),
+        Ok(Err(e)) => return internal(e),
+        Err(e) => return internal(e),
+    };
+    if current.0 != m.serial {
+        return msg::AnswerStoreObject { conflict: Some(current.0), locked_by: None }.into();
+    }
+    let data_id = if m.deleted {
+        None
+    } else {
+        let (checksum, compression, data) = (m.checksum, m.compression, m.data);
+        match st.db.call(move |b| b.store_data(partition, &checksum, compression, &data)).await {
+            Ok(Ok(id)) => Some(id),
+            Ok(Err(e)) => return internal(e),
+            Err(e) => return internal(e),
+        }
+    };
+    let stored = Stored { partition, data_id, data_serial: m.data_serial.map(Tid) };
+    if !st.tm.add_object(ttid, oid, stored) {
+        return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
+    }
+    msg::AnswerStoreObject { conflict: None, locked_by: None }.into()
+}
+
+async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Result<(), Body> {
+    st.tm.register(ttid, conn);
+    let objects = st
+        .tm
+        .objects_to_vote(ttid)
+        .ok_or_else(|| proto::error(ErrorCode::ProtocolError, format!("unknown transaction {ttid:?}")))?;
+    let meta_partition = ttid.partition(st.np());
+    let objects: Vec<(u32, TempObject)> = objects
+        .into_iter()
+        .map(|(oid, s)| (s.partition, TempObject { oid, data_id: s.data_id, data_serial: s.data_serial }))
+        .collect();
+    st.db
+        .call(move |b| b.vote(ttid, &objects, meta.as_ref().map(|m| (meta_partition, m))))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    st.tm.set_voted(ttid);
+    Ok(())
+}
+
+async fn load(st: &Storage, m: msg::AskObject) -> Body {
+    let oid = Oid(m.oid);
+    let Some((partition, state)) = st.cell_of(oid.0) else {
+        return proto::error(ErrorCode::NonReadableCell, "partition not assigned to this storage");
+    };
+    if !state.is_readable() {
+        return proto::error(ErrorCode::NonReadableCell, format!("cell {partition} is {state}"));
+    }
+    // Wait while a transaction that already reached its commit point changes this object.
+    loop {
+        let changed = st.tm.changed();
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !st.tm.is_read_locked(oid) {
+            break;
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = st.shutdown.cancelled() => return proto::error(ErrorCode::NotReady, "storage is stopping"),
+        }
+    }
+    let (at, before) = (m.at.map(Tid), m.before.map(Tid));
+    match st.db.call(move |b| b.load(partition, oid, at, before)).await {
+        Ok(Ok(Load::Found(r))) => {
+            let deleted = r.checksum[..] == ZERO_HASH[..] && r.data.is_empty();
+            msg::AnswerObject {
+                oid: oid.0,
+                serial: r.serial.0,
+                next_serial: r.next_serial.map(|t| t.0),
+                compression: r.compression,
+                checksum: r.checksum,
+                data: r.data,
+                data_serial: r.data_serial.map(|t| t.0),
+                deleted,
+            }
+            .into()
+        }
+        Ok(Ok(Load::NotFound)) => proto::error(ErrorCode::OidNotFound, format!("oid {oid} has no such revision")),
+        Ok(Ok(Load::DoesNotExist)) => proto::error(ErrorCode::OidDoesNotExist, format!("oid {oid} does not exist")),
+        Ok(Err(e)) => {
+            warn!("load of {oid:?}: {e}");
+            internal(e)
+        }
+        Err(e) => internal(e),
+    }
+}

@@ -1,0 +1,815 @@
+//! Backend conformance suite: engine-independent checks that every `Backend` must pass.
+//!
+//! Each check is a `pub(crate)` function taking either a fresh backend (`&mut dyn Backend`), an
+//! [`Open`] function that opens the same database again and again (restart, cluster name), and
+//! for corruption checks a [`RawSql`] function that runs SQL on that database through a separate
+//! connection. The `#[test]` wrappers at the bottom run them on SQLite; another engine adds its
+//! own wrappers calling the same functions.
+#![allow(clippy::unwrap_used)]
+
+use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
+use neo_lib::pt::{Cell, CellChange, PartitionTable};
+use neo_lib::{CellState, Nid, NodeType, Oid, Ptid, Tid};
+
+/// Opens the database under test for the given cluster name; every call opens the same one.
+pub(crate) type Open<'a> = &'a dyn Fn(&str) -> Result<Box<dyn Backend>>;
+/// Runs raw SQL (statements separated by `;`) on the database under test through a separate
+/// connection, to plant corruption.
+pub(crate) type RawSql<'a> = &'a dyn Fn(&str);
+
+/// Cluster name used by the suite.
+pub(crate) const CLUSTER: &str = "conformance";
+/// Partitions used to place objects and transaction metadata.
+const NP: u32 = 4;
+
+// --- helpers
+
+fn sha1(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, data)
+        .as_ref()
+        .to_vec()
+}
+
+fn part(id: u64) -> u32 {
+    (id % u64::from(NP)) as u32
+}
+
+fn s(n: u32) -> Nid {
+    Nid::new(NodeType::Storage, n)
+}
+
+/// Store `data` (raw) for `oid` and return the temporary object to vote.
+fn store(b: &mut dyn Backend, oid: u64, data: &[u8]) -> TempObject {
+    let id = b.store_data(part(oid), &sha1(data), 0, data).unwrap();
+    TempObject { oid: Oid(oid), data_id: Some(id), data_serial: None }
+}
+
+fn deletion(oid: u64) -> TempObject {
+    TempObject { oid: Oid(oid), data_id: None, data_serial: None }
+}
+
+fn meta_for(user: &str, objects: &[TempObject]) -> TxnMeta {
+    TxnMeta {
+        user: user.as_bytes().to_vec(),
+        description: format!("description of {user}").into_bytes(),
+        extension: vec![0x80, 0x03, b'}', b'q', 0, b'.'],
+        oids: objects.iter().map(|o| o.oid).collect(),
+    }
+}
+
+fn with_parts(objects: &[TempObject]) -> Vec<(u32, TempObject)> {
+    objects.iter().map(|o| (part(o.oid.0), o.clone())).collect()
+}
+
+/// Vote (with metadata), lock and unlock `objects` under ttid `tid - 1`, final tid `tid`.
+fn commit_objects(b: &mut dyn Backend, tid: u64, objects: &[TempObject]) -> TxnMeta {
+    let ttid = Tid(tid - 1);
+    let meta = meta_for(&format!("user{tid}"), objects);
+    b.vote(ttid, &with_parts(objects), Some((part(ttid.0), &meta))).unwrap();
+    b.lock(ttid, Tid(tid)).unwrap();
+    b.unlock(ttid, Tid(tid)).unwrap();
+    meta
+}
+
+/// Commit `data` for each oid (None = deletion) at `tid`.
+fn commit(b: &mut dyn Backend, tid: u64, objects: &[(u64, Option<&[u8]>)]) {
+    let objects: Vec<TempObject> = objects
+        .iter()
+        .map(|(oid, data)| match data {
+            Some(d) => store(b, *oid, d),
+            None => deletion(*oid),
+        })
+        .collect();
+    commit_objects(b, tid, &objects);
+}
+
+fn load(b: &mut dyn Backend, oid: u64, at: Option<u64>, before: Option<u64>) -> Load {
+    b.load(part(oid), Oid(oid), at.map(Tid), before.map(Tid)).unwrap()
+}
+
+fn found(l: Load) -> ObjectRecord {
+    match l {
+        Load::Found(r) => r,
+        other => panic!("expected a record, got {other:?}"),
+    }
+}
+
+fn latest(b: &mut dyn Backend, oid: u64) -> ObjectRecord {
+    found(load(b, oid, None, None))
+}
+
+/// Whether a data row identical to `data` still exists: store_data reuses it iff it does.
+/// (Takes a hold on the row, as any store_data does.)
+fn data_row_is(b: &mut dyn Backend, data: &[u8], id: DataId) -> bool {
+    b.store_data(0, &sha1(data), 0, data).unwrap() == id
+}
+
+fn sorted_pt(pt: &PartitionTable) -> PartitionTable {
+    let rows = pt
+        .rows()
+        .iter()
+        .map(|row| {
+            let mut row = row.clone();
+            row.sort_by_key(|c| c.nid);
+            row
+        })
+        .collect();
+    PartitionTable::from_rows(pt.ptid, pt.replicas, rows).unwrap()
+}
+
+fn sorted_locked(b: &mut dyn Backend) -> Vec<(Tid, Option<Tid>)> {
+    let mut v = b.locked_transactions().unwrap();
+    v.sort();
+    v
+}
+
+fn assert_corrupt<T: std::fmt::Debug>(r: Result<T>, needle: &str) {
+    match r {
+        Err(BackendError::Corrupt(msg)) => {
+            assert!(msg.contains(needle), "corruption message {msg:?} does not name {needle:?}")
+        }
+        other => panic!("expected a Corrupt error naming {needle:?}, got {other:?}"),
+    }
+}
+
+// --- checks on a fresh backend
+
+/// Latest revision, exact `at`, `before`, next_serial, NotFound vs DoesNotExist, last_serial.
+pub(crate) fn load_revisions(b: &mut dyn Backend) {
+    commit(b, 100, &[(1, Some(b"v100")), (2, Some(b"other"))]);
+    commit(b, 200, &[(1, Some(b"v200"))]);
+    commit(b, 300, &[(1, Some(b"v300"))]);
+
+    let r = latest(b, 1);
+    assert_eq!(r.serial, Tid(300));
+    assert_eq!(r.next_serial, None);
+    assert_eq!(r.data, b"v300");
+    assert_eq!(r.checksum, sha1(b"v300"));
+    assert_eq!(r.compression, 0);
+    assert_eq!(r.data_serial, None);
+
+    let r = found(load(b, 1, Some(200), None));
+    assert_eq!((r.serial, r.next_serial), (Tid(200), Some(Tid(300))));
+    assert_eq!(r.data, b"v200");
+    let r = found(load(b, 1, Some(100), None));
+    assert_eq!((r.serial, r.next_serial), (Tid(100), Some(Tid(200))));
+    assert_eq!(r.data, b"v100");
+    assert_eq!(load(b, 1, Some(150), None), Load::NotFound);
+    assert_eq!(load(b, 1, Some(u64::MAX), None), Load::NotFound);
+
+    let r = found(load(b, 1, None, Some(300)));
+    assert_eq!((r.serial, r.next_serial), (Tid(200), Some(Tid(300))));
+    let r = found(load(b, 1, None, Some(201)));
+    assert_eq!(r.serial, Tid(200));
+    let r = found(load(b, 1, None, Some(101)));
+    assert_eq!((r.serial, r.next_serial), (Tid(100), Some(Tid(200))));
+    assert_eq!(load(b, 1, None, Some(100)), Load::NotFound);
+    assert_eq!(load(b, 1, None, Some(1)), Load::NotFound);
+    assert_eq!(found(load(b, 1, None, Some(u64::MAX))).serial, Tid(300));
+    assert_eq!(found(load(b, 1, Some(200), Some(300))).serial, Tid(200));
+    assert_eq!(load(b, 1, Some(300), Some(300)), Load::NotFound);
+
+    // Other objects are independent.
+    let r = latest(b, 2);
+    assert_eq!((r.serial, r.next_serial), (Tid(100), None));
+    assert_eq!(r.data, b"other");
+
+    // Unknown oid, and a known oid looked up in the wrong partition.
+    assert_eq!(load(b, 9, None, None), Load::DoesNotExist);
+    assert_eq!(load(b, 9, Some(100), None), Load::DoesNotExist);
+    assert_eq!(load(b, 9, None, Some(300)), Load::DoesNotExist);
+    assert_eq!(b.load(part(1) + 1, Oid(1), None, None).unwrap(), Load::DoesNotExist);
+
+    assert_eq!(b.last_serial(part(1), Oid(1)).unwrap(), Some(Tid(300)));
+    assert_eq!(b.last_serial(part(2), Oid(2)).unwrap(), Some(Tid(100)));
+    assert_eq!(b.last_serial(part(9), Oid(9)).unwrap(), None);
+}
+
+/// A deletion (no data) and an undo-style back pointer (data_serial).
+pub(crate) fn deletion_and_back_pointer(b: &mut dyn Backend) {
+    commit(b, 100, &[(3, Some(b"alive"))]);
+    commit(b, 200, &[(3, None)]);
+    let r = latest(b, 3);
+    assert_eq!(r.serial, Tid(200));
+    assert_eq!(r.compression, 0);
+    assert_eq!(r.checksum, vec![0u8; 20]);
+    assert!(r.data.is_empty());
+    assert_eq!(r.data_serial, None);
+    assert_eq!(found(load(b, 3, None, Some(200))).data, b"alive");
+
+    // Undo of the deletion: reuses the data of revision 100.
+    let mut undo = store(b, 3, b"alive");
+    undo.data_serial = Some(Tid(100));
+    commit_objects(b, 300, &[undo]);
+    let r = latest(b, 3);
+    assert_eq!(r.serial, Tid(300));
+    assert_eq!(r.data, b"alive");
+    assert_eq!(r.data_serial, Some(Tid(100)));
+
+    // A deletion carrying a back pointer.
+    let mut del = deletion(3);
+    del.data_serial = Some(Tid(200));
+    commit_objects(b, 400, &[del]);
+    let r = latest(b, 3);
+    assert_eq!((r.data.len(), r.data_serial), (0, Some(Tid(200))));
+    assert_eq!(r.checksum, vec![0u8; 20]);
+}
+
+/// Identical (checksum, compression) share one data row.
+pub(crate) fn dedup(b: &mut dyn Backend) {
+    let a = b.store_data(0, &sha1(b"same"), 0, b"same").unwrap();
+    let a2 = b.store_data(1, &sha1(b"same"), 0, b"same").unwrap();
+    assert_eq!(a, a2);
+    let c = b.store_data(0, &sha1(b"same"), 1, b"same").unwrap();
+    assert_ne!(a, c, "different compression must be a different row");
+    let d = b.store_data(0, &sha1(b"different"), 0, b"different").unwrap();
+    assert_ne!(a, d);
+    assert_ne!(c, d);
+    // Two objects sharing the row load the same bytes.
+    let objs = [
+        TempObject { oid: Oid(1), data_id: Some(a), data_serial: None },
+        TempObject { oid: Oid(2), data_id: Some(a2), data_serial: None },
+        TempObject { oid: Oid(3), data_id: Some(c), data_serial: None },
+    ];
+    commit_objects(b, 100, &objs);
+    assert_eq!(latest(b, 1).data, b"same");
+    assert_eq!(latest(b, 2).data, b"same");
+    let r = latest(b, 3);
+    assert_eq!((r.compression, r.data.as_slice()), (1, &b"same"[..]));
+}
+
+/// Voted data is invisible until unlock; metadata and final tid appear at unlock; unlock is
+/// idempotent.
+pub(crate) fn commit_visibility(b: &mut dyn Backend) {
+    let (ttid, tid) = (Tid(50), Tid(60));
+    let objs = [store(b, 5, b"five"), store(b, 6, b"six")];
+    let meta = meta_for("alice", &objs);
+    let mp = part(ttid.0);
+    b.vote(ttid, &with_parts(&objs), Some((mp, &meta))).unwrap();
+    assert_eq!(load(b, 5, None, None), Load::DoesNotExist);
+    assert_eq!(b.last_serial(part(5), Oid(5)).unwrap(), None);
+    assert_eq!(b.locked_transactions().unwrap(), vec![(ttid, None)]);
+    assert_eq!(b.last_ids().unwrap(), (None, Some(Oid(6))));
+
+    b.lock(ttid, tid).unwrap();
+    assert_eq!(b.locked_transactions().unwrap(), vec![(ttid, Some(tid))]);
+    assert_eq!(load(b, 5, None, None), Load::DoesNotExist);
+    assert_eq!(b.final_tid(ttid).unwrap(), None);
+    assert_eq!(b.transaction(mp, tid).unwrap(), None);
+
+    b.unlock(ttid, tid).unwrap();
+    let r = latest(b, 5);
+    assert_eq!((r.serial, r.data.as_slice()), (tid, &b"five"[..]));
+    assert_eq!(latest(b, 6).data, b"six");
+    assert_eq!(b.final_tid(ttid).unwrap(), Some(tid));
+    let expected = TxnInfo { tid, ttid, packed: false, meta: meta.clone() };
+    assert_eq!(b.transaction(mp, tid).unwrap(), Some(expected.clone()));
+    assert_eq!(b.transaction(mp, ttid).unwrap(), None);
+    assert!(b.locked_transactions().unwrap().is_empty());
+    assert_eq!(b.last_ids().unwrap(), (Some(tid), Some(Oid(6))));
+
+    // Idempotent.
+    b.unlock(ttid, tid).unwrap();
+    assert_eq!(latest(b, 5).serial, tid);
+    assert_eq!(b.transaction(mp, tid).unwrap(), Some(expected));
+    assert!(b.locked_transactions().unwrap().is_empty());
+
+    // Empty metadata round-trips.
+    let objs = [store(b, 7, b"seven")];
+    let empty = TxnMeta::default();
+    b.vote(Tid(70), &with_parts(&objs), Some((part(70), &empty))).unwrap();
+    b.lock(Tid(70), Tid(80)).unwrap();
+    b.unlock(Tid(70), Tid(80)).unwrap();
+    let t = b.transaction(part(70), Tid(80)).unwrap().unwrap();
+    assert_eq!(t.meta, empty);
+}
+
+/// Only the node given metadata at vote stores the transaction; several votes add up.
+pub(crate) fn metadata_only_on_holders(b: &mut dyn Backend) {
+    let objs = [store(b, 1, b"one")];
+    b.vote(Tid(70), &with_parts(&objs), None).unwrap();
+    b.lock(Tid(70), Tid(80)).unwrap();
+    b.unlock(Tid(70), Tid(80)).unwrap();
+    assert_eq!(latest(b, 1).serial, Tid(80));
+    for p in 0..NP {
+        assert_eq!(b.transaction(p, Tid(80)).unwrap(), None);
+    }
+    assert_eq!(b.final_tid(Tid(70)).unwrap(), None);
+    assert_eq!(b.last_ids().unwrap(), (None, Some(Oid(1))));
+
+    // Metadata first, then more objects without it: metadata kept.
+    let first = [store(b, 2, b"two")];
+    let second = [store(b, 3, b"three")];
+    let meta = meta_for("bob", &[first[0].clone(), second[0].clone()]);
+    b.vote(Tid(90), &with_parts(&first), Some((part(90), &meta))).unwrap();
+    b.vote(Tid(90), &with_parts(&second), None).unwrap();
+    b.lock(Tid(90), Tid(95)).unwrap();
+    b.unlock(Tid(90), Tid(95)).unwrap();
+    assert_eq!(latest(b, 2).serial, Tid(95));
+    assert_eq!(latest(b, 3).serial, Tid(95));
+    assert_eq!(b.transaction(part(90), Tid(95)).unwrap().unwrap().meta, meta);
+
+    // Objects first, metadata later.
+    let first = [store(b, 4, b"four")];
+    let second = [store(b, 5, b"five")];
+    let meta = meta_for("carol", &[first[0].clone(), second[0].clone()]);
+    b.vote(Tid(110), &with_parts(&first), None).unwrap();
+    b.vote(Tid(110), &with_parts(&second), Some((part(110), &meta))).unwrap();
+    b.lock(Tid(110), Tid(120)).unwrap();
+    b.unlock(Tid(110), Tid(120)).unwrap();
+    assert_eq!(latest(b, 4).data, b"four");
+    assert_eq!(latest(b, 5).data, b"five");
+    let t = b.transaction(part(110), Tid(120)).unwrap().unwrap();
+    assert_eq!((t.ttid, t.meta), (Tid(110), meta));
+    assert_eq!(b.final_tid(Tid(110)).unwrap(), Some(Tid(120)));
+
+    // Metadata only, no object on this node.
+    let meta = TxnMeta { oids: vec![Oid(42)], ..meta_for("dave", &[]) };
+    b.vote(Tid(130), &[], Some((part(130), &meta))).unwrap();
+    b.lock(Tid(130), Tid(140)).unwrap();
+    b.unlock(Tid(130), Tid(140)).unwrap();
+    assert_eq!(b.transaction(part(130), Tid(140)).unwrap().unwrap().meta, meta);
+}
+
+/// Abort drops temporary data and the data rows nothing else uses.
+pub(crate) fn abort_prunes(b: &mut dyn Backend) {
+    commit(b, 100, &[(1, Some(b"shared"))]);
+    let objs = [store(b, 2, b"shared"), store(b, 3, b"unique"), deletion(4)];
+    let (shared_id, unique_id) = (objs[0].data_id.unwrap(), objs[1].data_id.unwrap());
+    let meta = meta_for("eve", &objs);
+    b.vote(Tid(200), &with_parts(&objs), Some((part(200), &meta))).unwrap();
+    assert_eq!(b.last_ids().unwrap().1, Some(Oid(4)));
+    b.abort(Tid(200)).unwrap();
+    assert!(b.locked_transactions().unwrap().is_empty());
+    for oid in [2, 3, 4] {
+        assert_eq!(load(b, oid, None, None), Load::DoesNotExist);
+    }
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(100)), Some(Oid(1))));
+    assert_eq!(latest(b, 1).data, b"shared");
+    assert!(data_row_is(b, b"shared", shared_id), "data shared with a committed object was deleted");
+    assert!(!data_row_is(b, b"unique", unique_id), "unreferenced data row survived abort");
+    // Abort after unlock, or of an unknown ttid: no-op.
+    b.abort(Tid(99)).unwrap();
+    b.abort(Tid(12345)).unwrap();
+    assert_eq!(latest(b, 1).data, b"shared");
+
+    // Data stored by a transaction that has not voted yet survives other aborts...
+    let pending = b.store_data(0, &sha1(b"pending"), 0, b"pending").unwrap();
+    b.abort(Tid(300)).unwrap();
+    assert!(data_row_is(b, b"pending", pending));
+    // ...and is removed once nothing is in flight any more.
+    b.drop_unfinished().unwrap();
+    assert!(!data_row_is(b, b"pending", pending));
+    assert_eq!(latest(b, 1).data, b"shared");
+}
+
+/// Two transactions get the same deduplicated row; aborting the first keeps it for the second.
+pub(crate) fn shared_data_survives_abort(b: &mut dyn Backend) {
+    let t1 = [store(b, 1, b"dup")];
+    let t2 = [store(b, 2, b"dup")];
+    assert_eq!(t1[0].data_id, t2[0].data_id);
+    b.vote(Tid(10), &with_parts(&t1), None).unwrap();
+    b.abort(Tid(10)).unwrap();
+    b.vote(Tid(20), &with_parts(&t2), None).unwrap();
+    // Also after both voted: aborting one keeps the row referenced by the other.
+    let t3 = [store(b, 3, b"dup")];
+    b.vote(Tid(30), &with_parts(&t3), None).unwrap();
+    b.abort(Tid(30)).unwrap();
+    b.lock(Tid(20), Tid(25)).unwrap();
+    b.unlock(Tid(20), Tid(25)).unwrap();
+    let r = latest(b, 2);
+    assert_eq!((r.serial, r.data.as_slice()), (Tid(25), &b"dup"[..]));
+    assert_eq!(load(b, 1, None, None), Load::DoesNotExist);
+    assert_eq!(load(b, 3, None, None), Load::DoesNotExist);
+}
+
+/// locked_transactions lists voted and locked transactions; final_tid finds committed ones.
+pub(crate) fn locked_and_final(b: &mut dyn Backend) {
+    assert!(b.locked_transactions().unwrap().is_empty());
+    let o1 = [store(b, 1, b"a")];
+    b.vote(Tid(10), &with_parts(&o1), None).unwrap();
+    let o2 = [store(b, 2, b"b")];
+    let m2 = meta_for("m2", &o2);
+    b.vote(Tid(20), &with_parts(&o2), Some((part(20), &m2))).unwrap();
+    b.lock(Tid(20), Tid(25)).unwrap();
+    // Lock without a vote on this node (its objects are elsewhere): still recorded.
+    b.lock(Tid(30), Tid(35)).unwrap();
+    assert_eq!(
+        sorted_locked(b),
+        vec![(Tid(10), None), (Tid(20), Some(Tid(25))), (Tid(30), Some(Tid(35)))]
+    );
+    b.unlock(Tid(20), Tid(25)).unwrap();
+    assert_eq!(b.final_tid(Tid(20)).unwrap(), Some(Tid(25)));
+    assert_eq!(b.final_tid(Tid(10)).unwrap(), None);
+    assert_eq!(b.final_tid(Tid(25)).unwrap(), None);
+    assert_eq!(sorted_locked(b), vec![(Tid(10), None), (Tid(30), Some(Tid(35)))]);
+    b.unlock(Tid(30), Tid(35)).unwrap();
+    b.abort(Tid(10)).unwrap();
+    assert!(b.locked_transactions().unwrap().is_empty());
+    // Large TIDs (the largest storable one).
+    let o = [store(b, 3, b"c")];
+    let m = meta_for("max", &o);
+    b.vote(Tid(Tid::MAX.0 - 1), &with_parts(&o), Some((0, &m))).unwrap();
+    b.lock(Tid(Tid::MAX.0 - 1), Tid::MAX).unwrap();
+    assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(Tid::MAX.0 - 1), Some(Tid::MAX))]);
+    b.unlock(Tid(Tid::MAX.0 - 1), Tid::MAX).unwrap();
+    assert_eq!(b.final_tid(Tid(Tid::MAX.0 - 1)).unwrap(), Some(Tid::MAX));
+    assert_eq!(latest(b, 3).serial, Tid::MAX);
+    assert_eq!(found(load(b, 3, None, Some(u64::MAX))).serial, Tid::MAX);
+    assert_eq!(found(load(b, 3, Some(Tid::MAX.0), None)).serial, Tid::MAX);
+    assert_eq!(b.last_ids().unwrap().0, Some(Tid::MAX));
+}
+
+/// drop_unfinished forgets voted-only transactions and keeps locked ones.
+pub(crate) fn drop_unfinished(b: &mut dyn Backend) {
+    commit(b, 5, &[(1, Some(b"base"))]);
+    let o1 = [store(b, 1000, b"unfinished"), store(b, 1, b"unfinished-1")];
+    b.vote(Tid(10), &with_parts(&o1), Some((part(10), &meta_for("u", &o1)))).unwrap();
+    let o2 = [store(b, 8, b"locked")];
+    let m2 = meta_for("l", &o2);
+    b.vote(Tid(20), &with_parts(&o2), Some((part(20), &m2))).unwrap();
+    b.lock(Tid(20), Tid(25)).unwrap();
+    assert_eq!(b.last_ids().unwrap().1, Some(Oid(1000)));
+
+    b.drop_unfinished().unwrap();
+    assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(20), Some(Tid(25)))]);
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(5)), Some(Oid(8))));
+    assert_eq!(load(b, 1000, None, None), Load::DoesNotExist);
+    assert_eq!(latest(b, 1).data, b"base");
+    assert!(!data_row_is(b, b"unfinished", o1[0].data_id.unwrap()));
+
+    b.unlock(Tid(20), Tid(25)).unwrap();
+    assert_eq!(latest(b, 8).data, b"locked");
+    assert_eq!(b.transaction(part(20), Tid(25)).unwrap().unwrap().meta, m2);
+    assert!(b.locked_transactions().unwrap().is_empty());
+    b.drop_unfinished().unwrap();
+    assert_eq!(latest(b, 8).data, b"locked");
+    assert_eq!(latest(b, 1).data, b"base");
+}
+
+/// save_pt / load_pt round trip (cell order within a row is not significant).
+pub(crate) fn partition_table(b: &mut dyn Backend) {
+    assert_eq!(b.load_pt().unwrap(), None);
+    let mut pt = PartitionTable::make(5, 1, &[s(1), s(2), s(3)]).unwrap();
+    pt.commit_changes(&[
+        CellChange { partition: 0, nid: s(1), state: CellState::OutOfDate },
+        CellChange { partition: 1, nid: s(3), state: CellState::Feeding },
+        CellChange { partition: 2, nid: s(2), state: CellState::Corrupted },
+        CellChange { partition: 4, nid: Nid(0x7fff_ffff), state: CellState::OutOfDate },
+    ]);
+    b.save_pt(&pt).unwrap();
+    let loaded = b.load_pt().unwrap().unwrap();
+    assert_eq!(sorted_pt(&loaded), sorted_pt(&pt));
+    assert_eq!(loaded.ptid, Ptid(2));
+
+    // Replacing with a smaller table with empty rows.
+    let mut empty = PartitionTable::new(3, 2);
+    empty.ptid = Ptid(7);
+    b.save_pt(&empty).unwrap();
+    assert_eq!(b.load_pt().unwrap(), Some(empty));
+
+    // Large ptid, one cell.
+    let one = PartitionTable::from_rows(
+        Ptid(u64::MAX),
+        0,
+        vec![vec![Cell { nid: s(9), state: CellState::UpToDate }]],
+    )
+    .unwrap();
+    b.save_pt(&one).unwrap();
+    assert_eq!(b.load_pt().unwrap(), Some(one));
+}
+
+/// last_ids covers committed transactions and committed and voted oids.
+pub(crate) fn last_ids(b: &mut dyn Backend) {
+    assert_eq!(b.last_ids().unwrap(), (None, None));
+    commit(b, 100, &[(3, Some(b"x"))]);
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(100)), Some(Oid(3))));
+    commit(b, 150, &[(2, Some(b"y")), (1, None)]);
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(150)), Some(Oid(3))));
+    // Voted only: oid counted, tid not.
+    let o = [store(b, 9, b"z")];
+    b.vote(Tid(200), &with_parts(&o), Some((part(200), &meta_for("v", &o)))).unwrap();
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(150)), Some(Oid(9))));
+    b.lock(Tid(200), Tid(210)).unwrap();
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(150)), Some(Oid(9))));
+    b.unlock(Tid(200), Tid(210)).unwrap();
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(210)), Some(Oid(9))));
+    // Every partition counts, whichever has the highest values.
+    commit(b, 300, &[(4, Some(b"w"))]);
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(300)), Some(Oid(9))));
+    let o = [store(b, 17, b"q")];
+    b.vote(Tid(400), &with_parts(&o), None).unwrap();
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(300)), Some(Oid(17))));
+    b.abort(Tid(400)).unwrap();
+    assert_eq!(b.last_ids().unwrap(), (Some(Tid(300)), Some(Oid(9))));
+}
+
+/// Configuration keys: set, overwrite, delete.
+pub(crate) fn config(b: &mut dyn Backend) {
+    assert_eq!(b.get_config("nid").unwrap(), None);
+    b.set_config("nid", Some("S1")).unwrap();
+    assert_eq!(b.get_config("nid").unwrap().as_deref(), Some("S1"));
+    b.set_config("nid", Some("S2")).unwrap();
+    assert_eq!(b.get_config("nid").unwrap().as_deref(), Some("S2"));
+    b.set_config("other", Some("")).unwrap();
+    assert_eq!(b.get_config("other").unwrap().as_deref(), Some(""));
+    b.set_config("nid", None).unwrap();
+    assert_eq!(b.get_config("nid").unwrap(), None);
+    assert_eq!(b.get_config("other").unwrap().as_deref(), Some(""));
+    b.set_config("missing", None).unwrap();
+    b.set_config("unicode", Some("clüster ✓")).unwrap();
+    assert_eq!(b.get_config("unicode").unwrap().as_deref(), Some("clüster ✓"));
+    // The cluster name is stored at open.
+    assert_eq!(b.get_config("name").unwrap().as_deref(), Some(CLUSTER));
+}
+
+/// Records of 0 B, 1 B, 1 MiB and 20 MiB are stored and loaded intact.
+pub(crate) fn record_sizes(b: &mut dyn Backend) {
+    let sizes = [0usize, 1, 1 << 20, 20 << 20];
+    let datas: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|n| (0..*n).map(|i| (i.wrapping_mul(7) % 251) as u8).collect())
+        .collect();
+    let objs: Vec<TempObject> = datas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| store(b, 10 + i as u64, d))
+        .collect();
+    commit_objects(b, 100, &objs);
+    for (i, d) in datas.iter().enumerate() {
+        let r = latest(b, 10 + i as u64);
+        assert_eq!(r.data.len(), d.len());
+        assert!(r.data == *d, "record of {} bytes differs", d.len());
+        assert_eq!(r.checksum, sha1(d));
+    }
+    // A compressed record keeps its compression flag.
+    let z = b"x\x9c\x03\x00\x00\x00\x00\x01";
+    let id = b.store_data(0, &sha1(z), 1, z).unwrap();
+    commit_objects(b, 200, &[TempObject { oid: Oid(20), data_id: Some(id), data_serial: None }]);
+    let r = latest(b, 20);
+    assert_eq!((r.compression, r.data.as_slice()), (1, &z[..]));
+}
+
+// --- checks that reopen the database
+
+/// Everything committed or locked survives closing and reopening the database.
+pub(crate) fn restart(open: Open<'_>) {
+    let pt = PartitionTable::make(NP, 0, &[s(1)]).unwrap();
+    {
+        let mut b = open(CLUSTER).unwrap();
+        commit(&mut *b, 100, &[(1, Some(b"one"))]);
+        let o2 = [store(&mut *b, 2, b"two")];
+        let m2 = meta_for("two", &o2);
+        b.vote(Tid(200), &with_parts(&o2), Some((part(200), &m2))).unwrap();
+        b.lock(Tid(200), Tid(210)).unwrap();
+        let o3 = [store(&mut *b, 3, b"three")];
+        b.vote(Tid(300), &with_parts(&o3), None).unwrap();
+        b.save_pt(&pt).unwrap();
+        b.set_config("nid", Some("S1")).unwrap();
+        // Stored but never voted: lost.
+        b.store_data(0, &sha1(b"orphan"), 0, b"orphan").unwrap();
+    }
+    {
+        let mut b = open(CLUSTER).unwrap();
+        assert_eq!(latest(&mut *b, 1).data, b"one");
+        assert_eq!(b.transaction(part(99), Tid(100)).unwrap().unwrap().ttid, Tid(99));
+        assert_eq!(sorted_locked(&mut *b), vec![(Tid(200), Some(Tid(210))), (Tid(300), None)]);
+        assert_eq!(b.last_ids().unwrap(), (Some(Tid(100)), Some(Oid(3))));
+        assert_eq!(b.load_pt().unwrap().map(|p| sorted_pt(&p)), Some(sorted_pt(&pt)));
+        assert_eq!(b.get_config("nid").unwrap().as_deref(), Some("S1"));
+        assert_eq!(b.get_config("name").unwrap().as_deref(), Some(CLUSTER));
+        b.drop_unfinished().unwrap();
+        assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(200), Some(Tid(210)))]);
+        b.unlock(Tid(200), Tid(210)).unwrap();
+        assert_eq!(latest(&mut *b, 2).data, b"two");
+        assert_eq!(load(&mut *b, 3, None, None), Load::DoesNotExist);
+    }
+    {
+        let mut b = open(CLUSTER).unwrap();
+        assert_eq!(latest(&mut *b, 2).serial, Tid(210));
+        assert_eq!(b.final_tid(Tid(200)).unwrap(), Some(Tid(210)));
+        assert!(b.locked_transactions().unwrap().is_empty());
+        assert_eq!(b.last_ids().unwrap(), (Some(Tid(210)), Some(Oid(2))));
+    }
+}
+
+/// A database belongs to the cluster that created it.
+pub(crate) fn wrong_cluster(open: Open<'_>) {
+    drop(open("alpha").unwrap());
+    match open("beta") {
+        Err(BackendError::WrongCluster { found, expected }) => {
+            assert_eq!((found.as_str(), expected.as_str()), ("alpha", "beta"))
+        }
+        Err(e) => panic!("expected WrongCluster, got {e}"),
+        Ok(_) => panic!("expected WrongCluster, got a backend"),
+    }
+    let mut b = open("alpha").unwrap();
+    assert_eq!(b.get_config("name").unwrap().as_deref(), Some("alpha"));
+}
+
+/// A database written by a newer program is refused.
+pub(crate) fn schema_too_new(open: Open<'_>, raw: RawSql<'_>) {
+    drop(open(CLUSTER).unwrap());
+    raw("UPDATE config SET value = '99' WHERE name = 'version'");
+    match open(CLUSTER) {
+        Err(BackendError::SchemaTooNew { found, supported }) => {
+            assert_eq!(found, 99);
+            assert!(supported < 99);
+        }
+        Err(e) => panic!("expected SchemaTooNew, got {e}"),
+        Ok(_) => panic!("expected SchemaTooNew, got a backend"),
+    }
+}
+
+/// Garbage in the database is reported as `Corrupt`, naming what is wrong, never a panic.
+pub(crate) fn corrupt_rows(open: Open<'_>, raw: RawSql<'_>) {
+    let mut b = open(CLUSTER).unwrap();
+    let b = &mut *b;
+    commit(
+        b,
+        100,
+        &[(1, Some(b"d1")), (2, Some(b"d2")), (3, Some(b"d3")), (4, Some(b"d4")), (5, Some(b"d5"))],
+    );
+    let data_of = |oid: u64| format!("(SELECT data_id FROM obj WHERE oid = {oid})");
+
+    raw(&format!("UPDATE data SET hash = X'010203' WHERE id = {}", data_of(1)));
+    assert_corrupt(b.load(part(1), Oid(1), None, None), &Oid(1).to_string());
+    raw(&format!("UPDATE data SET compression = 7 WHERE id = {}", data_of(2)));
+    assert_corrupt(b.load(part(2), Oid(2), Some(Tid(100)), None), &Oid(2).to_string());
+    raw("UPDATE obj SET data_id = 987654321 WHERE oid = 3");
+    assert_corrupt(b.load(part(3), Oid(3), None, Some(Tid(200))), &Oid(3).to_string());
+    raw("UPDATE obj SET value_tid = -5 WHERE oid = 4");
+    assert_corrupt(b.load(part(4), Oid(4), None, None), &Oid(4).to_string());
+    // The others still load.
+    assert_eq!(latest(b, 5).data, b"d5");
+
+    raw("UPDATE trans SET oids = X'0102030405' WHERE tid = 100");
+    assert_corrupt(b.transaction(part(99), Tid(100)), &Tid(100).to_string());
+
+    let pt = PartitionTable::make(NP, 0, &[s(1)]).unwrap();
+    b.save_pt(&pt).unwrap();
+    raw("UPDATE pt SET state = 42 WHERE partition = 1");
+    assert_corrupt(b.load_pt(), "state");
+    b.save_pt(&pt).unwrap();
+    raw("UPDATE pt SET partition = 77 WHERE partition = 2");
+    assert_corrupt(b.load_pt(), "partition");
+    b.save_pt(&pt).unwrap();
+    raw("UPDATE config SET value = 'many' WHERE name = 'partitions'");
+    assert_corrupt(b.load_pt(), "partitions");
+
+    b.lock(Tid(500), Tid(510)).unwrap();
+    raw("UPDATE ttrans SET tid = -1 WHERE ttid = 500");
+    assert_corrupt(b.locked_transactions(), &Tid(500).to_string());
+}
+
+// --- SQLite
+
+mod sqlite {
+    use super::*;
+    use crate::backend::sqlite::SqliteBackend;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    fn memory() -> Box<dyn Backend> {
+        Box::new(SqliteBackend::open(Path::new(":memory:"), CLUSTER).unwrap())
+    }
+
+    /// A database file in a temporary directory.
+    struct FileDb {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    }
+
+    impl FileDb {
+        fn new() -> FileDb {
+            let dir = tempfile::TempDir::new().unwrap();
+            let path = dir.path().join("neo.sqlite");
+            FileDb { _dir: dir, path }
+        }
+        fn open(&self, cluster: &str) -> Result<Box<dyn Backend>> {
+            SqliteBackend::open(&self.path, cluster).map(|b| Box::new(b) as Box<dyn Backend>)
+        }
+        fn backend(&self) -> Box<dyn Backend> {
+            self.open(CLUSTER).unwrap()
+        }
+        fn raw(&self, sql: &str) {
+            let c = rusqlite::Connection::open(&self.path).unwrap();
+            c.busy_timeout(Duration::from_secs(10)).unwrap();
+            c.execute_batch(sql).unwrap();
+        }
+    }
+
+    /// Run each fresh-backend check on an in-memory and on a file database.
+    macro_rules! fresh {
+        ($($name:ident),* $(,)?) => {
+            mod memory {
+                $(#[test] fn $name() { super::super::$name(&mut *super::memory()); })*
+            }
+            mod file {
+                $(#[test] fn $name() {
+                    let db = super::FileDb::new();
+                    super::super::$name(&mut *db.backend());
+                })*
+            }
+        };
+    }
+
+    fresh!(
+        load_revisions,
+        deletion_and_back_pointer,
+        dedup,
+        commit_visibility,
+        metadata_only_on_holders,
+        abort_prunes,
+        shared_data_survives_abort,
+        locked_and_final,
+        drop_unfinished,
+        partition_table,
+        last_ids,
+        config,
+        record_sizes,
+    );
+
+    #[test]
+    fn restart() {
+        let db = FileDb::new();
+        super::restart(&|c| db.open(c));
+    }
+
+    #[test]
+    fn wrong_cluster() {
+        let db = FileDb::new();
+        super::wrong_cluster(&|c| db.open(c));
+    }
+
+    #[test]
+    fn schema_too_new() {
+        let db = FileDb::new();
+        super::schema_too_new(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    #[test]
+    fn corrupt_rows() {
+        let db = FileDb::new();
+        super::corrupt_rows(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    // --- SQLite specifics
+
+    /// Data of a transaction aborted before it voted goes once the node releases it.
+    #[test]
+    fn release_then_abort_prunes() {
+        let mut b = SqliteBackend::open(Path::new(":memory:"), CLUSTER).unwrap();
+        let id = b.store_data(0, &sha1(b"x"), 0, b"x").unwrap();
+        b.abort(Tid(1)).unwrap();
+        assert!(data_row_is(&mut b, b"x", id)); // now held twice
+        b.release(&[id]);
+        b.abort(Tid(1)).unwrap();
+        assert!(data_row_is(&mut b, b"x", id), "row pruned while still held");
+        b.release(&[id, id]);
+        b.abort(Tid(1)).unwrap();
+        assert!(!data_row_is(&mut b, b"x", id), "released row not pruned");
+        // Releasing unknown ids is harmless.
+        b.release(&[12345]);
+        b.abort(Tid(1)).unwrap();
+    }
+
+    /// Values of the wrong SQL type are corruption too.
+    #[test]
+    fn wrong_types_are_corrupt() {
+        let db = FileDb::new();
+        let mut b = db.backend();
+        commit(&mut *b, 100, &[(1, Some(b"a")), (2, Some(b"b")), (3, Some(b"c"))]);
+        db.raw("UPDATE obj SET data_id = 'garbage' WHERE oid = 1");
+        assert_corrupt(b.load(part(1), Oid(1), None, None), &Oid(1).to_string());
+        db.raw("UPDATE data SET value = 'text' WHERE id = (SELECT data_id FROM obj WHERE oid = 2)");
+        assert_corrupt(b.load(part(2), Oid(2), None, None), &Oid(2).to_string());
+        db.raw("UPDATE trans SET packed = 3");
+        assert_corrupt(b.transaction(part(99), Tid(100)), "packed");
+        assert_eq!(latest(&mut *b, 3).data, b"c");
+    }
+
+    #[test]
+    fn file_uses_wal_and_reopens() {
+        let db = FileDb::new();
+        drop(db.backend());
+        let c = rusqlite::Connection::open(&db.path).unwrap();
+        let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode.to_ascii_lowercase(), "wal");
+        let version: String = c
+            .query_row("SELECT value FROM config WHERE name = 'version'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, crate::backend::sqlite::SCHEMA_VERSION.to_string());
+        drop(c);
+        let mut b = db.backend();
+        assert_eq!(b.engine(), "SQLite");
+        assert_eq!(b.get_config("name").unwrap().as_deref(), Some(CLUSTER));
+    }
+
+    #[test]
+    fn store_data_rejects_bad_arguments() {
+        let mut b = memory();
+        assert!(b.store_data(0, b"short", 0, b"x").is_err());
+        assert!(b.store_data(0, &sha1(b"x"), 7, b"x").is_err());
+    }
+}
