@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use std::fmt;
 
 /// Why a command failed. Every failure exits with status 1 (usage errors, 2, are clap's).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CtlError {
     /// Connection refused, TLS failure, connection closed...
     Unreachable { addr: String, reason: String },

@@ -67,6 +67,8 @@ struct Inner {
     closed: CancellationToken,
     peer: String,
     conn_id: u64,
+    /// Requests/notifications handed to `Incoming` so far (see `delivered`).
+    delivered: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -97,6 +99,7 @@ impl Link {
             closed: CancellationToken::new(),
             peer,
             conn_id,
+            delivered: AtomicU64::new(0),
         }));
         let span = tracing::debug_span!("link", conn = conn_id, peer = %link.0.peer);
         tokio::spawn(writer(w, out_rx, link.0.closed.clone()).instrument(span.clone()));
@@ -109,6 +112,12 @@ impl Link {
     }
     pub fn conn_id(&self) -> u64 {
         self.0.conn_id
+    }
+    /// Number of requests/notifications received and queued on `Incoming` so far. An answer
+    /// is routed only after everything received before it was counted here, so a consumer that
+    /// has processed this many messages has seen everything sent before that answer.
+    pub fn delivered(&self) -> u64 {
+        self.0.delivered.load(Ordering::Acquire)
     }
     pub fn is_closed(&self) -> bool {
         self.0.closed.is_cancelled()
@@ -261,6 +270,7 @@ async fn reader<R: AsyncRead + Unpin>(mut r: FrameReader<R>, in_tx: mpsc::Sender
                 }
             } else {
                 let req = Request { id: p.id, body };
+                link.0.delivered.fetch_add(1, Ordering::AcqRel);
                 tokio::select! {
                     _ = closed.cancelled() => return Ok(()),
                     r = in_tx.send(req) => if r.is_err() { return Ok(()) },

@@ -14,7 +14,9 @@
 //! `synchronous=NORMAL` (no fsync): its rows become durable with the following `vote`, whose
 //! FULL commit syncs the whole write-ahead log.
 
-use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
+use super::{
+    Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta,
+};
 use neo_lib::pt::{Cell, PartitionTable};
 use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
 use rusqlite::types::ValueRef;
@@ -114,7 +116,12 @@ fn id64(v: u64) -> i64 {
 // --- column readers: validate what the database returns instead of trusting it. `what` names
 // the row for error messages; it is only evaluated on error.
 
-fn col_opt_int(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<i64>> {
+fn col_opt_int(
+    row: &Row<'_>,
+    idx: usize,
+    col: &str,
+    what: &dyn Fn() -> String,
+) -> Result<Option<i64>> {
     match row.get_ref(idx).map_err(db)? {
         ValueRef::Null => Ok(None),
         ValueRef::Integer(v) => Ok(Some(v)),
@@ -127,17 +134,28 @@ fn col_opt_int(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) 
 }
 
 fn col_int(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<i64> {
-    col_opt_int(row, idx, col, what)?.ok_or_else(|| corrupt(format!("{}: column {col} is NULL", what())))
+    col_opt_int(row, idx, col, what)?
+        .ok_or_else(|| corrupt(format!("{}: column {col} is NULL", what())))
 }
 
 fn tid_of(v: i64, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
-    u64::try_from(v)
-        .map(Tid)
-        .map_err(|_| corrupt(format!("{}: column {col} holds a negative TID ({v})", what())))
+    u64::try_from(v).map(Tid).map_err(|_| {
+        corrupt(format!(
+            "{}: column {col} holds a negative TID ({v})",
+            what()
+        ))
+    })
 }
 
-fn col_opt_tid(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<Tid>> {
-    col_opt_int(row, idx, col, what)?.map(|v| tid_of(v, col, what)).transpose()
+fn col_opt_tid(
+    row: &Row<'_>,
+    idx: usize,
+    col: &str,
+    what: &dyn Fn() -> String,
+) -> Result<Option<Tid>> {
+    col_opt_int(row, idx, col, what)?
+        .map(|v| tid_of(v, col, what))
+        .transpose()
 }
 
 fn col_tid(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
@@ -145,7 +163,13 @@ fn col_tid(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> R
 }
 
 /// A BLOB column; with `lenient`, TEXT is taken as bytes and NULL as empty (metadata columns).
-fn col_blob(row: &Row<'_>, idx: usize, col: &str, lenient: bool, what: &dyn Fn() -> String) -> Result<Vec<u8>> {
+fn col_blob(
+    row: &Row<'_>,
+    idx: usize,
+    col: &str,
+    lenient: bool,
+    what: &dyn Fn() -> String,
+) -> Result<Vec<u8>> {
     match row.get_ref(idx).map_err(db)? {
         ValueRef::Blob(b) => Ok(b.to_vec()),
         ValueRef::Text(t) if lenient => Ok(t.to_vec()),
@@ -163,7 +187,7 @@ fn encode_oids(oids: &[Oid]) -> Vec<u8> {
 }
 
 fn decode_oids(blob: &[u8], what: &dyn Fn() -> String) -> Result<Vec<Oid>> {
-    if blob.len() % 8 != 0 {
+    if !blob.len().is_multiple_of(8) {
         return Err(corrupt(format!(
             "{}: oid list of {} bytes is not a multiple of 8",
             what(),
@@ -239,7 +263,11 @@ impl SqliteBackend {
             .map_err(db)?;
         conn.set_prepared_statement_cache_capacity(64);
         Self::init_schema(&mut conn, cluster)?;
-        Ok(SqliteBackend { conn, held: HashMap::new(), released: HashSet::new() })
+        Ok(SqliteBackend {
+            conn,
+            held: HashMap::new(),
+            released: HashSet::new(),
+        })
     }
 
     /// Create or upgrade the schema and check the cluster name, in one transaction (rolled back
@@ -257,7 +285,9 @@ impl SqliteBackend {
             .map_err(db)?;
         let version = if has_config {
             let v: Option<String> = tx
-                .query_row("SELECT value FROM config WHERE name='version'", [], |r| r.get(0))
+                .query_row("SELECT value FROM config WHERE name='version'", [], |r| {
+                    r.get(0)
+                })
                 .optional()
                 .map_err(db)?
                 .flatten();
@@ -271,15 +301,19 @@ impl SqliteBackend {
             0
         };
         if version > SCHEMA_VERSION {
-            return Err(BackendError::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
+            return Err(BackendError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
         }
         if version > 0 {
             // Check the cluster before touching anything.
             check_cluster(&tx, cluster)?;
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_batch(sql)
-                .map_err(|e| BackendError::Db(format!("schema migration to version {}: {e}", i + 1)))?;
+            tx.execute_batch(sql).map_err(|e| {
+                BackendError::Db(format!("schema migration to version {}: {e}", i + 1))
+            })?;
         }
         if version < SCHEMA_VERSION {
             tx.execute(
@@ -307,7 +341,11 @@ impl SqliteBackend {
     }
 
     /// Delete the data rows among `ids` that are neither held nor referenced by obj or tobj.
-    fn prune(tx: &Connection, held: &HashMap<DataId, u32>, ids: impl IntoIterator<Item = DataId>) -> Result<()> {
+    fn prune(
+        tx: &Connection,
+        held: &HashMap<DataId, u32>,
+        ids: impl IntoIterator<Item = DataId>,
+    ) -> Result<()> {
         let mut stmt = tx
             .prepare_cached(
                 "DELETE FROM data WHERE id = ?1
@@ -345,17 +383,23 @@ impl SqliteBackend {
 
 fn check_cluster(conn: &Connection, cluster: &str) -> Result<()> {
     let found: Option<Option<String>> = conn
-        .query_row("SELECT value FROM config WHERE name='name'", [], |r| r.get(0))
+        .query_row("SELECT value FROM config WHERE name='name'", [], |r| {
+            r.get(0)
+        })
         .optional()
         .map_err(db)?;
     match found.flatten() {
-        Some(found) if found != cluster => {
-            Err(BackendError::WrongCluster { found, expected: cluster.to_string() })
-        }
+        Some(found) if found != cluster => Err(BackendError::WrongCluster {
+            found,
+            expected: cluster.to_string(),
+        }),
         Some(_) => Ok(()),
         None => {
-            conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES ('name', ?1)", [cluster])
-                .map_err(db)?;
+            conn.execute(
+                "INSERT OR REPLACE INTO config (name, value) VALUES ('name', ?1)",
+                [cluster],
+            )
+            .map_err(db)?;
             Ok(())
         }
     }
@@ -366,25 +410,32 @@ fn config_value(conn: &Connection, key: &str) -> Result<Option<String>> {
         .prepare_cached("SELECT value FROM config WHERE name = ?1")
         .map_err(db)?;
     let mut rows = stmt.query([key]).map_err(db)?;
-    let Some(row) = rows.next().map_err(db)? else { return Ok(None) };
+    let Some(row) = rows.next().map_err(db)? else {
+        return Ok(None);
+    };
     match row.get_ref(0).map_err(db)? {
         ValueRef::Null => Ok(None),
         ValueRef::Text(t) => String::from_utf8(t.to_vec())
             .map(Some)
             .map_err(|_| corrupt(format!("config {key:?}: value is not UTF-8"))),
         ValueRef::Integer(i) => Ok(Some(i.to_string())),
-        other => Err(corrupt(format!("config {key:?}: value holds a {} value", other.data_type()))),
+        other => Err(corrupt(format!(
+            "config {key:?}: value holds a {} value",
+            other.data_type()
+        ))),
     }
 }
 
 fn parse_config<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<T> {
-    let v = config_value(conn, key)?.ok_or_else(|| corrupt(format!("config {key:?} is missing")))?;
+    let v =
+        config_value(conn, key)?.ok_or_else(|| corrupt(format!("config {key:?} is missing")))?;
     v.parse()
         .map_err(|_| corrupt(format!("config {key:?}: invalid value {v:?}")))
 }
 
 /// Load statements: `tid` condition none / `= at` / `< before` / both.
-const LOAD_COLUMNS: &str = "SELECT o.tid, o.data_id, o.value_tid, d.id, d.hash, d.compression, d.value,
+const LOAD_COLUMNS: &str =
+    "SELECT o.tid, o.data_id, o.value_tid, d.id, d.hash, d.compression, d.value,
         (SELECT MIN(n.tid) FROM obj n WHERE n.partition = o.partition AND n.oid = o.oid
            AND n.tid > o.tid)
     FROM obj o LEFT JOIN data d ON d.id = o.data_id
@@ -439,13 +490,22 @@ impl Backend for SqliteBackend {
                 let slot = usize::try_from(partition)
                     .ok()
                     .and_then(|p| rows.get_mut(p))
-                    .ok_or_else(|| corrupt(format!("{}: partition out of range (table has {np})", what())))?;
-                let nid = i32::try_from(nid).map_err(|_| corrupt(format!("{}: invalid node id", what())))?;
+                    .ok_or_else(|| {
+                        corrupt(format!(
+                            "{}: partition out of range (table has {np})",
+                            what()
+                        ))
+                    })?;
+                let nid = i32::try_from(nid)
+                    .map_err(|_| corrupt(format!("{}: invalid node id", what())))?;
                 let state = i32::try_from(state)
                     .ok()
                     .and_then(CellState::from_i32)
                     .ok_or_else(|| corrupt(format!("{}: invalid cell state {state}", what())))?;
-                slot.push(Cell { nid: Nid(nid), state });
+                slot.push(Cell {
+                    nid: Nid(nid),
+                    state,
+                });
             }
         }
         tx.commit().map_err(db)?;
@@ -456,22 +516,28 @@ impl Backend for SqliteBackend {
 
     fn save_pt(&mut self, pt: &PartitionTable) -> Result<()> {
         let tx = self.conn.transaction().map_err(db)?;
-        tx.prepare_cached("DELETE FROM pt").map_err(db)?.execute([]).map_err(db)?;
+        tx.prepare_cached("DELETE FROM pt")
+            .map_err(db)?
+            .execute([])
+            .map_err(db)?;
         {
             let mut ins = tx
                 .prepare_cached("INSERT INTO pt (partition, nid, state) VALUES (?1, ?2, ?3)")
                 .map_err(db)?;
             for (p, row) in pt.rows().iter().enumerate() {
                 for cell in row {
-                    ins.execute(params![p as i64, cell.nid.0, cell.state as i32]).map_err(db)?;
+                    ins.execute(params![p as i64, cell.nid.0, cell.state as i32])
+                        .map_err(db)?;
                 }
             }
             let mut cfg = tx
                 .prepare_cached("INSERT OR REPLACE INTO config (name, value) VALUES (?1, ?2)")
                 .map_err(db)?;
             cfg.execute(["ptid", &pt.ptid.0.to_string()]).map_err(db)?;
-            cfg.execute(["replicas", &pt.replicas.to_string()]).map_err(db)?;
-            cfg.execute(["partitions", &pt.np().to_string()]).map_err(db)?;
+            cfg.execute(["replicas", &pt.replicas.to_string()])
+                .map_err(db)?;
+            cfg.execute(["partitions", &pt.np().to_string()])
+                .map_err(db)?;
         }
         tx.commit().map_err(db)
     }
@@ -482,8 +548,8 @@ impl Backend for SqliteBackend {
         // One statement, so one consistent snapshot.
         let mut stmt = self
             .conn
-                .prepare_cached(
-                    "WITH RECURSIVE
+            .prepare_cached(
+                "WITH RECURSIVE
                        tp(p) AS (SELECT MIN(partition) FROM trans
                                  UNION ALL
                                  SELECT (SELECT MIN(partition) FROM trans WHERE partition > p)
@@ -500,17 +566,26 @@ impl Backend for SqliteBackend {
                             FROM op WHERE p IS NOT NULL
                           UNION ALL
                           SELECT MAX(oid) FROM tobj))",
-                )
-                .map_err(db)?;
-            let mut q = stmt.query([]).map_err(db)?;
-            let row = q.next().map_err(db)?.ok_or_else(|| BackendError::Db("last_ids: no row".into()))?;
-            let what = || "last ids".to_string();
-            let tid = col_opt_tid(row, 0, "trans.tid", &what)?;
-            let oid = col_opt_int(row, 1, "oid", &what)?.map(|v| Oid(v as u64));
-            Ok((tid, oid))
+            )
+            .map_err(db)?;
+        let mut q = stmt.query([]).map_err(db)?;
+        let row = q
+            .next()
+            .map_err(db)?
+            .ok_or_else(|| BackendError::Db("last_ids: no row".into()))?;
+        let what = || "last ids".to_string();
+        let tid = col_opt_tid(row, 0, "trans.tid", &what)?;
+        let oid = col_opt_int(row, 1, "oid", &what)?.map(|v| Oid(v as u64));
+        Ok((tid, oid))
     }
 
-    fn load(&mut self, partition: u32, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Load> {
+    fn load(
+        &mut self,
+        partition: u32,
+        oid: Oid,
+        at: Option<Tid>,
+        before: Option<Tid>,
+    ) -> Result<Load> {
         let max = Tid::MAX.0;
         // A `before` beyond the largest storable TID excludes nothing; an `at` beyond it
         // matches nothing (-1 is never a valid stored TID).
@@ -537,7 +612,9 @@ impl Backend for SqliteBackend {
                 (None, Some(before)) => {
                     stmt = self
                         .conn
-                        .prepare_cached(&format!("{LOAD_COLUMNS} AND o.tid < ?3 ORDER BY o.tid DESC LIMIT 1"))
+                        .prepare_cached(&format!(
+                            "{LOAD_COLUMNS} AND o.tid < ?3 ORDER BY o.tid DESC LIMIT 1"
+                        ))
                         .map_err(db)?;
                     stmt.query(params![part, oid64, before.0 as i64])
                 }
@@ -564,7 +641,11 @@ impl Backend for SqliteBackend {
             .map_err(db)?
             .query_row(params![part, oid64], |r| r.get(0))
             .map_err(db)?;
-        Ok(if exists { Load::NotFound } else { Load::DoesNotExist })
+        Ok(if exists {
+            Load::NotFound
+        } else {
+            Load::DoesNotExist
+        })
     }
 
     fn last_serial(&mut self, partition: u32, oid: Oid) -> Result<Option<Tid>> {
@@ -572,7 +653,9 @@ impl Backend for SqliteBackend {
             .conn
             .prepare_cached("SELECT MAX(tid) FROM obj WHERE partition = ?1 AND oid = ?2")
             .map_err(db)?;
-        let mut q = stmt.query(params![i64::from(partition), id64(oid.0)]).map_err(db)?;
+        let mut q = stmt
+            .query(params![i64::from(partition), id64(oid.0)])
+            .map_err(db)?;
         match q.next().map_err(db)? {
             None => Ok(None),
             Some(row) => col_opt_tid(row, 0, "tid", &|| format!("object {oid}")),
@@ -587,8 +670,12 @@ impl Backend for SqliteBackend {
                  WHERE partition = ?1 AND tid = ?2",
             )
             .map_err(db)?;
-        let mut q = stmt.query(params![i64::from(partition), id64(tid.0)]).map_err(db)?;
-        let Some(row) = q.next().map_err(db)? else { return Ok(None) };
+        let mut q = stmt
+            .query(params![i64::from(partition), id64(tid.0)])
+            .map_err(db)?;
+        let Some(row) = q.next().map_err(db)? else {
+            return Ok(None);
+        };
         let what = || format!("transaction {tid} (partition {partition})");
         let packed = match col_int(row, 0, "packed", &what)? {
             0 => false,
@@ -609,7 +696,13 @@ impl Backend for SqliteBackend {
         }))
     }
 
-    fn store_data(&mut self, _partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
+    fn store_data(
+        &mut self,
+        _partition: u32,
+        checksum: &[u8],
+        compression: u32,
+        data: &[u8],
+    ) -> Result<DataId> {
         if checksum.len() != CHECKSUM_LEN {
             return Err(BackendError::Db(format!(
                 "store_data: checksum of {} bytes, expected {CHECKSUM_LEN}",
@@ -617,12 +710,19 @@ impl Backend for SqliteBackend {
             )));
         }
         if compression > 1 {
-            return Err(BackendError::Db(format!("store_data: unknown compression {compression}")));
+            return Err(BackendError::Db(format!(
+                "store_data: unknown compression {compression}"
+            )));
         }
         // No fsync here: the next vote's FULL commit makes this row durable with the WAL.
-        self.conn.execute_batch("PRAGMA synchronous=NORMAL").map_err(db)?;
+        self.conn
+            .execute_batch("PRAGMA synchronous=NORMAL")
+            .map_err(db)?;
         let result = self.insert_data(checksum, compression, data);
-        let restore = self.conn.execute_batch("PRAGMA synchronous=FULL").map_err(db);
+        let restore = self
+            .conn
+            .execute_batch("PRAGMA synchronous=FULL")
+            .map_err(db);
         let id = result?;
         restore?;
         *self.held.entry(id).or_insert(0) += 1;
@@ -630,7 +730,12 @@ impl Backend for SqliteBackend {
         Ok(id)
     }
 
-    fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
+    fn vote(
+        &mut self,
+        ttid: Tid,
+        objects: &[(u32, TempObject)],
+        meta: Option<(u32, &TxnMeta)>,
+    ) -> Result<()> {
         let ttid64 = id64(ttid.0);
         let tx = self.conn.transaction().map_err(db)?;
         {
@@ -740,11 +845,15 @@ impl Backend for SqliteBackend {
         let mut candidates: Vec<DataId> = self.released.iter().copied().collect();
         {
             let mut stmt = tx
-                .prepare_cached("SELECT DISTINCT data_id FROM tobj WHERE tid = ?1 AND data_id IS NOT NULL")
+                .prepare_cached(
+                    "SELECT DISTINCT data_id FROM tobj WHERE tid = ?1 AND data_id IS NOT NULL",
+                )
                 .map_err(db)?;
             let mut q = stmt.query([ttid64]).map_err(db)?;
             while let Some(row) = q.next().map_err(db)? {
-                candidates.push(col_int(row, 0, "data_id", &|| format!("temporary object of {ttid}"))?);
+                candidates.push(col_int(row, 0, "data_id", &|| {
+                    format!("temporary object of {ttid}")
+                })?);
             }
         }
         tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1")
@@ -771,7 +880,8 @@ impl Backend for SqliteBackend {
         while let Some(row) = q.next().map_err(db)? {
             let what = || "temporary transaction".to_string();
             let ttid = col_tid(row, 0, "ttid", &what)?;
-            let final_tid = col_opt_tid(row, 1, "tid", &|| format!("temporary transaction {ttid}"))?;
+            let final_tid =
+                col_opt_tid(row, 1, "tid", &|| format!("temporary transaction {ttid}"))?;
             out.push((ttid, final_tid));
         }
         Ok(out)
@@ -785,16 +895,20 @@ impl Backend for SqliteBackend {
         let mut q = stmt.query([id64(ttid.0)]).map_err(db)?;
         match q.next().map_err(db)? {
             None => Ok(None),
-            Some(row) => col_tid(row, 0, "tid", &|| format!("transaction with ttid {ttid}")).map(Some),
+            Some(row) => {
+                col_tid(row, 0, "tid", &|| format!("transaction with ttid {ttid}")).map(Some)
+            }
         }
     }
 
     fn drop_unfinished(&mut self) -> Result<()> {
         let tx = self.conn.transaction().map_err(db)?;
-        tx.prepare_cached("DELETE FROM tobj WHERE tid IN (SELECT ttid FROM ttrans WHERE tid IS NULL)")
-            .map_err(db)?
-            .execute([])
-            .map_err(db)?;
+        tx.prepare_cached(
+            "DELETE FROM tobj WHERE tid IN (SELECT ttid FROM ttrans WHERE tid IS NULL)",
+        )
+        .map_err(db)?
+        .execute([])
+        .map_err(db)?;
         tx.prepare_cached("DELETE FROM ttrans WHERE tid IS NULL")
             .map_err(db)?
             .execute([])
@@ -844,8 +958,19 @@ fn read_record(row: &Row<'_>, oid: Oid) -> Result<ObjectRecord> {
                 )));
             }
             let compression = compression_of(col_int(row, 5, "compression", &what)?, &what)?;
-            (compression, checksum, col_blob(row, 6, "value", false, &what)?)
+            (
+                compression,
+                checksum,
+                col_blob(row, 6, "value", false, &what)?,
+            )
         }
     };
-    Ok(ObjectRecord { serial, next_serial, compression, checksum, data, data_serial })
+    Ok(ObjectRecord {
+        serial,
+        next_serial,
+        compression,
+        checksum,
+        data,
+        data_serial,
+    })
 }

@@ -1,0 +1,914 @@
+//! The `Client`: master session, storage connections, reads, and two-phase commit.
+
+use crate::cache::Cache;
+use crate::{ClientConfig, ClientError, Result};
+use neo_lib::pt::PartitionTable;
+use neo_lib::{CellState, ClusterState, ErrorCode, Nid, NodeInfo, NodeState, NodeType, Oid, Ptid, Tid};
+use proto::net::{NetConfig, connect_identified, identification};
+use proto::{Body, Incoming, Link, LinkError, expect_answer, msg};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How long a storage that failed is tried last.
+const FAILURE_PENALTY: Duration = Duration::from_secs(600);
+/// OIDs asked from the master at a time.
+const OID_BATCH: u32 = 100;
+const ZERO_HASH: [u8; 20] = [0; 20];
+
+type Callback = Arc<dyn Fn(Tid, &[Oid]) + Send + Sync>;
+
+struct MasterConn {
+    link: Link,
+    /// Messages of this link processed by its pump (for `sync` barriers).
+    processed: watch::Receiver<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    master: Option<MasterConn>,
+    nid: Option<Nid>,
+    pt: Option<PartitionTable>,
+    nodes: HashMap<Nid, NodeInfo>,
+    cluster_state: Option<ClusterState>,
+    last_tid: Tid,
+    storages: HashMap<Nid, Link>,
+    failed: HashMap<Nid, Instant>,
+    oids: VecDeque<Oid>,
+    /// Loads in flight: oid -> (count, tid of an invalidation received meanwhile).
+    loading: HashMap<Oid, (u32, Option<Tid>)>,
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    net: NetConfig,
+    state: Mutex<State>,
+    cache: Mutex<Cache>,
+    callback: Mutex<Option<Callback>>,
+    /// Serializes (re)connections to the master. An async mutex on purpose: it is held while
+    /// connecting, and only protects that sequence.
+    connecting: tokio::sync::Mutex<()>,
+    closed: CancellationToken,
+}
+
+/// A connection to a NEO cluster. Cheap to clone; every clone shares the same connections,
+/// cache and state.
+#[derive(Clone)]
+pub struct Client(Arc<Inner>);
+
+/// Outcome of one store sent to one storage.
+struct StoreOutcome {
+    oid: Oid,
+    nid: Nid,
+    serial: Tid,
+    result: std::result::Result<msg::AnswerStoreObject, LinkError>,
+}
+
+/// A transaction in two-phase commit (from `tpc_begin` to `tpc_finish`/`tpc_abort`).
+pub struct Transaction {
+    ttid: Tid,
+    user: Vec<u8>,
+    description: Vec<u8>,
+    extension: Vec<u8>,
+    /// Stored objects and their new data (None for a deletion), in store order.
+    objects: Vec<(Oid, Option<Arc<Vec<u8>>>)>,
+    stores: JoinSet<StoreOutcome>,
+    /// Storages that locked at least one object or voted.
+    involved: BTreeSet<Nid>,
+    /// Storages contacted (to abort).
+    contacted: BTreeSet<Nid>,
+    /// Storages that failed during this transaction.
+    failed: BTreeSet<Nid>,
+    /// Number of cells that locked each object.
+    locked: HashMap<Oid, usize>,
+    voted: bool,
+    client: Client,
+}
+
+impl Transaction {
+    pub fn ttid(&self) -> Tid {
+        self.ttid
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        self.stores.abort_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn remote(e: LinkError) -> ClientError {
+    match e {
+        LinkError::Remote { code, message } => ClientError::Remote { code, message },
+        other => ClientError::Remote { code: ErrorCode::ProtocolError, message: other.to_string() },
+    }
+}
+
+/// Is this error worth retrying on another storage?
+fn is_storage_failure(e: &LinkError) -> bool {
+    match e {
+        LinkError::Closed(_) => true,
+        LinkError::Remote { code, .. } => matches!(code, ErrorCode::NotReady | ErrorCode::NonReadableCell),
+        LinkError::Unexpected(_) => true,
+    }
+}
+
+pub(crate) fn sha1(data: &[u8]) -> [u8; 20] {
+    let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, data);
+    let mut out = [0u8; 20];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// (compression, bytes to store): zlib when it saves space.
+fn compress(data: &[u8], enabled: bool) -> (u32, Vec<u8>) {
+    if enabled && data.len() > 64 {
+        let mut e = flate2::write::ZlibEncoder::new(Vec::with_capacity(data.len() / 2), flate2::Compression::fast());
+        if e.write_all(data).is_ok() {
+            if let Ok(z) = e.finish() {
+                if z.len() < data.len() {
+                    return (1, z);
+                }
+            }
+        }
+    }
+    (0, data.to_vec())
+}
+
+fn decompress(oid: Oid, compression: u32, data: Vec<u8>) -> Result<Vec<u8>> {
+    match compression {
+        0 => Ok(data),
+        1 => {
+            let mut out = Vec::with_capacity(data.len() * 3);
+            flate2::read::ZlibDecoder::new(&data[..])
+                .read_to_end(&mut out)
+                .map_err(|e| ClientError::Corrupt { oid, msg: format!("cannot decompress: {e}") })?;
+            Ok(out)
+        }
+        c => Err(ClientError::Corrupt { oid, msg: format!("unknown compression {c}") }),
+    }
+}
+
+/// A loaded revision.
+struct Loaded {
+    data: Arc<Vec<u8>>,
+    serial: Tid,
+    next_serial: Option<Tid>,
+}
+
+impl Client {
+    /// Connect to the cluster (retrying until `cfg.connect_timeout`).
+    pub async fn connect(cfg: ClientConfig) -> Result<Client> {
+        let tls = match &cfg.tls {
+            Some(files) => Some(
+                proto::tls::TlsContext::load(files)
+                    .map_err(|e| ClientError::NotConnected { cluster: cfg.cluster.clone(), last: e.to_string() })?,
+            ),
+            None => None,
+        };
+        let net = NetConfig { tls, max_frame: neo_lib::DEFAULT_MAX_FRAME };
+        let cache = Mutex::new(Cache::new(cfg.cache_size));
+        let client = Client(Arc::new(Inner {
+            cfg,
+            net,
+            state: Mutex::new(State::default()),
+            cache,
+            callback: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            closed: CancellationToken::new(),
+        }));
+        client.master().await?;
+        Ok(client)
+    }
+
+    /// Called (from the client's network task) with each other client's commit: its TID and
+    /// the changed OIDs. Keep it short and non-blocking.
+    pub fn set_invalidation_callback(&self, f: impl Fn(Tid, &[Oid]) + Send + Sync + 'static) {
+        *lock(&self.0.callback) = Some(Arc::new(f));
+    }
+
+    /// Close every connection.
+    pub async fn close(&self) {
+        self.0.closed.cancel();
+        let (master, storages) = {
+            let mut s = lock(&self.0.state);
+            (s.master.take(), std::mem::take(&mut s.storages))
+        };
+        if let Some(m) = master {
+            m.link.close().await;
+        }
+        for l in storages.values() {
+            l.close().await;
+        }
+    }
+
+    /// The last committed TID whose invalidations were delivered.
+    pub fn last_transaction(&self) -> Tid {
+        lock(&self.0.state).last_tid
+    }
+
+    pub fn cache_stats(&self) -> (u64, u64, usize) {
+        let c = lock(&self.0.cache);
+        (c.hits, c.misses, c.len())
+    }
+
+    /// Empty the object cache (benchmarks, tests).
+    pub fn clear_cache(&self) {
+        let mut c = lock(&self.0.cache);
+        *c = Cache::new(self.0.cfg.cache_size);
+    }
+
+    pub fn cluster_state(&self) -> Option<ClusterState> {
+        lock(&self.0.state).cluster_state
+    }
+
+    // ------------------------------------------------------------------ master session
+
+    async fn master(&self) -> Result<Link> {
+        if self.0.closed.is_cancelled() {
+            return Err(ClientError::Closed);
+        }
+        if let Some(m) = &lock(&self.0.state).master {
+            if !m.link.is_closed() {
+                return Ok(m.link.clone());
+            }
+        }
+        let _guard = self.0.connecting.lock().await;
+        if let Some(m) = &lock(&self.0.state).master {
+            if !m.link.is_closed() {
+                return Ok(m.link.clone());
+            }
+        }
+        self.connect_master().await
+    }
+
+    async fn connect_master(&self) -> Result<Link> {
+        let cfg = &self.0.cfg;
+        let deadline = Instant::now() + cfg.connect_timeout;
+        let mut pause = Duration::from_millis(100);
+        let mut last = String::from("no master address");
+        loop {
+            for addr in &cfg.masters {
+                let mut req = identification(&cfg.cluster, NodeType::Client, None, None);
+                req.read_only = cfg.read_only;
+                match connect_identified(addr, &self.0.net, req).await {
+                    Ok((link, incoming, accept)) => match self.start_master(link, incoming, accept).await {
+                        Ok(link) => return Ok(link),
+                        Err(e) => last = e.to_string(),
+                    },
+                    Err(e) => {
+                        debug!("master {addr}: {e}");
+                        last = e.to_string();
+                    }
+                }
+            }
+            if Instant::now() >= deadline || self.0.closed.is_cancelled() {
+                return Err(ClientError::NotConnected { cluster: cfg.cluster.clone(), last });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    async fn start_master(&self, link: Link, incoming: Incoming, accept: msg::AcceptIdentification) -> Result<Link> {
+        let (ptx, prx) = watch::channel(0u64);
+        lock(&self.0.state).nid = accept.your_nid.map(Nid);
+        tokio::spawn(master_pump(Arc::downgrade(&self.0), link.clone(), incoming, ptx));
+        let ltid = match link.ask(msg::AskLastTransaction {}).await.and_then(|b| expect_answer!(b, AnswerLastTransaction)) {
+            Ok(a) => Tid(a.tid),
+            Err(e) => {
+                link.abort();
+                return Err(remote(e));
+            }
+        };
+        {
+            let mut s = lock(&self.0.state);
+            if s.last_tid != ltid {
+                // Invalidations may have been missed while disconnected.
+                if s.last_tid != Tid::ZERO {
+                    lock(&self.0.cache).clear_current();
+                }
+                s.last_tid = s.last_tid.max(ltid);
+            }
+            s.master = Some(MasterConn { link: link.clone(), processed: prx });
+        }
+        info!("connected to the primary master {} (last tid {ltid:?})", link.peer());
+        Ok(link)
+    }
+
+    /// Ask the master, reconnecting once if the connection was lost and retrying NOT_READY
+    /// until the connect timeout.
+    async fn ask_master(&self, body: Body) -> Result<Body> {
+        let deadline = Instant::now() + self.0.cfg.connect_timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let link = self.master().await?;
+            match link.ask(body.clone()).await {
+                Ok(b) => return Ok(b),
+                Err(LinkError::Closed(_)) if Instant::now() < deadline => {}
+                Err(LinkError::Remote { code: ErrorCode::NotReady, .. }) if Instant::now() < deadline => {}
+                Err(e) => return Err(remote(e)),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Wait until the invalidations sent by the master before its last answer on `link` were
+    /// processed.
+    async fn barrier(&self, link: &Link) {
+        let target = link.delivered();
+        let rx = {
+            let s = lock(&self.0.state);
+            match &s.master {
+                Some(m) if m.link.conn_id() == link.conn_id() => m.processed.clone(),
+                _ => return,
+            }
+        };
+        let mut rx = rx;
+        let _ = rx.wait_for(|n| *n >= target).await;
+    }
+
+    /// Network barrier with the master: afterwards, every commit acknowledged before the call
+    /// has been seen (invalidations processed, `last_transaction` up to date).
+    pub async fn sync(&self) -> Result<()> {
+        let link = self.master().await?;
+        link.ask(msg::Ping {}).await.map_err(remote)?;
+        self.barrier(&link).await;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ storages
+
+    async fn storage_link(&self, nid: Nid) -> std::result::Result<Link, LinkError> {
+        let (addr, me) = {
+            let s = lock(&self.0.state);
+            if let Some(l) = s.storages.get(&nid) {
+                if !l.is_closed() {
+                    return Ok(l.clone());
+                }
+            }
+            let addr = s.nodes.get(&nid).and_then(|n| n.address.clone());
+            (addr, s.nid)
+        };
+        let addr = addr.ok_or_else(|| LinkError::Closed(format!("{nid} (no address)")))?;
+        let req = identification(&self.0.cfg.cluster, NodeType::Client, me, None);
+        let (link, incoming, _) = connect_identified(&addr, &self.0.net, req).await.map_err(|e| match e {
+            proto::net::NetError::Link { err, .. } => err,
+            other => LinkError::Closed(other.to_string()),
+        })?;
+        tokio::spawn(storage_pump(link.clone(), incoming));
+        let mut s = lock(&self.0.state);
+        match s.storages.get(&nid) {
+            Some(l) if !l.is_closed() => {
+                link.abort();
+                Ok(l.clone())
+            }
+            _ => {
+                s.storages.insert(nid, link.clone());
+                Ok(link)
+            }
+        }
+    }
+
+    fn mark_failed(&self, nid: Nid) {
+        lock(&self.0.state).failed.insert(nid, Instant::now());
+    }
+
+    /// Readable cells of partition(`oid`) on running storages, failed ones last.
+    fn read_candidates(&self, oid: Oid) -> Vec<Nid> {
+        let s = lock(&self.0.state);
+        let Some(pt) = &s.pt else { return vec![] };
+        let mut v: Vec<(Option<Instant>, u64, Nid)> = pt
+            .readable_cells(pt.partition_of(oid.0))
+            .filter(|c| s.nodes.get(&c.nid).is_some_and(|n| n.state == NodeState::Running))
+            .map(|c| {
+                let failed = s.failed.get(&c.nid).copied().filter(|t| t.elapsed() < FAILURE_PENALTY);
+                (failed, fastrand::u64(..), c.nid)
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, _, n)| n).collect()
+    }
+
+    /// Writable cells of `partition` on running storages.
+    fn write_cells(&self, partition_of: u64) -> (u32, Vec<Nid>) {
+        let s = lock(&self.0.state);
+        let Some(pt) = &s.pt else { return (0, vec![]) };
+        let p = pt.partition_of(partition_of);
+        let cells = pt
+            .writable_cells(p)
+            .filter(|c| s.nodes.get(&c.nid).is_some_and(|n| n.state == NodeState::Running))
+            .map(|c| c.nid)
+            .collect();
+        (p, cells)
+    }
+
+    async fn load_from_storages(&self, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Option<Loaded>> {
+        let mut last_err = String::from("no readable cell");
+        for attempt in 0..2 {
+            if attempt > 0 {
+                // Refresh our view of the cluster, then try again.
+                self.sync().await?;
+            }
+            for nid in self.read_candidates(oid) {
+                let link = match self.storage_link(nid).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.mark_failed(nid);
+                        last_err = e.to_string();
+                        continue;
+                    }
+                };
+                let req = msg::AskObject { oid: oid.0, at: at.map(|t| t.0), before: before.map(|t| t.0) };
+                match link.ask(req).await.and_then(|b| expect_answer!(b, AnswerObject)) {
+                    Ok(a) => {
+                        if a.deleted {
+                            return Err(ClientError::NotFound(oid));
+                        }
+                        if a.checksum.len() != 20 || sha1(&a.data)[..] != a.checksum[..] {
+                            warn!("wrong checksum for {oid:?} from {nid}");
+                            self.mark_failed(nid);
+                            last_err = format!("wrong checksum from {nid}");
+                            continue;
+                        }
+                        let data = decompress(oid, a.compression, a.data)?;
+                        return Ok(Some(Loaded {
+                            data: Arc::new(data),
+                            serial: Tid(a.serial),
+                            next_serial: a.next_serial.map(Tid),
+                        }));
+                    }
+                    Err(LinkError::Remote { code: ErrorCode::OidDoesNotExist, .. }) => {
+                        return Err(ClientError::NotFound(oid));
+                    }
+                    Err(LinkError::Remote { code: ErrorCode::OidNotFound, .. }) => return Ok(None),
+                    Err(e) if is_storage_failure(&e) => {
+                        debug!("load {oid:?} from {nid}: {e}");
+                        self.mark_failed(nid);
+                        last_err = e.to_string();
+                    }
+                    Err(e) => return Err(remote(e)),
+                }
+            }
+        }
+        Err(ClientError::NoStorage(format!("oid {oid}: {last_err}")))
+    }
+
+    // ------------------------------------------------------------------ reads
+
+    /// Newest revision of `oid` as of the last transaction: (data, serial).
+    pub async fn load(&self, oid: Oid) -> Result<(Vec<u8>, Tid)> {
+        let before = self.last_transaction().next();
+        match self.load_before(oid, before).await? {
+            Some((data, serial, _)) => Ok((data, serial)),
+            None => Err(ClientError::NotFound(oid)),
+        }
+    }
+
+    /// Revision of `oid` visible before `before`: (data, serial, next serial), None if the
+    /// object was created later; `NotFound` if it does not exist at all.
+    pub async fn load_before(&self, oid: Oid, before: Tid) -> Result<Option<(Vec<u8>, Tid, Option<Tid>)>> {
+        if let Some((d, t, n)) = lock(&self.0.cache).load_before(oid, before) {
+            return Ok(Some((d.as_ref().clone(), t, n)));
+        }
+        lock(&self.0.state).loading.entry(oid).or_insert((0, None)).0 += 1;
+        let res = self.load_from_storages(oid, None, Some(before)).await;
+        let invalidated = {
+            let mut s = lock(&self.0.state);
+            match s.loading.get_mut(&oid) {
+                Some(e) if e.0 > 1 => {
+                    e.0 -= 1;
+                    e.1
+                }
+                Some(e) => {
+                    let t = e.1;
+                    s.loading.remove(&oid);
+                    t
+                }
+                None => None,
+            }
+        };
+        let Some(l) = res? else { return Ok(None) };
+        let mut next = l.next_serial;
+        if next.is_none() {
+            // An invalidation that arrived during the load ends this revision.
+            next = invalidated.filter(|t| *t > l.serial);
+        }
+        lock(&self.0.cache).store(oid, l.serial, next, l.data.clone());
+        Ok(Some((l.data.as_ref().clone(), l.serial, next)))
+    }
+
+    /// The revision of `oid` with exactly this serial.
+    pub async fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Vec<u8>> {
+        if let Some(d) = lock(&self.0.cache).load_serial(oid, serial) {
+            return Ok(d.as_ref().clone());
+        }
+        match self.load_from_storages(oid, Some(serial), None).await? {
+            Some(l) => {
+                lock(&self.0.cache).store(oid, l.serial, l.next_serial.or(Some(Tid::MAX)), l.data.clone());
+                Ok(l.data.as_ref().clone())
+            }
+            None => Err(ClientError::NotFound(oid)),
+        }
+    }
+
+    // ------------------------------------------------------------------ writes
+
+    /// A new object id, never handed out before.
+    pub async fn new_oid(&self) -> Result<Oid> {
+        if self.0.cfg.read_only {
+            return Err(ClientError::ReadOnly);
+        }
+        if let Some(o) = lock(&self.0.state).oids.pop_front() {
+            return Ok(o);
+        }
+        let a = self.ask_master(msg::AskNewOids { count: OID_BATCH }.into()).await?;
+        let a = expect_answer!(a, AnswerNewOids).map_err(remote)?;
+        let mut s = lock(&self.0.state);
+        s.oids.extend(a.oids.into_iter().map(Oid));
+        s.oids.pop_front().ok_or_else(|| ClientError::Remote { code: ErrorCode::ProtocolError, message: "no oid".into() })
+    }
+
+    /// Begin a transaction.
+    pub async fn tpc_begin(&self, user: &[u8], description: &[u8], extension: &[u8]) -> Result<Transaction> {
+        self.begin(None, user, description, extension).await
+    }
+
+    /// Begin a transaction that will commit with exactly `tid` (copying history); refused if
+    /// another transaction is in progress or `tid` is not above the last one.
+    pub async fn tpc_begin_with_tid(&self, tid: Tid, user: &[u8], description: &[u8], extension: &[u8]) -> Result<Transaction> {
+        self.begin(Some(tid), user, description, extension).await
+    }
+
+    async fn begin(&self, tid: Option<Tid>, user: &[u8], description: &[u8], extension: &[u8]) -> Result<Transaction> {
+        if self.0.cfg.read_only {
+            return Err(ClientError::ReadOnly);
+        }
+        let a = self.ask_master(msg::AskBeginTransaction { tid: tid.map(|t| t.0) }.into()).await?;
+        let a = expect_answer!(a, AnswerBeginTransaction).map_err(remote)?;
+        Ok(Transaction {
+            ttid: Tid(a.ttid),
+            user: user.to_vec(),
+            description: description.to_vec(),
+            extension: extension.to_vec(),
+            objects: Vec::new(),
+            stores: JoinSet::new(),
+            involved: BTreeSet::new(),
+            contacted: BTreeSet::new(),
+            failed: BTreeSet::new(),
+            locked: HashMap::new(),
+            voted: false,
+            client: self.clone(),
+        })
+    }
+
+    fn check_txn(&self, txn: &Transaction) -> Result<()> {
+        if !Arc::ptr_eq(&txn.client.0, &self.0) {
+            return Err(ClientError::Transaction("transaction of another client".into()));
+        }
+        if txn.voted {
+            return Err(ClientError::Transaction("transaction already voted".into()));
+        }
+        Ok(())
+    }
+
+    /// Store a new revision of `oid` based on `serial` (zero for a new object). Conflicts are
+    /// reported by `tpc_vote`.
+    pub fn store(&self, txn: &mut Transaction, oid: Oid, serial: Tid, data: &[u8]) -> Result<()> {
+        self.check_txn(txn)?;
+        let (compression, stored) = compress(data, self.0.cfg.compress);
+        let checksum = sha1(&stored).to_vec();
+        let m = msg::AskStoreObject {
+            oid: oid.0,
+            serial: serial.0,
+            compression,
+            checksum,
+            data: stored,
+            data_serial: None,
+            ttid: txn.ttid.0,
+            deleted: false,
+        };
+        self.send_store(txn, oid, serial, m, Some(Arc::new(data.to_vec())))
+    }
+
+    /// Delete `oid` (ZODB IExternalGC `deleteObject`).
+    pub fn delete_object(&self, txn: &mut Transaction, oid: Oid, serial: Tid) -> Result<()> {
+        self.check_txn(txn)?;
+        let m = msg::AskStoreObject {
+            oid: oid.0,
+            serial: serial.0,
+            compression: 0,
+            checksum: ZERO_HASH.to_vec(),
+            data: vec![],
+            data_serial: None,
+            ttid: txn.ttid.0,
+            deleted: true,
+        };
+        self.send_store(txn, oid, serial, m, None)
+    }
+
+    fn send_store(
+        &self,
+        txn: &mut Transaction,
+        oid: Oid,
+        serial: Tid,
+        m: msg::AskStoreObject,
+        data: Option<Arc<Vec<u8>>>,
+    ) -> Result<()> {
+        let (_, cells) = self.write_cells(oid.0);
+        if cells.is_empty() {
+            return Err(ClientError::NoStorage(format!("oid {oid}: no writable cell")));
+        }
+        txn.objects.retain(|(o, _)| *o != oid);
+        txn.objects.push((oid, data));
+        for nid in cells {
+            txn.contacted.insert(nid);
+            let (client, m) = (self.clone(), m.clone());
+            txn.stores.spawn(async move {
+                let result = match client.storage_link(nid).await {
+                    Ok(link) => link.ask(m).await.and_then(|b| expect_answer!(b, AnswerStoreObject)),
+                    Err(e) => Err(e),
+                };
+                StoreOutcome { oid, nid, serial, result }
+            });
+        }
+        Ok(())
+    }
+
+    /// Wait for every store, then persist the transaction on every involved storage. After
+    /// success, `tpc_finish` cannot fail because of a conflict.
+    pub async fn tpc_vote(&self, txn: &mut Transaction) -> Result<()> {
+        self.check_txn(txn)?;
+        let mut conflict = None;
+        while let Some(r) = txn.stores.join_next().await {
+            let Ok(o) = r else { continue };
+            match o.result {
+                Ok(a) => match a.conflict {
+                    None => {
+                        txn.involved.insert(o.nid);
+                        *txn.locked.entry(o.oid).or_default() += 1;
+                    }
+                    Some(0) => {}
+                    Some(c) => {
+                        if conflict.is_none() {
+                            conflict = Some(ClientError::Conflict {
+                                oid: o.oid,
+                                serial: o.serial,
+                                committed: Tid(c),
+                                locked_by: a.locked_by.map(Tid),
+                            });
+                        }
+                    }
+                },
+                Err(e) if is_storage_failure(&e) => {
+                    warn!("store of {:?} on {} failed: {e}", o.oid, o.nid);
+                    self.mark_failed(o.nid);
+                    txn.failed.insert(o.nid);
+                }
+                Err(e) => return Err(remote(e)),
+            }
+        }
+        if let Some(c) = conflict {
+            return Err(c);
+        }
+        for (oid, _) in &txn.objects {
+            if txn.locked.get(oid).copied().unwrap_or(0) == 0 {
+                return Err(ClientError::NoStorage(format!("oid {oid}: no storage accepted the store")));
+            }
+        }
+        // Metadata to the cells of partition(ttid), a plain vote to the other storages.
+        let (_, meta_cells) = self.write_cells(txn.ttid.0);
+        let oids: Vec<u64> = txn.objects.iter().map(|(o, _)| o.0).collect();
+        let mut votes = JoinSet::new();
+        for nid in meta_cells.iter().copied().filter(|n| !txn.failed.contains(n)) {
+            txn.contacted.insert(nid);
+            let m = msg::AskStoreTransaction {
+                ttid: txn.ttid.0,
+                user: txn.user.clone(),
+                description: txn.description.clone(),
+                extension: txn.extension.clone(),
+                oids: oids.clone(),
+            };
+            let client = self.clone();
+            votes.spawn(async move {
+                let r = match client.storage_link(nid).await {
+                    Ok(l) => l.ask(m).await.map(|_| true),
+                    Err(e) => Err(e),
+                };
+                (nid, true, r)
+            });
+        }
+        for nid in txn.involved.iter().copied().filter(|n| !meta_cells.contains(n)) {
+            let (client, ttid) = (self.clone(), txn.ttid.0);
+            votes.spawn(async move {
+                let r = match client.storage_link(nid).await {
+                    Ok(l) => l.ask(msg::AskVoteTransaction { ttid }).await.map(|_| false),
+                    Err(e) => Err(e),
+                };
+                (nid, false, r)
+            });
+        }
+        let mut meta_ok = 0;
+        while let Some(r) = votes.join_next().await {
+            let Ok((nid, meta, r)) = r else { continue };
+            match r {
+                Ok(_) => {
+                    txn.involved.insert(nid);
+                    if meta {
+                        meta_ok += 1;
+                    }
+                }
+                Err(e) if is_storage_failure(&e) => {
+                    warn!("vote on {nid} failed: {e}");
+                    self.mark_failed(nid);
+                    txn.failed.insert(nid);
+                    txn.involved.remove(&nid);
+                }
+                Err(e) => return Err(remote(e)),
+            }
+        }
+        if meta_ok == 0 {
+            return Err(ClientError::NoStorage(format!("transaction {:?}: no storage took its metadata", txn.ttid)));
+        }
+        txn.voted = true;
+        Ok(())
+    }
+
+    /// Commit: returns the TID. Invalidations of earlier commits are processed first.
+    pub async fn tpc_finish(&self, mut txn: Transaction) -> Result<Tid> {
+        if !txn.voted {
+            return Err(ClientError::Transaction("tpc_finish before tpc_vote".into()));
+        }
+        let m = msg::AskFinishTransaction {
+            ttid: txn.ttid.0,
+            oids: txn.objects.iter().map(|(o, _)| o.0).collect(),
+            involved: txn.involved.iter().map(|n| n.0).collect(),
+        };
+        let link = self.master().await?;
+        let a = link.ask(m).await.and_then(|b| expect_answer!(b, AnswerTransactionFinished)).map_err(remote)?;
+        let tid = Tid(a.tid);
+        self.barrier(&link).await;
+        {
+            let mut cache = lock(&self.0.cache);
+            for (oid, data) in txn.objects.drain(..) {
+                cache.invalidate(oid, tid);
+                if let Some(d) = data {
+                    cache.store(oid, tid, None, d);
+                }
+            }
+        }
+        let mut s = lock(&self.0.state);
+        s.last_tid = s.last_tid.max(tid);
+        Ok(tid)
+    }
+
+    /// Abort: every storage contacted and the master forget the transaction.
+    pub async fn tpc_abort(&self, mut txn: Transaction) -> Result<()> {
+        txn.stores.abort_all();
+        let ttid = txn.ttid.0;
+        let contacted: Vec<Nid> = txn.contacted.iter().copied().collect();
+        for nid in &contacted {
+            let link = lock(&self.0.state).storages.get(nid).cloned();
+            if let Some(l) = link {
+                let _ = l.notify(msg::AbortTransaction { ttid, nids: vec![] }).await;
+            }
+        }
+        if let Ok(link) = self.master().await {
+            let _ = link.notify(msg::AbortTransaction { ttid, nids: contacted.iter().map(|n| n.0).collect() }).await;
+        }
+        Ok(())
+    }
+
+    /// Partition table as this client knows it (ptid, number of partitions).
+    pub fn pt_info(&self) -> Option<(Ptid, u32)> {
+        lock(&self.0.state).pt.as_ref().map(|p| (p.ptid, p.np()))
+    }
+
+    /// Cell states of a partition as this client knows them.
+    pub fn cells(&self, partition: u32) -> Vec<(Nid, CellState)> {
+        lock(&self.0.state).pt.as_ref().map(|p| p.row(partition).iter().map(|c| (c.nid, c.state)).collect()).unwrap_or_default()
+    }
+}
+
+/// Process the master's notifications in order.
+async fn master_pump(inner: std::sync::Weak<Inner>, link: Link, mut incoming: Incoming, processed: watch::Sender<u64>) {
+    let mut count = 0u64;
+    while let Some(req) = incoming.recv().await {
+        let Some(inner) = inner.upgrade() else { break };
+        let close = handle_master_message(&inner, &link, req).await;
+        count += 1;
+        processed.send_replace(count);
+        if close {
+            link.abort();
+            break;
+        }
+    }
+    link.abort();
+    processed.send_replace(u64::MAX);
+    if let Some(inner) = inner.upgrade() {
+        let mut s = lock(&inner.state);
+        if s.master.as_ref().is_some_and(|m| m.link.conn_id() == link.conn_id()) {
+            s.master = None;
+        }
+    }
+    debug!("master connection closed");
+}
+
+/// Returns true to close the master connection.
+async fn handle_master_message(inner: &Inner, link: &Link, req: proto::Request) -> bool {
+    match req.body {
+        Body::NotifyNodeInformation(m) => {
+            let mut s = lock(&inner.state);
+            for n in &m.nodes {
+                let Ok(info) = proto::convert::node_from_msg(n) else {
+                    warn!("invalid node information from the master");
+                    continue;
+                };
+                if info.state != NodeState::Running {
+                    if let Some(l) = s.storages.remove(&info.nid) {
+                        l.abort();
+                    }
+                }
+                if info.state == NodeState::Unknown {
+                    s.nodes.remove(&info.nid);
+                } else {
+                    s.nodes.insert(info.nid, info);
+                }
+            }
+        }
+        Body::SendPartitionTable(m) => match proto::convert::pt_from_msg(&m) {
+            Ok(pt) => lock(&inner.state).pt = Some(pt),
+            Err(e) => {
+                warn!("invalid partition table from the master: {e}");
+                return true;
+            }
+        },
+        Body::NotifyPartitionChanges(m) => {
+            let mut s = lock(&inner.state);
+            let ok = match (proto::convert::changes_from_msg(&m), s.pt.as_mut()) {
+                (Ok(ch), Some(pt)) => pt.apply(Ptid(m.ptid), m.replicas, &ch).is_ok(),
+                _ => false,
+            };
+            if !ok {
+                warn!("cannot apply partition table changes: resynchronizing");
+                s.pt = None;
+                return true;
+            }
+        }
+        Body::NotifyClusterInformation(m) => {
+            let state = ClusterState::from_i32(m.state);
+            lock(&inner.state).cluster_state = state;
+            if state == Some(ClusterState::Stopping) {
+                return true;
+            }
+        }
+        Body::InvalidateObjects(m) => {
+            let tid = Tid(m.tid);
+            let oids: Vec<Oid> = m.oids.into_iter().map(Oid).collect();
+            {
+                let mut cache = lock(&inner.cache);
+                let mut s = lock(&inner.state);
+                for o in &oids {
+                    cache.invalidate(*o, tid);
+                    if let Some(e) = s.loading.get_mut(o) {
+                        e.1 = Some(e.1.map_or(tid, |t| t.max(tid)));
+                    }
+                }
+            }
+            let cb = lock(&inner.callback).clone();
+            if let Some(cb) = cb {
+                cb(tid, &oids);
+            }
+            let mut s = lock(&inner.state);
+            s.last_tid = s.last_tid.max(tid);
+        }
+        Body::StopOperation(_) => return true,
+        Body::Ping(_) => {
+            let _ = link.answer(req.id, msg::Pong {}).await;
+        }
+        other => debug!("ignored {} from the master", proto::body_name(&other)),
+    }
+    false
+}
+
+async fn storage_pump(link: Link, mut incoming: Incoming) {
+    while let Some(req) = incoming.recv().await {
+        if let Body::Ping(_) = req.body {
+            let _ = link.answer(req.id, msg::Pong {}).await;
+        }
+    }
+    link.abort();
+}
