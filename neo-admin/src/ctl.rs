@@ -32,10 +32,9 @@ fn not_ready(message: &str) -> Action {
 pub(crate) fn decide(view: &ClusterView, primary: Option<&Primary>, body: Body) -> Action {
     let connected = primary.is_some();
     match body {
-        Body::RequestIdentification(_) => Action::Answer(proto::error(
-            ErrorCode::ProtocolError,
-            "neoctl connections need no identification",
-        )),
+        Body::RequestIdentification(_) => {
+            Action::Answer(proto::error(ErrorCode::ProtocolError, "neoctl connections need no identification"))
+        }
         Body::AskClusterState(_)
         | Body::AskNodeList(_)
         | Body::AskPartitionList(_)
@@ -54,7 +53,9 @@ pub(crate) fn decide(view: &ClusterView, primary: Option<&Primary>, body: Body) 
         Body::AskNodeList(m) => {
             let filter = match m.node_type.map(convert::node_type).transpose() {
                 Ok(f) => f,
-                Err(e) => return Action::Answer(proto::error(ErrorCode::ProtocolError, e.to_string())),
+                Err(e) => {
+                    return Action::Answer(proto::error(ErrorCode::ProtocolError, e.to_string()));
+                }
             };
             let nodes = view.node_list(filter).iter().map(convert::node_to_msg).collect();
             Action::Answer(msg::AnswerNodeList { nodes }.into())
@@ -65,8 +66,7 @@ pub(crate) fn decide(view: &ClusterView, primary: Option<&Primary>, body: Body) 
         },
         Body::AskPrimary(_) => match primary {
             Some(p) => Action::Answer(
-                msg::AnswerPrimary { nid: p.nid.map(|n| n.0).unwrap_or(0), address: p.address.to_string() }
-                    .into(),
+                msg::AnswerPrimary { nid: p.nid.map(|n| n.0).unwrap_or(0), address: p.address.to_string() }.into(),
             ),
             None => not_ready(NOT_CONNECTED),
         },
@@ -152,6 +152,7 @@ async fn forward(master: Link, body: Body) -> Body {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use neo_lib::config::Address;
@@ -220,11 +221,7 @@ mod tests {
         let Action::Answer(Body::AnswerNodeList(l)) = a else { panic!("{a:?}") };
         let nids: Vec<String> = l.nodes.iter().map(|n| Nid(n.nid).to_string()).collect();
         assert_eq!(nids, ["M1", "S1", "S2"]);
-        let a = decide(
-            &v,
-            Some(&p),
-            Body::AskNodeList(msg::AskNodeList { node_type: Some(NodeType::Storage as i32) }),
-        );
+        let a = decide(&v, Some(&p), Body::AskNodeList(msg::AskNodeList { node_type: Some(NodeType::Storage as i32) }));
         let Action::Answer(Body::AnswerNodeList(l)) = a else { panic!("{a:?}") };
         assert_eq!(l.nodes.len(), 2);
         let a = decide(&v, Some(&p), Body::AskNodeList(msg::AskNodeList { node_type: Some(17) }));

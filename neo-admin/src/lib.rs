@@ -76,9 +76,8 @@ fn net_config(cfg: &NodeConfig) -> Result<NetConfig, AdminError> {
 /// Run the admin node: listen on `cfg.bind` and serve until `shutdown` is cancelled or the
 /// cluster stops.
 pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> Result<(), AdminError> {
-    let listener = proto::net::listen(&cfg.bind)
-        .await
-        .map_err(|err| AdminError::Listen { addr: cfg.bind.to_string(), err })?;
+    let listener =
+        proto::net::listen(&cfg.bind).await.map_err(|err| AdminError::Listen { addr: cfg.bind.to_string(), err })?;
     run_with_listener(cfg, listener, shutdown).await
 }
 
@@ -92,8 +91,7 @@ pub async fn run_with_listener(
     if cfg.masters.is_empty() {
         return Err(AdminError::NoMasters);
     }
-    let local =
-        listener.local_addr().map_err(|err| AdminError::Listen { addr: cfg.bind.to_string(), err })?;
+    let local = listener.local_addr().map_err(|err| AdminError::Listen { addr: cfg.bind.to_string(), err })?;
     let listen_addr = Address { host: local.ip().to_string(), port: local.port() };
     info!(
         "admin listening on {listen_addr}{} (cluster {:?})",

@@ -119,10 +119,10 @@ async fn session(shared: &Shared, link: &Link, mut incoming: Incoming, stop: &Ca
             }
             continue;
         }
-        if let Body::NotifyClusterInformation(m) = &req.body {
-            if let Ok(s) = proto::convert::cluster_state(m.state) {
-                info!("cluster state: {s}");
-            }
+        if let Body::NotifyClusterInformation(m) = &req.body
+            && let Ok(s) = proto::convert::cluster_state(m.state)
+        {
+            info!("cluster state: {s}");
         }
         // Short, non-async critical section.
         let r = shared.lock().view.apply(&req.body);

@@ -122,6 +122,7 @@ impl ClusterView {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use neo_lib::{CellState, pt::CellChange};
@@ -191,10 +192,7 @@ mod tests {
             convert::changes_to_msg(Ptid(ptid), 1, &[CellChange { partition: p, nid, state: st }])
         };
         // Changes before any table: refused.
-        assert_eq!(
-            v.apply_pt_changes(&change(2, 0, s(1), CellState::OutOfDate)),
-            Err(UpdateError::NoTable(Ptid(2)))
-        );
+        assert_eq!(v.apply_pt_changes(&change(2, 0, s(1), CellState::OutOfDate)), Err(UpdateError::NoTable(Ptid(2))));
         assert_eq!(v.apply(&Body::SendPartitionTable(convert::pt_to_msg(&pt))), Ok(Update::Applied));
         assert_eq!(v.pt.as_ref(), Some(&pt));
         // Next ptid: applied.

@@ -64,10 +64,7 @@ async fn not_ready_without_master_and_clean_shutdown() {
     let r = link.ask(net::identification("test", NodeType::Admin, None, None)).await;
     assert_eq!(remote_code(r), Some(ErrorCode::ProtocolError));
     let r = link.ask(msg::Ping {}).await;
-    assert_eq!(
-        r,
-        Err(LinkError::Remote { code: ErrorCode::ProtocolError, message: "unexpected message Ping".into() })
-    );
+    assert_eq!(r, Err(LinkError::Remote { code: ErrorCode::ProtocolError, message: "unexpected message Ping".into() }));
     // Forwarded commands are NOT_READY too.
     let r = link.ask(msg::SetClusterState { state: 1 }).await;
     assert_eq!(remote_code(r), Some(ErrorCode::NotReady));

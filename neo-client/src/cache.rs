@@ -54,9 +54,10 @@ impl Cache {
 
     /// The revision visible before `before` (newest with tid < before, valid at before).
     pub fn load_before(&mut self, oid: Oid, before: Tid) -> Option<Hit> {
-        let idx = self.items.get(&oid).and_then(|v| {
-            v.iter().position(|e| e.tid < before && e.next_tid.is_none_or(|n| n >= before))
-        });
+        let idx = self
+            .items
+            .get(&oid)
+            .and_then(|v| v.iter().position(|e| e.tid < before && e.next_tid.is_none_or(|n| n >= before)));
         match idx {
             Some(i) => {
                 self.hits += 1;
@@ -142,8 +143,11 @@ impl Cache {
 
     /// Forget every current entry (invalidations may have been missed).
     pub fn clear_current(&mut self) {
-        let current: Vec<(Oid, Tid)> =
-            self.items.iter().flat_map(|(o, v)| v.iter().filter(|e| e.next_tid.is_none()).map(|e| (*o, e.tid))).collect();
+        let current: Vec<(Oid, Tid)> = self
+            .items
+            .iter()
+            .flat_map(|(o, v)| v.iter().filter(|e| e.next_tid.is_none()).map(|e| (*o, e.tid)))
+            .collect();
         for (o, t) in current {
             self.remove(o, t);
         }

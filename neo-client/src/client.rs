@@ -136,12 +136,11 @@ pub(crate) fn sha1(data: &[u8]) -> [u8; 20] {
 fn compress(data: &[u8], enabled: bool) -> (u32, Vec<u8>) {
     if enabled && data.len() > 64 {
         let mut e = flate2::write::ZlibEncoder::new(Vec::with_capacity(data.len() / 2), flate2::Compression::fast());
-        if e.write_all(data).is_ok() {
-            if let Ok(z) = e.finish() {
-                if z.len() < data.len() {
-                    return (1, z);
-                }
-            }
+        if e.write_all(data).is_ok()
+            && let Ok(z) = e.finish()
+            && z.len() < data.len()
+        {
+            return (1, z);
         }
     }
     (0, data.to_vec())
@@ -240,16 +239,16 @@ impl Client {
         if self.0.closed.is_cancelled() {
             return Err(ClientError::Closed);
         }
-        if let Some(m) = &lock(&self.0.state).master {
-            if !m.link.is_closed() {
-                return Ok(m.link.clone());
-            }
+        if let Some(m) = &lock(&self.0.state).master
+            && !m.link.is_closed()
+        {
+            return Ok(m.link.clone());
         }
         let _guard = self.0.connecting.lock().await;
-        if let Some(m) = &lock(&self.0.state).master {
-            if !m.link.is_closed() {
-                return Ok(m.link.clone());
-            }
+        if let Some(m) = &lock(&self.0.state).master
+            && !m.link.is_closed()
+        {
+            return Ok(m.link.clone());
         }
         self.connect_master().await
     }
@@ -286,13 +285,14 @@ impl Client {
         let (ptx, prx) = watch::channel(0u64);
         lock(&self.0.state).nid = accept.your_nid.map(Nid);
         tokio::spawn(master_pump(Arc::downgrade(&self.0), link.clone(), incoming, ptx));
-        let ltid = match link.ask(msg::AskLastTransaction {}).await.and_then(|b| expect_answer!(b, AnswerLastTransaction)) {
-            Ok(a) => Tid(a.tid),
-            Err(e) => {
-                link.abort();
-                return Err(remote(e));
-            }
-        };
+        let ltid =
+            match link.ask(msg::AskLastTransaction {}).await.and_then(|b| expect_answer!(b, AnswerLastTransaction)) {
+                Ok(a) => Tid(a.tid),
+                Err(e) => {
+                    link.abort();
+                    return Err(remote(e));
+                }
+            };
         {
             let mut s = lock(&self.0.state);
             if s.last_tid != ltid {
@@ -355,10 +355,10 @@ impl Client {
     async fn storage_link(&self, nid: Nid) -> std::result::Result<Link, LinkError> {
         let (addr, me) = {
             let s = lock(&self.0.state);
-            if let Some(l) = s.storages.get(&nid) {
-                if !l.is_closed() {
-                    return Ok(l.clone());
-                }
+            if let Some(l) = s.storages.get(&nid)
+                && !l.is_closed()
+            {
+                return Ok(l.clone());
             }
             let addr = s.nodes.get(&nid).and_then(|n| n.address.clone());
             (addr, s.nid)
@@ -539,7 +539,9 @@ impl Client {
         let a = expect_answer!(a, AnswerNewOids).map_err(remote)?;
         let mut s = lock(&self.0.state);
         s.oids.extend(a.oids.into_iter().map(Oid));
-        s.oids.pop_front().ok_or_else(|| ClientError::Remote { code: ErrorCode::ProtocolError, message: "no oid".into() })
+        s.oids
+            .pop_front()
+            .ok_or_else(|| ClientError::Remote { code: ErrorCode::ProtocolError, message: "no oid".into() })
     }
 
     /// Begin a transaction.
@@ -549,7 +551,13 @@ impl Client {
 
     /// Begin a transaction that will commit with exactly `tid` (copying history); refused if
     /// another transaction is in progress or `tid` is not above the last one.
-    pub async fn tpc_begin_with_tid(&self, tid: Tid, user: &[u8], description: &[u8], extension: &[u8]) -> Result<Transaction> {
+    pub async fn tpc_begin_with_tid(
+        &self,
+        tid: Tid,
+        user: &[u8],
+        description: &[u8],
+        extension: &[u8],
+    ) -> Result<Transaction> {
         self.begin(Some(tid), user, description, extension).await
     }
 
@@ -799,7 +807,11 @@ impl Client {
 
     /// Cell states of a partition as this client knows them.
     pub fn cells(&self, partition: u32) -> Vec<(Nid, CellState)> {
-        lock(&self.0.state).pt.as_ref().map(|p| p.row(partition).iter().map(|c| (c.nid, c.state)).collect()).unwrap_or_default()
+        lock(&self.0.state)
+            .pt
+            .as_ref()
+            .map(|p| p.row(partition).iter().map(|c| (c.nid, c.state)).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -837,10 +849,10 @@ async fn handle_master_message(inner: &Inner, link: &Link, req: proto::Request) 
                     warn!("invalid node information from the master");
                     continue;
                 };
-                if info.state != NodeState::Running {
-                    if let Some(l) = s.storages.remove(&info.nid) {
-                        l.abort();
-                    }
+                if info.state != NodeState::Running
+                    && let Some(l) = s.storages.remove(&info.nid)
+                {
+                    l.abort();
                 }
                 if info.state == NodeState::Unknown {
                     s.nodes.remove(&info.nid);

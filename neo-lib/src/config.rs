@@ -47,10 +47,8 @@ impl Address {
         } else if s.matches(':').count() == 1 {
             let (h, p) = s.split_once(':').ok_or_else(bad)?;
             (h, Some(p))
-        } else if s.contains(':') {
-            (s, None) // bare IPv6
         } else {
-            (s, None)
+            (s, None) // bare host or bare IPv6
         };
         if host.is_empty() || host.chars().any(|c| c.is_whitespace()) {
             return Err(bad());
@@ -121,10 +119,8 @@ impl IniFile {
                 return Err(syntax(format!("unexpected indented line {trimmed:?}")));
             }
             if let Some(rest) = trimmed.strip_prefix('[') {
-                let name = rest
-                    .strip_suffix(']')
-                    .ok_or_else(|| syntax(format!("bad section header {trimmed:?}")))?
-                    .trim();
+                let name =
+                    rest.strip_suffix(']').ok_or_else(|| syntax(format!("bad section header {trimmed:?}")))?.trim();
                 if name.is_empty() {
                     return Err(syntax("empty section name".into()));
                 }
@@ -133,12 +129,9 @@ impl IniFile {
                 last_key = None;
                 continue;
             }
-            let sec = current
-                .clone()
-                .ok_or_else(|| syntax(format!("option {trimmed:?} before any [section]")))?;
-            let pos = trimmed
-                .find(['=', ':'])
-                .ok_or_else(|| syntax(format!("expected 'key = value', got {trimmed:?}")))?;
+            let sec = current.clone().ok_or_else(|| syntax(format!("option {trimmed:?} before any [section]")))?;
+            let pos =
+                trimmed.find(['=', ':']).ok_or_else(|| syntax(format!("expected 'key = value', got {trimmed:?}")))?;
             let key = trimmed[..pos].trim().replace('-', "_").to_ascii_lowercase();
             if key.is_empty() {
                 return Err(syntax("empty option name".into()));
@@ -151,19 +144,15 @@ impl IniFile {
     }
 
     fn section_mut(&mut self, name: &str) -> &mut BTreeMap<String, String> {
-        if name == "DEFAULT" {
-            &mut self.defaults
-        } else {
-            self.sections.entry(name.to_string()).or_default()
-        }
+        if name == "DEFAULT" { &mut self.defaults } else { self.sections.entry(name.to_string()).or_default() }
     }
 
     /// Values of a section with the defaults merged in.
     pub fn merged(&self, section: &str) -> Result<BTreeMap<String, String>, ConfigError> {
-        let sec = self.sections.get(section).ok_or_else(|| ConfigError::NoSection {
-            file: self.path.clone(),
-            section: section.to_string(),
-        })?;
+        let sec = self
+            .sections
+            .get(section)
+            .ok_or_else(|| ConfigError::NoSection { file: self.path.clone(), section: section.to_string() })?;
         let mut out = self.defaults.clone();
         out.extend(sec.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(out)
@@ -335,7 +324,8 @@ impl NodeConfig {
         node_type: NodeType,
         origin: &str,
     ) -> Result<NodeConfig, ConfigError> {
-        let verr = |key: &str, msg: String| ConfigError::Value { origin: origin.to_string(), key: key.to_string(), msg };
+        let verr =
+            |key: &str, msg: String| ConfigError::Value { origin: origin.to_string(), key: key.to_string(), msg };
         let get = |k: &str| values.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
         let cluster = get("cluster")
             .ok_or_else(|| ConfigError::Missing { origin: origin.to_string(), key: "cluster".into() })?
@@ -392,17 +382,17 @@ impl NodeConfig {
             return Err(ConfigError::Missing { origin: origin.to_string(), key: "database".into() });
         }
         let adapter = get("adapter").map(str::to_string);
-        if let Some(a) = &adapter {
-            if !a.eq_ignore_ascii_case("sqlite") {
-                return Err(verr("adapter", format!("unsupported adapter {a:?} (supported: SQLite)")));
-            }
+        if let Some(a) = &adapter
+            && !a.eq_ignore_ascii_case("sqlite")
+        {
+            return Err(verr("adapter", format!("unsupported adapter {a:?} (supported: SQLite)")));
         }
         let upstream_cluster = get("upstream_cluster").map(str::to_string);
         let upstream_masters = parse_addrs("upstream_masters", None)?;
-        if let Some(e) = get("engine") {
-            if !["innodb", "rocksdb"].contains(&e.to_ascii_lowercase().as_str()) {
-                return Err(verr("engine", format!("{e:?} is not InnoDB or RocksDB")));
-            }
+        if let Some(e) = get("engine")
+            && !["innodb", "rocksdb"].contains(&e.to_ascii_lowercase().as_str())
+        {
+            return Err(verr("engine", format!("{e:?} is not InnoDB or RocksDB")));
         }
         if let Some(w) = get("wait") {
             w.parse::<f64>().map_err(|_| verr("wait", format!("{w:?} is not a number of seconds")))?;
@@ -461,7 +451,8 @@ mod tests {
         let m: BTreeMap<String, String> =
             [("cluster", "c"), ("ca", "/x")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         assert!(NodeConfig::from_values(&m, NodeType::Master, "o").is_err());
-        let m: BTreeMap<String, String> = [("cluster", "c")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: BTreeMap<String, String> =
+            [("cluster", "c")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let e = NodeConfig::from_values(&m, NodeType::Storage, "o").unwrap_err().to_string();
         assert!(e.contains("database"), "{e}");
         assert!(Address::parse("host:notaport", None).is_err());
@@ -474,7 +465,7 @@ mod tests {
         let ini = IniFile::read(&path).unwrap();
         assert!(!ini.sections.is_empty());
         let mut seen = std::collections::BTreeSet::new();
-        for (name, _) in &ini.sections {
+        for name in ini.sections.keys() {
             let t = if name.starts_with("master") {
                 NodeType::Master
             } else if name.starts_with("storage") {

@@ -49,10 +49,7 @@ impl Tid {
 
     /// TID for the current time.
     pub fn now() -> Tid {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         Tid::from_unix(secs)
     }
 
@@ -203,9 +200,7 @@ impl Nid {
     }
     pub fn node_type(self) -> Option<crate::NodeType> {
         use crate::NodeType::*;
-        [Storage, Master, Client, Admin]
-            .into_iter()
-            .find(|t| Self::namespace(*t) == self.0 >> 24)
+        [Storage, Master, Client, Admin].into_iter().find(|t| Self::namespace(*t) == self.0 >> 24)
     }
     pub fn number(self) -> u32 {
         (self.0 & 0xff_ffff) as u32

@@ -66,9 +66,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogHandle {
 /// existing one is kept.
 pub fn init(logfile: Option<&Path>, verbose: u8) -> io::Result<LogHandle> {
     let file = logfile.map(open).transpose()?;
-    let handle = LogHandle {
-        target: Arc::new(LogTarget { path: logfile.map(Path::to_path_buf), file: Mutex::new(file) }),
-    };
+    let handle =
+        LogHandle { target: Arc::new(LogTarget { path: logfile.map(Path::to_path_buf), file: Mutex::new(file) }) };
     let level = match verbose {
         0 => "warn",
         1 => "info",

@@ -68,9 +68,7 @@ impl PartitionTable {
         let repeats = (replicas as usize + 1).min(n);
         let rows = (0..np as usize)
             .map(|p| {
-                (0..repeats)
-                    .map(|i| Cell { nid: nodes[(p * repeats + i) % n], state: CellState::UpToDate })
-                    .collect()
+                (0..repeats).map(|i| Cell { nid: nodes[(p * repeats + i) % n], state: CellState::UpToDate }).collect()
             })
             .collect();
         Ok(PartitionTable { ptid: Ptid(1), replicas, rows })
@@ -114,8 +112,7 @@ impl PartitionTable {
 
     /// True when every partition has at least one readable cell on a node for which `up` holds.
     pub fn operational(&self, up: impl Fn(Nid) -> bool) -> bool {
-        !self.rows.is_empty()
-            && self.rows.iter().all(|row| row.iter().any(|c| c.state.is_readable() && up(c.nid)))
+        !self.rows.is_empty() && self.rows.iter().all(|row| row.iter().any(|c| c.state.is_readable() && up(c.nid)))
     }
 
     /// Apply changes carried by a notification for ptid `ptid` (must be current + 1).
@@ -170,11 +167,7 @@ impl PartitionTable {
             if others == 0 {
                 continue;
             }
-            let state = if cell.state == CellState::Feeding {
-                CellState::Discarded
-            } else {
-                CellState::OutOfDate
-            };
+            let state = if cell.state == CellState::Feeding { CellState::Discarded } else { CellState::OutOfDate };
             out.push(CellChange { partition: p as u32, nid, state });
         }
         out
@@ -193,12 +186,7 @@ impl PartitionTable {
     pub fn format_grid(&self) -> String {
         let nodes: Vec<Nid> = self.nodes().into_iter().collect();
         let mut out = format!("# ptid: {}, replicas: {}\n", self.ptid, self.replicas);
-        let _ = writeln!(
-            out,
-            "{:>5} | {}",
-            "",
-            nodes.iter().map(|n| format!("{n:>4}")).collect::<Vec<_>>().join(" ")
-        );
+        let _ = writeln!(out, "{:>5} | {}", "", nodes.iter().map(|n| format!("{n:>4}")).collect::<Vec<_>>().join(" "));
         for (p, row) in self.rows.iter().enumerate() {
             let cells: Vec<String> = nodes
                 .iter()

@@ -22,12 +22,27 @@ pub type ConnId = u64;
 /// What the actor reacts to.
 pub enum Event {
     /// A peer sent a valid identification request.
-    Identified { link: Link, incoming: Incoming, id: u32, req: msg::RequestIdentification },
+    Identified {
+        link: Link,
+        incoming: Incoming,
+        id: u32,
+        req: msg::RequestIdentification,
+    },
     /// A request or notification from an identified peer.
-    Message { conn: ConnId, req: Request },
-    Closed { conn: ConnId },
+    Message {
+        conn: ConnId,
+        req: Request,
+    },
+    Closed {
+        conn: ConnId,
+    },
     /// Answer to a request the master sent (see `Master::spawn_ask`).
-    Answer { conn: ConnId, nid: Nid, kind: AskKind, result: Result<Body, LinkError> },
+    Answer {
+        conn: ConnId,
+        nid: Nid,
+        kind: AskKind,
+        result: Result<Body, LinkError>,
+    },
 }
 
 /// Which request an `Event::Answer` answers.
@@ -177,7 +192,8 @@ impl Master {
 
     /// Connections of identified nodes of the given types.
     pub fn conns_of(&self, types: &[NodeType]) -> Vec<ConnId> {
-        let mut v: Vec<ConnId> = self.conns.iter().filter(|(_, c)| types.contains(&c.node_type)).map(|(id, _)| *id).collect();
+        let mut v: Vec<ConnId> =
+            self.conns.iter().filter(|(_, c)| types.contains(&c.node_type)).map(|(id, _)| *id).collect();
         v.sort();
         v
     }
@@ -256,7 +272,9 @@ impl Master {
         let Some(pt) = &self.pt else { return };
         let m = proto::convert::pt_to_msg(pt);
         for c in self.conns.values() {
-            if matches!(c.node_type, NodeType::Storage | NodeType::Admin) || (clients && c.node_type == NodeType::Client) {
+            if matches!(c.node_type, NodeType::Storage | NodeType::Admin)
+                || (clients && c.node_type == NodeType::Client)
+            {
                 let _ = c.link.notify(Body::SendPartitionTable(m.clone())).await;
             }
         }
@@ -363,8 +381,7 @@ impl Master {
         // Pump the rest of the connection into the actor.
         let tx = self.tx.clone();
         tokio::spawn(
-            pump(conn, incoming, tx, link.clone())
-                .instrument(tracing::debug_span!("peer", nid = %nid, conn = conn)),
+            pump(conn, incoming, tx, link.clone()).instrument(tracing::debug_span!("peer", nid = %nid, conn = conn)),
         );
         // Full node list to the new node, then the new node to everyone else.
         let nodes: Vec<msg::NodeInfo> = self
@@ -384,10 +401,8 @@ impl Master {
             NodeType::Storage => self.state != ClusterState::Recovering,
             _ => true,
         };
-        if send_pt {
-            if let Some(pt) = &self.pt {
-                let _ = link.notify(Body::SendPartitionTable(proto::convert::pt_to_msg(pt))).await;
-            }
+        if send_pt && let Some(pt) = &self.pt {
+            let _ = link.notify(Body::SendPartitionTable(proto::convert::pt_to_msg(pt))).await;
         }
         let _ = link.notify(msg::NotifyClusterInformation { state: self.state as i32 }).await;
         if node_type == NodeType::Storage {
@@ -468,7 +483,9 @@ impl Master {
                 self.stopping = true;
                 proto::ack()
             }
-            Some(s) => proto::error(ErrorCode::Denied, format!("Invalid state requested: {s} (cluster is {})", self.state)),
+            Some(s) => {
+                proto::error(ErrorCode::Denied, format!("Invalid state requested: {s} (cluster is {})", self.state))
+            }
             None => proto::error(ErrorCode::ProtocolError, "invalid cluster state"),
         };
         self.answer(conn, id, reply).await;

@@ -23,9 +23,8 @@ pub enum MasterError {
 
 /// Run a master until `shutdown` is cancelled or the cluster is stopped.
 pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> Result<(), MasterError> {
-    let listener = proto::net::listen(&cfg.bind)
-        .await
-        .map_err(|err| MasterError::Listen { addr: cfg.bind.to_string(), err })?;
+    let listener =
+        proto::net::listen(&cfg.bind).await.map_err(|err| MasterError::Listen { addr: cfg.bind.to_string(), err })?;
     run_with_listener(cfg, listener, shutdown).await
 }
 

@@ -105,11 +105,11 @@ impl Master {
                 }
                 // A storage may have reported a newer ptid meanwhile.
                 let best = self.pt.as_ref().map(|p| p.ptid).unwrap_or(Ptid(0));
-                if let Some((n, _)) = self.recovery.ptids.iter().find(|(_, p)| **p > best) {
-                    if let Some(c) = self.conn_of_node(*n) {
-                        self.recovery.pt_requested = true;
-                        self.spawn_ask(c, AskKind::PartitionTable, msg::AskPartitionTable {}.into());
-                    }
+                if let Some((n, _)) = self.recovery.ptids.iter().find(|(_, p)| **p > best)
+                    && let Some(c) = self.conn_of_node(*n)
+                {
+                    self.recovery.pt_requested = true;
+                    self.spawn_ask(c, AskKind::PartitionTable, msg::AskPartitionTable {}.into());
                 }
                 self.check_recovery().await;
             }
@@ -155,12 +155,7 @@ impl Master {
                 }
                 match PartitionTable::make(self.cfg.partitions, self.cfg.replicas, &pending) {
                     Ok(pt) => {
-                        info!(
-                            "new cluster: {} partitions, {} replicas, storages {:?}",
-                            pt.np(),
-                            pt.replicas,
-                            pending
-                        );
+                        info!("new cluster: {} partitions, {} replicas, storages {:?}", pt.np(), pt.replicas, pending);
                         self.pt = Some(pt);
                     }
                     Err(e) => {
@@ -177,23 +172,25 @@ impl Master {
         let pending = self.connected_storages();
         // Cells of storages that did not come back are out of date.
         let changes: Vec<_> = match &self.pt {
-            Some(pt) => pt.nodes().into_iter().filter(|n| !pending.contains(n)).flat_map(|n| pt.outdate_changes(n)).collect(),
+            Some(pt) => {
+                pt.nodes().into_iter().filter(|n| !pending.contains(n)).flat_map(|n| pt.outdate_changes(n)).collect()
+            }
             None => return,
         };
-        if !changes.is_empty() {
-            if let Some(pt) = &mut self.pt {
-                pt.commit_changes(&changes);
-            }
+        if !changes.is_empty()
+            && let Some(pt) = &mut self.pt
+        {
+            pt.commit_changes(&changes);
         }
         let pt_nodes = self.pt.as_ref().map(|p| p.nodes()).unwrap_or_default();
         for nid in pending.iter().filter(|n| pt_nodes.contains(n)) {
             self.set_node_state(*nid, NodeState::Running).await;
         }
         for nid in pt_nodes.iter().filter(|n| !pending.contains(n)) {
-            if let Some(n) = self.nodes.get(nid) {
-                if n.info.state != NodeState::Down {
-                    self.set_node_state(*nid, NodeState::Down).await;
-                }
+            if let Some(n) = self.nodes.get(nid)
+                && n.info.state != NodeState::Down
+            {
+                self.set_node_state(*nid, NodeState::Down).await;
             }
         }
         self.set_cluster_state(ClusterState::Verifying).await;

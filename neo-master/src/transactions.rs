@@ -92,7 +92,9 @@ impl Master {
             return self.answer(conn, id, proto::error(ErrorCode::Denied, "cluster is stopping")).await;
         }
         if self.state != neo_lib::ClusterState::Running {
-            return self.answer(conn, id, proto::error(ErrorCode::NotReady, format!("cluster is {}", self.state))).await;
+            return self
+                .answer(conn, id, proto::error(ErrorCode::NotReady, format!("cluster is {}", self.state)))
+                .await;
         }
         if !self.tm.starting.is_empty() {
             self.tm.delayed.push((conn, id, m.tid));
@@ -137,7 +139,9 @@ impl Master {
 
     pub async fn handle_new_oids(&mut self, conn: ConnId, id: u32, m: msg::AskNewOids) {
         if self.state != neo_lib::ClusterState::Running {
-            return self.answer(conn, id, proto::error(ErrorCode::NotReady, format!("cluster is {}", self.state))).await;
+            return self
+                .answer(conn, id, proto::error(ErrorCode::NotReady, format!("cluster is {}", self.state)))
+                .await;
         }
         let n = m.count.clamp(1, MAX_NEW_OIDS);
         let first = self.tm.next_oid.0;
@@ -165,11 +169,11 @@ impl Master {
             return self.maybe_stop().await;
         }
         // Stores of an object above the allocator's mark bump it (copied histories).
-        if let Some(max) = m.oids.iter().max() {
-            if *max >= self.tm.next_oid.0 {
-                self.tm.next_oid = Oid(max + 1);
-                self.tm.last_oid = Oid(*max);
-            }
+        if let Some(max) = m.oids.iter().max()
+            && *max >= self.tm.next_oid.0
+        {
+            self.tm.next_oid = Oid(max + 1);
+            self.tm.last_oid = Oid(*max);
         }
         let np = self.np();
         let tid = if self.tm.last_allocated == ttid && self.tm.txns.len() == 1 && self.tm.queue.is_empty() {
@@ -189,7 +193,11 @@ impl Master {
         self.tm.queue.insert(tid, ttid);
         for s in involved {
             if let Some(c) = self.conn_of_node(s) {
-                self.spawn_ask(c, AskKind::LockInformation { ttid }, msg::AskLockInformation { ttid: ttid.0, tid: tid.0 }.into());
+                self.spawn_ask(
+                    c,
+                    AskKind::LockInformation { ttid },
+                    msg::AskLockInformation { ttid: ttid.0, tid: tid.0 }.into(),
+                );
             }
         }
     }
@@ -198,10 +206,10 @@ impl Master {
         if let Err(e) = result.and_then(|b| proto::expect_answer!(b, AnswerInformationLocked)) {
             // The storage is gone or failed: its cells get outdated when its connection closes.
             warn!("lock of {ttid:?} on {nid} failed: {e}");
-            if let Some(c) = self.conn_of_node(nid) {
-                if let Some(conn) = self.conns.get(&c) {
-                    conn.link.abort();
-                }
+            if let Some(c) = self.conn_of_node(nid)
+                && let Some(conn) = self.conns.get(&c)
+            {
+                conn.link.abort();
             }
         }
         if let Some(f) = self.tm.txns.get_mut(&ttid).and_then(|t| t.finish.as_mut()) {

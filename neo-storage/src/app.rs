@@ -1,10 +1,10 @@
 //! The storage node: its session with the primary master (partition table, recovery,
 //! verification, lock/unlock), and the handlers of client requests (store, vote, load, abort).
 
+use crate::StorageError;
 use crate::backend::{Load, TempObject, TxnMeta};
 use crate::db::Db;
 use crate::tm::{LockAttempt, Stored, Tm};
-use crate::StorageError;
 use neo_lib::config::{Address, NodeConfig};
 use neo_lib::pt::PartitionTable;
 use neo_lib::{CellState, ClusterState, ErrorCode, Nid, NodeState, NodeType, Oid, Ptid, Tid};
@@ -150,19 +150,19 @@ async fn master_session(st: &Arc<Storage>) -> Option<SessionEnd> {
         }
     }
     let (link, mut incoming, accept) = found?;
-    if let Some(your) = accept.your_nid.map(Nid) {
-        if nid != Some(your) {
-            info!("node id {your} assigned by the master");
-            let s = your.0.to_string();
-            match st.db.call(move |b| b.set_config("nid", Some(&s))).await {
-                Ok(Ok(())) => st.with(|sh| sh.nid = Some(your)),
-                Ok(Err(e)) => {
-                    warn!("cannot save node id: {e}");
-                    link.abort();
-                    return Some(SessionEnd::Lost);
-                }
-                Err(_) => return Some(SessionEnd::Stop),
+    if let Some(your) = accept.your_nid.map(Nid)
+        && nid != Some(your)
+    {
+        info!("node id {your} assigned by the master");
+        let s = your.0.to_string();
+        match st.db.call(move |b| b.set_config("nid", Some(&s))).await {
+            Ok(Ok(())) => st.with(|sh| sh.nid = Some(your)),
+            Ok(Err(e)) => {
+                warn!("cannot save node id: {e}");
+                link.abort();
+                return Some(SessionEnd::Lost);
             }
+            Err(_) => return Some(SessionEnd::Stop),
         }
     }
     info!("connected to the primary master {}", link.peer());
@@ -216,7 +216,9 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
         Body::NotifyPartitionChanges(m) => {
             let changes = proto::convert::changes_from_msg(&m).map_err(proto_err)?;
             st.with(|s| match s.pt.as_mut() {
-                Some(pt) => pt.apply(Ptid(m.ptid), m.replicas, &changes).map_err(|e| StorageError::Protocol(e.to_string())),
+                Some(pt) => {
+                    pt.apply(Ptid(m.ptid), m.replicas, &changes).map_err(|e| StorageError::Protocol(e.to_string()))
+                }
                 None => Err(StorageError::Protocol("partition changes without a partition table".into())),
             })?;
             save_pt(st).await?;
@@ -303,10 +305,8 @@ async fn abort(st: &Storage, ttid: Tid) {
     }
     if let Some(held) = st.tm.release(ttid) {
         debug!("abort {ttid:?}");
-        let _ = held; // RELEASE-HELD: wired to Backend::release_data once the trait has it
-        match st.db.call(move |b| b.abort(ttid)).await {
-            Ok(Err(e)) => warn!("abort {ttid:?}: {e}"),
-            Ok(Ok(())) | Err(_) => {}
+        if let Ok(Err(e)) = st.db.call(move |b| b.release_data(&held).and_then(|_| b.abort(ttid))).await {
+            warn!("abort {ttid:?}: {e}")
         }
     }
 }
@@ -393,13 +393,15 @@ async fn handle_client(st: &Arc<Storage>, link: &Link, req: Request) {
                     extension: m.extension,
                     oids: m.oids.into_iter().map(Oid).collect(),
                 };
-                let ans = vote(&st2, link2.conn_id(), ttid, Some(meta)).await.map(|_| msg::AnswerStoreTransaction {}.into());
+                let ans =
+                    vote(&st2, link2.conn_id(), ttid, Some(meta)).await.map(|_| msg::AnswerStoreTransaction {}.into());
                 let _ = link2.answer(id, ans.unwrap_or_else(|b| b)).await;
             });
         }
         Body::AskVoteTransaction(m) => {
             tokio::spawn(async move {
-                let ans = vote(&st2, link2.conn_id(), Tid(m.ttid), None).await.map(|_| msg::AnswerVoteTransaction {}.into());
+                let ans =
+                    vote(&st2, link2.conn_id(), Tid(m.ttid), None).await.map(|_| msg::AnswerVoteTransaction {}.into());
                 let _ = link2.answer(id, ans.unwrap_or_else(|b| b)).await;
             });
         }
@@ -452,7 +454,9 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
         notified.as_mut().enable();
         match st.tm.try_lock(ttid, oid) {
             LockAttempt::Acquired => break,
-            LockAttempt::Gone => return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted")),
+            LockAttempt::Gone => {
+                return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
+            }
             LockAttempt::Conflict(holder) => {
                 let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
                     Ok(Ok(s)) => s.unwrap_or(Tid::ZERO),

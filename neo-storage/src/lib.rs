@@ -43,9 +43,8 @@ pub fn open_backend(cfg: &NodeConfig) -> Result<Box<dyn Backend>, StorageError> 
 
 /// Run a storage node until `shutdown` is cancelled or the cluster stops.
 pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> Result<(), StorageError> {
-    let listener = proto::net::listen(&cfg.bind)
-        .await
-        .map_err(|err| StorageError::Listen { addr: cfg.bind.to_string(), err })?;
+    let listener =
+        proto::net::listen(&cfg.bind).await.map_err(|err| StorageError::Listen { addr: cfg.bind.to_string(), err })?;
     run_with_listener(cfg, listener, shutdown).await
 }
 
@@ -63,6 +62,7 @@ pub async fn run_with_listener(
     let backend = tokio::task::spawn_blocking(move || open_backend(&cfg2))
         .await
         .map_err(|e| StorageError::Config(format!("cannot open the database: {e}")))??;
-    let db = db::Db::spawn(backend).map_err(|e| StorageError::Config(format!("cannot start the database thread: {e}")))?;
+    let db =
+        db::Db::spawn(backend).map_err(|e| StorageError::Config(format!("cannot start the database thread: {e}")))?;
     app::run(cfg, net, db, listener, shutdown).await
 }

@@ -118,12 +118,9 @@ impl Command {
         match *self {
             Command::PrintCluster => msg::AskClusterState {}.into(),
             Command::PrintNode(t) => msg::AskNodeList { node_type: t.map(|t| t as i32) }.into(),
-            Command::PrintPt { min, max } => msg::AskPartitionList {
-                min_offset: min.unwrap_or(0),
-                max_offset: max.unwrap_or(0),
-                nid: None,
+            Command::PrintPt { min, max } => {
+                msg::AskPartitionList { min_offset: min.unwrap_or(0), max_offset: max.unwrap_or(0), nid: None }.into()
             }
-            .into(),
             Command::PrintIds => msg::AskIds {}.into(),
             Command::PrintPrimary => msg::AskPrimary {}.into(),
             Command::SetClusterState(s) => msg::SetClusterState { state: s as i32 }.into(),
@@ -132,6 +129,7 @@ impl Command {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use clap::error::ErrorKind;
@@ -160,10 +158,7 @@ mod tests {
         assert_eq!(cmd(&["print", "primary"]), Command::PrintPrimary);
         assert_eq!(cmd(&["start"]), Command::SetClusterState(ClusterState::Verifying));
         assert_eq!(cmd(&["set", "cluster", "STOPPING"]), Command::SetClusterState(ClusterState::Stopping));
-        assert_eq!(
-            cmd(&["set", "cluster", "starting_backup"]),
-            Command::SetClusterState(ClusterState::StartingBackup)
-        );
+        assert_eq!(cmd(&["set", "cluster", "starting_backup"]), Command::SetClusterState(ClusterState::StartingBackup));
     }
 
     #[test]

@@ -27,9 +27,13 @@ pub enum CtlError {
 impl fmt::Display for CtlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CtlError::Unreachable { addr, reason } => write!(f, "cannot reach admin at {addr}: {reason}"),
+            CtlError::Unreachable { addr, reason } => {
+                write!(f, "cannot reach admin at {addr}: {reason}")
+            }
             CtlError::Remote { code, message } => write!(f, "{code}: {message}"),
-            CtlError::Timeout { addr, secs } => write!(f, "no answer from admin at {addr} within {secs} s"),
+            CtlError::Timeout { addr, secs } => {
+                write!(f, "no answer from admin at {addr} within {secs} s")
+            }
             CtlError::Unexpected(what) => write!(f, "unexpected answer {what} from admin"),
             CtlError::Invalid(what) => f.write_str(what),
             CtlError::Tls(what) => write!(f, "TLS: {what}"),
@@ -85,7 +89,11 @@ pub fn format_answer(cmd: &Command, answer: Body, json: bool) -> Result<String, 
         (Command::PrintIds, Body::AnswerIds(m)) => Ok(format_ids(&m, json)),
         (Command::PrintPrimary, Body::AnswerPrimary(m)) => {
             let nid = Nid(m.nid).to_string();
-            Ok(if json { json!({ "nid": nid, "address": m.address }).to_string() } else { format!("{nid} {}", m.address) })
+            Ok(if json {
+                json!({ "nid": nid, "address": m.address }).to_string()
+            } else {
+                format!("{nid} {}", m.address)
+            })
         }
         (Command::SetClusterState(_), Body::Error(_)) => {
             Ok(if json { json!({ "ok": true }).to_string() } else { String::new() })
@@ -144,11 +152,8 @@ pub fn format_pt(pt: &PartitionTable, min: Option<u32>, max: Option<u32>, json: 
     if json {
         let rows: Vec<Value> = range
             .map(|p| {
-                let cells: Vec<Value> = pt
-                    .row(p)
-                    .iter()
-                    .map(|c| json!({ "nid": c.nid.to_string(), "state": c.state.as_str() }))
-                    .collect();
+                let cells: Vec<Value> =
+                    pt.row(p).iter().map(|c| json!({ "nid": c.nid.to_string(), "state": c.state.as_str() })).collect();
                 json!({ "partition": p, "cells": cells })
             })
             .collect();
@@ -226,6 +231,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use neo_lib::config::Address;
@@ -263,7 +269,7 @@ mod tests {
 
     #[test]
     fn nodes() {
-        let nodes = vec![
+        let nodes = [
             NodeInfo {
                 node_type: NodeType::Storage,
                 nid: s(1),
@@ -279,7 +285,8 @@ mod tests {
                 id_timestamp: 3.0,
             },
         ];
-        let b = || Body::AnswerNodeList(msg::AnswerNodeList { nodes: nodes.iter().map(convert::node_to_msg).collect() });
+        let b =
+            || Body::AnswerNodeList(msg::AnswerNodeList { nodes: nodes.iter().map(convert::node_to_msg).collect() });
         assert_eq!(
             out(Command::PrintNode(None), b(), false),
             "STORAGE S1 127.0.0.1:20001 RUNNING\nCLIENT C3 - RUNNING"
@@ -341,19 +348,19 @@ mod tests {
     fn ids() {
         let tid = Tid::from_unix(1_795_428_000.123456).0;
         let m = msg::AnswerIds { last_oid: 0x2a, last_tid: tid, ptid: 7, backup_tid: None };
-        let text = out(Command::PrintIds, Body::AnswerIds(m.clone()), false);
+        let text = out(Command::PrintIds, Body::AnswerIds(m), false);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "last_oid = 0x000000000000002a");
         assert_eq!(lines[1], format!("last_tid = 0x{tid:016x} (2026-11-23 10:00:00.123456 UTC)"));
         assert_eq!(lines[2], "last_ptid = 7");
         assert_eq!(lines.len(), 3);
-        let j: Value = serde_json::from_str(&out(Command::PrintIds, Body::AnswerIds(m.clone()), true)).unwrap();
+        let j: Value = serde_json::from_str(&out(Command::PrintIds, Body::AnswerIds(m), true)).unwrap();
         assert_eq!(
             j,
             json!({"last_oid": "0x000000000000002a", "last_tid": format!("0x{tid:016x}"), "last_ptid": 7, "backup_tid": null})
         );
         let m = msg::AnswerIds { backup_tid: Some(tid), last_tid: 0, ..m };
-        let text = out(Command::PrintIds, Body::AnswerIds(m.clone()), false);
+        let text = out(Command::PrintIds, Body::AnswerIds(m), false);
         assert!(text.contains("last_tid = 0x0000000000000000\n"), "{text}");
         assert!(text.ends_with(&format!("backup_tid = 0x{tid:016x} (2026-11-23 10:00:00.123456 UTC)")), "{text}");
         let j: Value = serde_json::from_str(&out(Command::PrintIds, Body::AnswerIds(m), true)).unwrap();
@@ -363,7 +370,10 @@ mod tests {
     #[test]
     fn primary() {
         let b = || {
-            Body::AnswerPrimary(msg::AnswerPrimary { nid: Nid::new(NodeType::Master, 1).0, address: "127.0.0.1:10000".into() })
+            Body::AnswerPrimary(msg::AnswerPrimary {
+                nid: Nid::new(NodeType::Master, 1).0,
+                address: "127.0.0.1:10000".into(),
+            })
         };
         assert_eq!(out(Command::PrintPrimary, b(), false), "M1 127.0.0.1:10000");
         assert_eq!(out(Command::PrintPrimary, b(), true), r#"{"address":"127.0.0.1:10000","nid":"M1"}"#);
@@ -387,10 +397,8 @@ mod tests {
         let r = format_answer(&Command::PrintCluster, proto::ack(), false);
         assert!(matches!(r, Err(CtlError::Unexpected(_))));
         assert_eq!(exit_code(&Ok(String::new())), 0);
-        let e = CtlError::Unreachable {
-            addr: "127.0.0.1:9999".into(),
-            reason: "Connection refused (os error 111)".into(),
-        };
+        let e =
+            CtlError::Unreachable { addr: "127.0.0.1:9999".into(), reason: "Connection refused (os error 111)".into() };
         assert_eq!(e.to_string(), "cannot reach admin at 127.0.0.1:9999: Connection refused (os error 111)");
         assert_eq!(e.exit_code(), 1);
         assert_eq!(

@@ -47,12 +47,10 @@ async fn exit_codes() {
     assert!(text(&o.stderr).contains("RUNNING"), "{}", text(&o.stderr));
 
     // An admin without master: NOT_READY, exit 1.
-    let values: BTreeMap<String, String> = [
-        ("cluster".to_string(), "test".to_string()),
-        ("masters".to_string(), format!("127.0.0.1:{}", dead_port())),
-    ]
-    .into_iter()
-    .collect();
+    let values: BTreeMap<String, String> =
+        [("cluster".to_string(), "test".to_string()), ("masters".to_string(), format!("127.0.0.1:{}", dead_port()))]
+            .into_iter()
+            .collect();
     let cfg = match NodeConfig::from_values(&values, NodeType::Admin, "test") {
         Ok(c) => c,
         Err(e) => panic!("{e}"),

@@ -131,7 +131,9 @@ pub async fn connect_identified(
     let res = tokio::time::timeout(HANDSHAKE_TIMEOUT, link.ask(req))
         .await
         .map_err(|_| NetError::Timeout { addr: a.clone() })
-        .and_then(|r| r.and_then(|b| expect_answer!(b, AcceptIdentification)).map_err(|err| NetError::Link { addr: a, err }));
+        .and_then(|r| {
+            r.and_then(|b| expect_answer!(b, AcceptIdentification)).map_err(|err| NetError::Link { addr: a, err })
+        });
     match res {
         Ok(acc) => Ok((link, incoming, acc)),
         Err(e) => {
@@ -165,12 +167,7 @@ pub async fn receive_identification(
         }
     };
     if req.protocol_version != PROTOCOL_VERSION {
-        warn!(
-            "{}: refused: protocol version {} (ours is {})",
-            link.peer(),
-            req.protocol_version,
-            PROTOCOL_VERSION
-        );
+        warn!("{}: refused: protocol version {} (ours is {})", link.peer(), req.protocol_version, PROTOCOL_VERSION);
         let msg = format!("protocol version mismatch: yours {}, ours {}", req.protocol_version, PROTOCOL_VERSION);
         link.refuse(id, ErrorCode::ProtocolError, msg).await;
         return None;

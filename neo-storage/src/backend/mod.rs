@@ -133,4 +133,7 @@ pub trait Backend: Send {
     fn final_tid(&mut self, ttid: Tid) -> Result<Option<Tid>>;
     /// Delete all temporary data of transactions that were not locked, and unreferenced data.
     fn drop_unfinished(&mut self) -> Result<()>;
+    /// Give back data ids returned by `store_data` for a transaction aborted before its vote,
+    /// so that the following `abort` can delete them if nothing else uses them.
+    fn release_data(&mut self, ids: &[DataId]) -> Result<()>;
 }

@@ -14,9 +14,7 @@
 //! `synchronous=NORMAL` (no fsync): its rows become durable with the following `vote`, whose
 //! FULL commit syncs the whole write-ahead log.
 
-use super::{
-    Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta,
-};
+use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
 use neo_lib::pt::{Cell, PartitionTable};
 use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
 use rusqlite::types::ValueRef;
@@ -116,46 +114,26 @@ fn id64(v: u64) -> i64 {
 // --- column readers: validate what the database returns instead of trusting it. `what` names
 // the row for error messages; it is only evaluated on error.
 
-fn col_opt_int(
-    row: &Row<'_>,
-    idx: usize,
-    col: &str,
-    what: &dyn Fn() -> String,
-) -> Result<Option<i64>> {
+fn col_opt_int(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<i64>> {
     match row.get_ref(idx).map_err(db)? {
         ValueRef::Null => Ok(None),
         ValueRef::Integer(v) => Ok(Some(v)),
-        other => Err(corrupt(format!(
-            "{}: column {col} holds a {} value, expected an integer",
-            what(),
-            other.data_type()
-        ))),
+        other => {
+            Err(corrupt(format!("{}: column {col} holds a {} value, expected an integer", what(), other.data_type())))
+        }
     }
 }
 
 fn col_int(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<i64> {
-    col_opt_int(row, idx, col, what)?
-        .ok_or_else(|| corrupt(format!("{}: column {col} is NULL", what())))
+    col_opt_int(row, idx, col, what)?.ok_or_else(|| corrupt(format!("{}: column {col} is NULL", what())))
 }
 
 fn tid_of(v: i64, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
-    u64::try_from(v).map(Tid).map_err(|_| {
-        corrupt(format!(
-            "{}: column {col} holds a negative TID ({v})",
-            what()
-        ))
-    })
+    u64::try_from(v).map(Tid).map_err(|_| corrupt(format!("{}: column {col} holds a negative TID ({v})", what())))
 }
 
-fn col_opt_tid(
-    row: &Row<'_>,
-    idx: usize,
-    col: &str,
-    what: &dyn Fn() -> String,
-) -> Result<Option<Tid>> {
-    col_opt_int(row, idx, col, what)?
-        .map(|v| tid_of(v, col, what))
-        .transpose()
+fn col_opt_tid(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<Tid>> {
+    col_opt_int(row, idx, col, what)?.map(|v| tid_of(v, col, what)).transpose()
 }
 
 fn col_tid(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
@@ -163,22 +141,12 @@ fn col_tid(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> R
 }
 
 /// A BLOB column; with `lenient`, TEXT is taken as bytes and NULL as empty (metadata columns).
-fn col_blob(
-    row: &Row<'_>,
-    idx: usize,
-    col: &str,
-    lenient: bool,
-    what: &dyn Fn() -> String,
-) -> Result<Vec<u8>> {
+fn col_blob(row: &Row<'_>, idx: usize, col: &str, lenient: bool, what: &dyn Fn() -> String) -> Result<Vec<u8>> {
     match row.get_ref(idx).map_err(db)? {
         ValueRef::Blob(b) => Ok(b.to_vec()),
         ValueRef::Text(t) if lenient => Ok(t.to_vec()),
         ValueRef::Null if lenient => Ok(Vec::new()),
-        other => Err(corrupt(format!(
-            "{}: column {col} holds a {} value, expected a blob",
-            what(),
-            other.data_type()
-        ))),
+        other => Err(corrupt(format!("{}: column {col} holds a {} value, expected a blob", what(), other.data_type()))),
     }
 }
 
@@ -188,11 +156,7 @@ fn encode_oids(oids: &[Oid]) -> Vec<u8> {
 
 fn decode_oids(blob: &[u8], what: &dyn Fn() -> String) -> Result<Vec<Oid>> {
     if !blob.len().is_multiple_of(8) {
-        return Err(corrupt(format!(
-            "{}: oid list of {} bytes is not a multiple of 8",
-            what(),
-            blob.len()
-        )));
+        return Err(corrupt(format!("{}: oid list of {} bytes is not a multiple of 8", what(), blob.len())));
     }
     Ok(blob
         .chunks_exact(8)
@@ -229,10 +193,7 @@ pub struct SqliteBackend {
 
 impl std::fmt::Debug for SqliteBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteBackend")
-            .field("path", &self.conn.path())
-            .field("held", &self.held.len())
-            .finish()
+        f.debug_struct("SqliteBackend").field("path", &self.conn.path()).field("held", &self.held.len()).finish()
     }
 }
 
@@ -241,17 +202,10 @@ impl SqliteBackend {
     /// database) for cluster `cluster`, upgrading its schema to `SCHEMA_VERSION`.
     pub fn open(path: &Path, cluster: &str) -> Result<SqliteBackend> {
         let memory = path == Path::new(":memory:");
-        let mut conn = if memory {
-            Connection::open_in_memory()
-        } else {
-            Connection::open(path)
-        }
-        .map_err(db)?;
+        let mut conn = if memory { Connection::open_in_memory() } else { Connection::open(path) }.map_err(db)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
         if !memory {
-            let mode: String = conn
-                .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-                .map_err(db)?;
+            let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(db)?;
             if !mode.eq_ignore_ascii_case("wal") {
                 return Err(BackendError::Db(format!(
                     "cannot enable WAL journal mode on {} (got {mode})",
@@ -259,61 +213,44 @@ impl SqliteBackend {
                 )));
             }
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")
-            .map_err(db)?;
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;").map_err(db)?;
         conn.set_prepared_statement_cache_capacity(64);
         Self::init_schema(&mut conn, cluster)?;
-        Ok(SqliteBackend {
-            conn,
-            held: HashMap::new(),
-            released: HashSet::new(),
-        })
+        Ok(SqliteBackend { conn, held: HashMap::new(), released: HashSet::new() })
     }
 
     /// Create or upgrade the schema and check the cluster name, in one transaction (rolled back
     /// on any error, so a wrong cluster leaves the file untouched).
     fn init_schema(conn: &mut Connection, cluster: &str) -> Result<()> {
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
         let has_config: bool = tx
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type='table' AND name='config')",
-                [],
-                |r| r.get(0),
-            )
+            .query_row("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type='table' AND name='config')", [], |r| {
+                r.get(0)
+            })
             .map_err(db)?;
         let version = if has_config {
             let v: Option<String> = tx
-                .query_row("SELECT value FROM config WHERE name='version'", [], |r| {
-                    r.get(0)
-                })
+                .query_row("SELECT value FROM config WHERE name='version'", [], |r| r.get(0))
                 .optional()
                 .map_err(db)?
                 .flatten();
             match v {
                 None => 0,
-                Some(v) => v
-                    .parse::<u32>()
-                    .map_err(|_| corrupt(format!("config: invalid schema version {v:?}")))?,
+                Some(v) => v.parse::<u32>().map_err(|_| corrupt(format!("config: invalid schema version {v:?}")))?,
             }
         } else {
             0
         };
         if version > SCHEMA_VERSION {
-            return Err(BackendError::SchemaTooNew {
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
+            return Err(BackendError::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
         }
         if version > 0 {
             // Check the cluster before touching anything.
             check_cluster(&tx, cluster)?;
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_batch(sql).map_err(|e| {
-                BackendError::Db(format!("schema migration to version {}: {e}", i + 1))
-            })?;
+            tx.execute_batch(sql)
+                .map_err(|e| BackendError::Db(format!("schema migration to version {}: {e}", i + 1)))?;
         }
         if version < SCHEMA_VERSION {
             tx.execute(
@@ -341,11 +278,7 @@ impl SqliteBackend {
     }
 
     /// Delete the data rows among `ids` that are neither held nor referenced by obj or tobj.
-    fn prune(
-        tx: &Connection,
-        held: &HashMap<DataId, u32>,
-        ids: impl IntoIterator<Item = DataId>,
-    ) -> Result<()> {
+    fn prune(tx: &Connection, held: &HashMap<DataId, u32>, ids: impl IntoIterator<Item = DataId>) -> Result<()> {
         let mut stmt = tx
             .prepare_cached(
                 "DELETE FROM data WHERE id = ?1
@@ -382,60 +315,41 @@ impl SqliteBackend {
 }
 
 fn check_cluster(conn: &Connection, cluster: &str) -> Result<()> {
-    let found: Option<Option<String>> = conn
-        .query_row("SELECT value FROM config WHERE name='name'", [], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(db)?;
+    let found: Option<Option<String>> =
+        conn.query_row("SELECT value FROM config WHERE name='name'", [], |r| r.get(0)).optional().map_err(db)?;
     match found.flatten() {
-        Some(found) if found != cluster => Err(BackendError::WrongCluster {
-            found,
-            expected: cluster.to_string(),
-        }),
+        Some(found) if found != cluster => Err(BackendError::WrongCluster { found, expected: cluster.to_string() }),
         Some(_) => Ok(()),
         None => {
-            conn.execute(
-                "INSERT OR REPLACE INTO config (name, value) VALUES ('name', ?1)",
-                [cluster],
-            )
-            .map_err(db)?;
+            conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES ('name', ?1)", [cluster]).map_err(db)?;
             Ok(())
         }
     }
 }
 
 fn config_value(conn: &Connection, key: &str) -> Result<Option<String>> {
-    let mut stmt = conn
-        .prepare_cached("SELECT value FROM config WHERE name = ?1")
-        .map_err(db)?;
+    let mut stmt = conn.prepare_cached("SELECT value FROM config WHERE name = ?1").map_err(db)?;
     let mut rows = stmt.query([key]).map_err(db)?;
     let Some(row) = rows.next().map_err(db)? else {
         return Ok(None);
     };
     match row.get_ref(0).map_err(db)? {
         ValueRef::Null => Ok(None),
-        ValueRef::Text(t) => String::from_utf8(t.to_vec())
-            .map(Some)
-            .map_err(|_| corrupt(format!("config {key:?}: value is not UTF-8"))),
+        ValueRef::Text(t) => {
+            String::from_utf8(t.to_vec()).map(Some).map_err(|_| corrupt(format!("config {key:?}: value is not UTF-8")))
+        }
         ValueRef::Integer(i) => Ok(Some(i.to_string())),
-        other => Err(corrupt(format!(
-            "config {key:?}: value holds a {} value",
-            other.data_type()
-        ))),
+        other => Err(corrupt(format!("config {key:?}: value holds a {} value", other.data_type()))),
     }
 }
 
 fn parse_config<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<T> {
-    let v =
-        config_value(conn, key)?.ok_or_else(|| corrupt(format!("config {key:?} is missing")))?;
-    v.parse()
-        .map_err(|_| corrupt(format!("config {key:?}: invalid value {v:?}")))
+    let v = config_value(conn, key)?.ok_or_else(|| corrupt(format!("config {key:?} is missing")))?;
+    v.parse().map_err(|_| corrupt(format!("config {key:?}: invalid value {v:?}")))
 }
 
 /// Load statements: `tid` condition none / `= at` / `< before` / both.
-const LOAD_COLUMNS: &str =
-    "SELECT o.tid, o.data_id, o.value_tid, d.id, d.hash, d.compression, d.value,
+const LOAD_COLUMNS: &str = "SELECT o.tid, o.data_id, o.value_tid, d.id, d.hash, d.compression, d.value,
         (SELECT MIN(n.tid) FROM obj n WHERE n.partition = o.partition AND n.oid = o.oid
            AND n.tid > o.tid)
     FROM obj o LEFT JOIN data d ON d.id = o.data_id
@@ -457,11 +371,7 @@ impl Backend for SqliteBackend {
                 .prepare_cached("INSERT OR REPLACE INTO config (name, value) VALUES (?1, ?2)")
                 .map_err(db)?
                 .execute([key, v]),
-            None => self
-                .conn
-                .prepare_cached("DELETE FROM config WHERE name = ?1")
-                .map_err(db)?
-                .execute([key]),
+            None => self.conn.prepare_cached("DELETE FROM config WHERE name = ?1").map_err(db)?.execute([key]),
         }
         .map_err(db)?;
         Ok(())
@@ -477,9 +387,8 @@ impl Backend for SqliteBackend {
         let np: u32 = parse_config(&tx, "partitions")?;
         let mut rows: Vec<Vec<Cell>> = vec![Vec::new(); np as usize];
         {
-            let mut stmt = tx
-                .prepare_cached("SELECT partition, nid, state FROM pt ORDER BY partition, nid")
-                .map_err(db)?;
+            let mut stmt =
+                tx.prepare_cached("SELECT partition, nid, state FROM pt ORDER BY partition, nid").map_err(db)?;
             let mut q = stmt.query([]).map_err(db)?;
             while let Some(row) = q.next().map_err(db)? {
                 let what = || "partition table row".to_string();
@@ -490,22 +399,13 @@ impl Backend for SqliteBackend {
                 let slot = usize::try_from(partition)
                     .ok()
                     .and_then(|p| rows.get_mut(p))
-                    .ok_or_else(|| {
-                        corrupt(format!(
-                            "{}: partition out of range (table has {np})",
-                            what()
-                        ))
-                    })?;
-                let nid = i32::try_from(nid)
-                    .map_err(|_| corrupt(format!("{}: invalid node id", what())))?;
+                    .ok_or_else(|| corrupt(format!("{}: partition out of range (table has {np})", what())))?;
+                let nid = i32::try_from(nid).map_err(|_| corrupt(format!("{}: invalid node id", what())))?;
                 let state = i32::try_from(state)
                     .ok()
                     .and_then(CellState::from_i32)
                     .ok_or_else(|| corrupt(format!("{}: invalid cell state {state}", what())))?;
-                slot.push(Cell {
-                    nid: Nid(nid),
-                    state,
-                });
+                slot.push(Cell { nid: Nid(nid), state });
             }
         }
         tx.commit().map_err(db)?;
@@ -516,28 +416,20 @@ impl Backend for SqliteBackend {
 
     fn save_pt(&mut self, pt: &PartitionTable) -> Result<()> {
         let tx = self.conn.transaction().map_err(db)?;
-        tx.prepare_cached("DELETE FROM pt")
-            .map_err(db)?
-            .execute([])
-            .map_err(db)?;
+        tx.prepare_cached("DELETE FROM pt").map_err(db)?.execute([]).map_err(db)?;
         {
-            let mut ins = tx
-                .prepare_cached("INSERT INTO pt (partition, nid, state) VALUES (?1, ?2, ?3)")
-                .map_err(db)?;
+            let mut ins =
+                tx.prepare_cached("INSERT INTO pt (partition, nid, state) VALUES (?1, ?2, ?3)").map_err(db)?;
             for (p, row) in pt.rows().iter().enumerate() {
                 for cell in row {
-                    ins.execute(params![p as i64, cell.nid.0, cell.state as i32])
-                        .map_err(db)?;
+                    ins.execute(params![p as i64, cell.nid.0, cell.state as i32]).map_err(db)?;
                 }
             }
-            let mut cfg = tx
-                .prepare_cached("INSERT OR REPLACE INTO config (name, value) VALUES (?1, ?2)")
-                .map_err(db)?;
+            let mut cfg =
+                tx.prepare_cached("INSERT OR REPLACE INTO config (name, value) VALUES (?1, ?2)").map_err(db)?;
             cfg.execute(["ptid", &pt.ptid.0.to_string()]).map_err(db)?;
-            cfg.execute(["replicas", &pt.replicas.to_string()])
-                .map_err(db)?;
-            cfg.execute(["partitions", &pt.np().to_string()])
-                .map_err(db)?;
+            cfg.execute(["replicas", &pt.replicas.to_string()]).map_err(db)?;
+            cfg.execute(["partitions", &pt.np().to_string()]).map_err(db)?;
         }
         tx.commit().map_err(db)
     }
@@ -569,23 +461,14 @@ impl Backend for SqliteBackend {
             )
             .map_err(db)?;
         let mut q = stmt.query([]).map_err(db)?;
-        let row = q
-            .next()
-            .map_err(db)?
-            .ok_or_else(|| BackendError::Db("last_ids: no row".into()))?;
+        let row = q.next().map_err(db)?.ok_or_else(|| BackendError::Db("last_ids: no row".into()))?;
         let what = || "last ids".to_string();
         let tid = col_opt_tid(row, 0, "trans.tid", &what)?;
         let oid = col_opt_int(row, 1, "oid", &what)?.map(|v| Oid(v as u64));
         Ok((tid, oid))
     }
 
-    fn load(
-        &mut self,
-        partition: u32,
-        oid: Oid,
-        at: Option<Tid>,
-        before: Option<Tid>,
-    ) -> Result<Load> {
+    fn load(&mut self, partition: u32, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Load> {
         let max = Tid::MAX.0;
         // A `before` beyond the largest storable TID excludes nothing; an `at` beyond it
         // matches nothing (-1 is never a valid stored TID).
@@ -596,25 +479,18 @@ impl Backend for SqliteBackend {
             let mut stmt;
             let mut q = match (at, before) {
                 (None, None) => {
-                    stmt = self
-                        .conn
-                        .prepare_cached(&format!("{LOAD_COLUMNS} ORDER BY o.tid DESC LIMIT 1"))
-                        .map_err(db)?;
+                    stmt =
+                        self.conn.prepare_cached(&format!("{LOAD_COLUMNS} ORDER BY o.tid DESC LIMIT 1")).map_err(db)?;
                     stmt.query(params![part, oid64])
                 }
                 (Some(at), None) => {
-                    stmt = self
-                        .conn
-                        .prepare_cached(&format!("{LOAD_COLUMNS} AND o.tid = ?3"))
-                        .map_err(db)?;
+                    stmt = self.conn.prepare_cached(&format!("{LOAD_COLUMNS} AND o.tid = ?3")).map_err(db)?;
                     stmt.query(params![part, oid64, at])
                 }
                 (None, Some(before)) => {
                     stmt = self
                         .conn
-                        .prepare_cached(&format!(
-                            "{LOAD_COLUMNS} AND o.tid < ?3 ORDER BY o.tid DESC LIMIT 1"
-                        ))
+                        .prepare_cached(&format!("{LOAD_COLUMNS} AND o.tid < ?3 ORDER BY o.tid DESC LIMIT 1"))
                         .map_err(db)?;
                     stmt.query(params![part, oid64, before.0 as i64])
                 }
@@ -641,21 +517,13 @@ impl Backend for SqliteBackend {
             .map_err(db)?
             .query_row(params![part, oid64], |r| r.get(0))
             .map_err(db)?;
-        Ok(if exists {
-            Load::NotFound
-        } else {
-            Load::DoesNotExist
-        })
+        Ok(if exists { Load::NotFound } else { Load::DoesNotExist })
     }
 
     fn last_serial(&mut self, partition: u32, oid: Oid) -> Result<Option<Tid>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT MAX(tid) FROM obj WHERE partition = ?1 AND oid = ?2")
-            .map_err(db)?;
-        let mut q = stmt
-            .query(params![i64::from(partition), id64(oid.0)])
-            .map_err(db)?;
+        let mut stmt =
+            self.conn.prepare_cached("SELECT MAX(tid) FROM obj WHERE partition = ?1 AND oid = ?2").map_err(db)?;
+        let mut q = stmt.query(params![i64::from(partition), id64(oid.0)]).map_err(db)?;
         match q.next().map_err(db)? {
             None => Ok(None),
             Some(row) => col_opt_tid(row, 0, "tid", &|| format!("object {oid}")),
@@ -670,9 +538,7 @@ impl Backend for SqliteBackend {
                  WHERE partition = ?1 AND tid = ?2",
             )
             .map_err(db)?;
-        let mut q = stmt
-            .query(params![i64::from(partition), id64(tid.0)])
-            .map_err(db)?;
+        let mut q = stmt.query(params![i64::from(partition), id64(tid.0)]).map_err(db)?;
         let Some(row) = q.next().map_err(db)? else {
             return Ok(None);
         };
@@ -696,13 +562,7 @@ impl Backend for SqliteBackend {
         }))
     }
 
-    fn store_data(
-        &mut self,
-        _partition: u32,
-        checksum: &[u8],
-        compression: u32,
-        data: &[u8],
-    ) -> Result<DataId> {
+    fn store_data(&mut self, _partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
         if checksum.len() != CHECKSUM_LEN {
             return Err(BackendError::Db(format!(
                 "store_data: checksum of {} bytes, expected {CHECKSUM_LEN}",
@@ -710,19 +570,12 @@ impl Backend for SqliteBackend {
             )));
         }
         if compression > 1 {
-            return Err(BackendError::Db(format!(
-                "store_data: unknown compression {compression}"
-            )));
+            return Err(BackendError::Db(format!("store_data: unknown compression {compression}")));
         }
         // No fsync here: the next vote's FULL commit makes this row durable with the WAL.
-        self.conn
-            .execute_batch("PRAGMA synchronous=NORMAL")
-            .map_err(db)?;
+        self.conn.execute_batch("PRAGMA synchronous=NORMAL").map_err(db)?;
         let result = self.insert_data(checksum, compression, data);
-        let restore = self
-            .conn
-            .execute_batch("PRAGMA synchronous=FULL")
-            .map_err(db);
+        let restore = self.conn.execute_batch("PRAGMA synchronous=FULL").map_err(db);
         let id = result?;
         restore?;
         *self.held.entry(id).or_insert(0) += 1;
@@ -730,12 +583,7 @@ impl Backend for SqliteBackend {
         Ok(id)
     }
 
-    fn vote(
-        &mut self,
-        ttid: Tid,
-        objects: &[(u32, TempObject)],
-        meta: Option<(u32, &TxnMeta)>,
-    ) -> Result<()> {
+    fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
         let ttid64 = id64(ttid.0);
         let tx = self.conn.transaction().map_err(db)?;
         {
@@ -774,9 +622,7 @@ impl Backend for SqliteBackend {
                         m.extension,
                     ]),
                 None => tx
-                    .prepare_cached(
-                        "INSERT INTO ttrans (ttid, meta) VALUES (?1, 0) ON CONFLICT (ttid) DO NOTHING",
-                    )
+                    .prepare_cached("INSERT INTO ttrans (ttid, meta) VALUES (?1, 0) ON CONFLICT (ttid) DO NOTHING")
                     .map_err(db)?
                     .execute([ttid64]),
             }
@@ -828,14 +674,8 @@ impl Backend for SqliteBackend {
         .map_err(db)?
         .execute([ttid64, tid64])
         .map_err(db)?;
-        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1")
-            .map_err(db)?
-            .execute([ttid64])
-            .map_err(db)?;
-        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1")
-            .map_err(db)?
-            .execute([ttid64])
-            .map_err(db)?;
+        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
+        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
         tx.commit().map_err(db)
     }
 
@@ -845,25 +685,15 @@ impl Backend for SqliteBackend {
         let mut candidates: Vec<DataId> = self.released.iter().copied().collect();
         {
             let mut stmt = tx
-                .prepare_cached(
-                    "SELECT DISTINCT data_id FROM tobj WHERE tid = ?1 AND data_id IS NOT NULL",
-                )
+                .prepare_cached("SELECT DISTINCT data_id FROM tobj WHERE tid = ?1 AND data_id IS NOT NULL")
                 .map_err(db)?;
             let mut q = stmt.query([ttid64]).map_err(db)?;
             while let Some(row) = q.next().map_err(db)? {
-                candidates.push(col_int(row, 0, "data_id", &|| {
-                    format!("temporary object of {ttid}")
-                })?);
+                candidates.push(col_int(row, 0, "data_id", &|| format!("temporary object of {ttid}"))?);
             }
         }
-        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1")
-            .map_err(db)?
-            .execute([ttid64])
-            .map_err(db)?;
-        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1")
-            .map_err(db)?
-            .execute([ttid64])
-            .map_err(db)?;
+        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
+        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
         Self::prune(&tx, &self.held, candidates)?;
         tx.commit().map_err(db)?;
         self.released.clear();
@@ -871,48 +701,39 @@ impl Backend for SqliteBackend {
     }
 
     fn locked_transactions(&mut self) -> Result<Vec<(Tid, Option<Tid>)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT ttid, tid FROM ttrans ORDER BY ttid")
-            .map_err(db)?;
+        let mut stmt = self.conn.prepare_cached("SELECT ttid, tid FROM ttrans ORDER BY ttid").map_err(db)?;
         let mut q = stmt.query([]).map_err(db)?;
         let mut out = Vec::new();
         while let Some(row) = q.next().map_err(db)? {
             let what = || "temporary transaction".to_string();
             let ttid = col_tid(row, 0, "ttid", &what)?;
-            let final_tid =
-                col_opt_tid(row, 1, "tid", &|| format!("temporary transaction {ttid}"))?;
+            let final_tid = col_opt_tid(row, 1, "tid", &|| format!("temporary transaction {ttid}"))?;
             out.push((ttid, final_tid));
         }
         Ok(out)
     }
 
     fn final_tid(&mut self, ttid: Tid) -> Result<Option<Tid>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT tid FROM trans WHERE ttid = ?1 LIMIT 1")
-            .map_err(db)?;
+        let mut stmt = self.conn.prepare_cached("SELECT tid FROM trans WHERE ttid = ?1 LIMIT 1").map_err(db)?;
         let mut q = stmt.query([id64(ttid.0)]).map_err(db)?;
         match q.next().map_err(db)? {
             None => Ok(None),
-            Some(row) => {
-                col_tid(row, 0, "tid", &|| format!("transaction with ttid {ttid}")).map(Some)
-            }
+            Some(row) => col_tid(row, 0, "tid", &|| format!("transaction with ttid {ttid}")).map(Some),
         }
+    }
+
+    fn release_data(&mut self, ids: &[DataId]) -> Result<()> {
+        self.release(ids);
+        Ok(())
     }
 
     fn drop_unfinished(&mut self) -> Result<()> {
         let tx = self.conn.transaction().map_err(db)?;
-        tx.prepare_cached(
-            "DELETE FROM tobj WHERE tid IN (SELECT ttid FROM ttrans WHERE tid IS NULL)",
-        )
-        .map_err(db)?
-        .execute([])
-        .map_err(db)?;
-        tx.prepare_cached("DELETE FROM ttrans WHERE tid IS NULL")
+        tx.prepare_cached("DELETE FROM tobj WHERE tid IN (SELECT ttid FROM ttrans WHERE tid IS NULL)")
             .map_err(db)?
             .execute([])
             .map_err(db)?;
+        tx.prepare_cached("DELETE FROM ttrans WHERE tid IS NULL").map_err(db)?.execute([]).map_err(db)?;
         // Temporary objects without a transaction row cannot be unlocked: drop them too.
         tx.prepare_cached("DELETE FROM tobj WHERE tid NOT IN (SELECT ttid FROM ttrans)")
             .map_err(db)?
@@ -958,19 +779,8 @@ fn read_record(row: &Row<'_>, oid: Oid) -> Result<ObjectRecord> {
                 )));
             }
             let compression = compression_of(col_int(row, 5, "compression", &what)?, &what)?;
-            (
-                compression,
-                checksum,
-                col_blob(row, 6, "value", false, &what)?,
-            )
+            (compression, checksum, col_blob(row, 6, "value", false, &what)?)
         }
     };
-    Ok(ObjectRecord {
-        serial,
-        next_serial,
-        compression,
-        checksum,
-        data,
-        data_serial,
-    })
+    Ok(ObjectRecord { serial, next_serial, compression, checksum, data, data_serial })
 }

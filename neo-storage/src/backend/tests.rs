@@ -7,9 +7,7 @@
 //! own wrappers calling the same functions.
 #![allow(clippy::unwrap_used)]
 
-use super::{
-    Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta,
-};
+use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
 use neo_lib::pt::{Cell, CellChange, PartitionTable};
 use neo_lib::{CellState, Nid, NodeType, Oid, Ptid, Tid};
 
@@ -27,9 +25,7 @@ const NP: u32 = 4;
 // --- helpers
 
 fn sha1(data: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, data)
-        .as_ref()
-        .to_vec()
+    ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, data).as_ref().to_vec()
 }
 
 fn part(id: u64) -> u32 {
@@ -43,19 +39,11 @@ fn s(n: u32) -> Nid {
 /// Store `data` (raw) for `oid` and return the temporary object to vote.
 fn store(b: &mut dyn Backend, oid: u64, data: &[u8]) -> TempObject {
     let id = b.store_data(part(oid), &sha1(data), 0, data).unwrap();
-    TempObject {
-        oid: Oid(oid),
-        data_id: Some(id),
-        data_serial: None,
-    }
+    TempObject { oid: Oid(oid), data_id: Some(id), data_serial: None }
 }
 
 fn deletion(oid: u64) -> TempObject {
-    TempObject {
-        oid: Oid(oid),
-        data_id: None,
-        data_serial: None,
-    }
+    TempObject { oid: Oid(oid), data_id: None, data_serial: None }
 }
 
 fn meta_for(user: &str, objects: &[TempObject]) -> TxnMeta {
@@ -75,8 +63,7 @@ fn with_parts(objects: &[TempObject]) -> Vec<(u32, TempObject)> {
 fn commit_objects(b: &mut dyn Backend, tid: u64, objects: &[TempObject]) -> TxnMeta {
     let ttid = Tid(tid - 1);
     let meta = meta_for(&format!("user{tid}"), objects);
-    b.vote(ttid, &with_parts(objects), Some((part(ttid.0), &meta)))
-        .unwrap();
+    b.vote(ttid, &with_parts(objects), Some((part(ttid.0), &meta))).unwrap();
     b.lock(ttid, Tid(tid)).unwrap();
     b.unlock(ttid, Tid(tid)).unwrap();
     meta
@@ -95,8 +82,7 @@ fn commit(b: &mut dyn Backend, tid: u64, objects: &[(u64, Option<&[u8]>)]) {
 }
 
 fn load(b: &mut dyn Backend, oid: u64, at: Option<u64>, before: Option<u64>) -> Load {
-    b.load(part(oid), Oid(oid), at.map(Tid), before.map(Tid))
-        .unwrap()
+    b.load(part(oid), Oid(oid), at.map(Tid), before.map(Tid)).unwrap()
 }
 
 fn found(l: Load) -> ObjectRecord {
@@ -138,10 +124,7 @@ fn sorted_locked(b: &mut dyn Backend) -> Vec<(Tid, Option<Tid>)> {
 fn assert_corrupt<T: std::fmt::Debug>(r: Result<T>, needle: &str) {
     match r {
         Err(BackendError::Corrupt(msg)) => {
-            assert!(
-                msg.contains(needle),
-                "corruption message {msg:?} does not name {needle:?}"
-            )
+            assert!(msg.contains(needle), "corruption message {msg:?} does not name {needle:?}")
         }
         other => panic!("expected a Corrupt error naming {needle:?}, got {other:?}"),
     }
@@ -193,10 +176,7 @@ pub(crate) fn load_revisions(b: &mut dyn Backend) {
     assert_eq!(load(b, 9, None, None), Load::DoesNotExist);
     assert_eq!(load(b, 9, Some(100), None), Load::DoesNotExist);
     assert_eq!(load(b, 9, None, Some(300)), Load::DoesNotExist);
-    assert_eq!(
-        b.load(part(1) + 1, Oid(1), None, None).unwrap(),
-        Load::DoesNotExist
-    );
+    assert_eq!(b.load(part(1) + 1, Oid(1), None, None).unwrap(), Load::DoesNotExist);
 
     assert_eq!(b.last_serial(part(1), Oid(1)).unwrap(), Some(Tid(300)));
     assert_eq!(b.last_serial(part(2), Oid(2)).unwrap(), Some(Tid(100)));
@@ -240,28 +220,14 @@ pub(crate) fn dedup(b: &mut dyn Backend) {
     assert_eq!(a, a2);
     let c = b.store_data(0, &sha1(b"same"), 1, b"same").unwrap();
     assert_ne!(a, c, "different compression must be a different row");
-    let d = b
-        .store_data(0, &sha1(b"different"), 0, b"different")
-        .unwrap();
+    let d = b.store_data(0, &sha1(b"different"), 0, b"different").unwrap();
     assert_ne!(a, d);
     assert_ne!(c, d);
     // Two objects sharing the row load the same bytes.
     let objs = [
-        TempObject {
-            oid: Oid(1),
-            data_id: Some(a),
-            data_serial: None,
-        },
-        TempObject {
-            oid: Oid(2),
-            data_id: Some(a2),
-            data_serial: None,
-        },
-        TempObject {
-            oid: Oid(3),
-            data_id: Some(c),
-            data_serial: None,
-        },
+        TempObject { oid: Oid(1), data_id: Some(a), data_serial: None },
+        TempObject { oid: Oid(2), data_id: Some(a2), data_serial: None },
+        TempObject { oid: Oid(3), data_id: Some(c), data_serial: None },
     ];
     commit_objects(b, 100, &objs);
     assert_eq!(latest(b, 1).data, b"same");
@@ -294,12 +260,7 @@ pub(crate) fn commit_visibility(b: &mut dyn Backend) {
     assert_eq!((r.serial, r.data.as_slice()), (tid, &b"five"[..]));
     assert_eq!(latest(b, 6).data, b"six");
     assert_eq!(b.final_tid(ttid).unwrap(), Some(tid));
-    let expected = TxnInfo {
-        tid,
-        ttid,
-        packed: false,
-        meta: meta.clone(),
-    };
+    let expected = TxnInfo { tid, ttid, packed: false, meta: meta.clone() };
     assert_eq!(b.transaction(mp, tid).unwrap(), Some(expected.clone()));
     assert_eq!(b.transaction(mp, ttid).unwrap(), None);
     assert!(b.locked_transactions().unwrap().is_empty());
@@ -314,8 +275,7 @@ pub(crate) fn commit_visibility(b: &mut dyn Backend) {
     // Empty metadata round-trips.
     let objs = [store(b, 7, b"seven")];
     let empty = TxnMeta::default();
-    b.vote(Tid(70), &with_parts(&objs), Some((part(70), &empty)))
-        .unwrap();
+    b.vote(Tid(70), &with_parts(&objs), Some((part(70), &empty))).unwrap();
     b.lock(Tid(70), Tid(80)).unwrap();
     b.unlock(Tid(70), Tid(80)).unwrap();
     let t = b.transaction(part(70), Tid(80)).unwrap().unwrap();
@@ -339,25 +299,20 @@ pub(crate) fn metadata_only_on_holders(b: &mut dyn Backend) {
     let first = [store(b, 2, b"two")];
     let second = [store(b, 3, b"three")];
     let meta = meta_for("bob", &[first[0].clone(), second[0].clone()]);
-    b.vote(Tid(90), &with_parts(&first), Some((part(90), &meta)))
-        .unwrap();
+    b.vote(Tid(90), &with_parts(&first), Some((part(90), &meta))).unwrap();
     b.vote(Tid(90), &with_parts(&second), None).unwrap();
     b.lock(Tid(90), Tid(95)).unwrap();
     b.unlock(Tid(90), Tid(95)).unwrap();
     assert_eq!(latest(b, 2).serial, Tid(95));
     assert_eq!(latest(b, 3).serial, Tid(95));
-    assert_eq!(
-        b.transaction(part(90), Tid(95)).unwrap().unwrap().meta,
-        meta
-    );
+    assert_eq!(b.transaction(part(90), Tid(95)).unwrap().unwrap().meta, meta);
 
     // Objects first, metadata later.
     let first = [store(b, 4, b"four")];
     let second = [store(b, 5, b"five")];
     let meta = meta_for("carol", &[first[0].clone(), second[0].clone()]);
     b.vote(Tid(110), &with_parts(&first), None).unwrap();
-    b.vote(Tid(110), &with_parts(&second), Some((part(110), &meta)))
-        .unwrap();
+    b.vote(Tid(110), &with_parts(&second), Some((part(110), &meta))).unwrap();
     b.lock(Tid(110), Tid(120)).unwrap();
     b.unlock(Tid(110), Tid(120)).unwrap();
     assert_eq!(latest(b, 4).data, b"four");
@@ -367,17 +322,11 @@ pub(crate) fn metadata_only_on_holders(b: &mut dyn Backend) {
     assert_eq!(b.final_tid(Tid(110)).unwrap(), Some(Tid(120)));
 
     // Metadata only, no object on this node.
-    let meta = TxnMeta {
-        oids: vec![Oid(42)],
-        ..meta_for("dave", &[])
-    };
+    let meta = TxnMeta { oids: vec![Oid(42)], ..meta_for("dave", &[]) };
     b.vote(Tid(130), &[], Some((part(130), &meta))).unwrap();
     b.lock(Tid(130), Tid(140)).unwrap();
     b.unlock(Tid(130), Tid(140)).unwrap();
-    assert_eq!(
-        b.transaction(part(130), Tid(140)).unwrap().unwrap().meta,
-        meta
-    );
+    assert_eq!(b.transaction(part(130), Tid(140)).unwrap().unwrap().meta, meta);
 }
 
 /// Abort drops temporary data and the data rows nothing else uses.
@@ -386,8 +335,7 @@ pub(crate) fn abort_prunes(b: &mut dyn Backend) {
     let objs = [store(b, 2, b"shared"), store(b, 3, b"unique"), deletion(4)];
     let (shared_id, unique_id) = (objs[0].data_id.unwrap(), objs[1].data_id.unwrap());
     let meta = meta_for("eve", &objs);
-    b.vote(Tid(200), &with_parts(&objs), Some((part(200), &meta)))
-        .unwrap();
+    b.vote(Tid(200), &with_parts(&objs), Some((part(200), &meta))).unwrap();
     assert_eq!(b.last_ids().unwrap().1, Some(Oid(4)));
     b.abort(Tid(200)).unwrap();
     assert!(b.locked_transactions().unwrap().is_empty());
@@ -396,14 +344,8 @@ pub(crate) fn abort_prunes(b: &mut dyn Backend) {
     }
     assert_eq!(b.last_ids().unwrap(), (Some(Tid(100)), Some(Oid(1))));
     assert_eq!(latest(b, 1).data, b"shared");
-    assert!(
-        data_row_is(b, b"shared", shared_id),
-        "data shared with a committed object was deleted"
-    );
-    assert!(
-        !data_row_is(b, b"unique", unique_id),
-        "unreferenced data row survived abort"
-    );
+    assert!(data_row_is(b, b"shared", shared_id), "data shared with a committed object was deleted");
+    assert!(!data_row_is(b, b"unique", unique_id), "unreferenced data row survived abort");
     // Abort after unlock, or of an unknown ttid: no-op.
     b.abort(Tid(99)).unwrap();
     b.abort(Tid(12345)).unwrap();
@@ -446,40 +388,25 @@ pub(crate) fn locked_and_final(b: &mut dyn Backend) {
     b.vote(Tid(10), &with_parts(&o1), None).unwrap();
     let o2 = [store(b, 2, b"b")];
     let m2 = meta_for("m2", &o2);
-    b.vote(Tid(20), &with_parts(&o2), Some((part(20), &m2)))
-        .unwrap();
+    b.vote(Tid(20), &with_parts(&o2), Some((part(20), &m2))).unwrap();
     b.lock(Tid(20), Tid(25)).unwrap();
     // Lock without a vote on this node (its objects are elsewhere): still recorded.
     b.lock(Tid(30), Tid(35)).unwrap();
-    assert_eq!(
-        sorted_locked(b),
-        vec![
-            (Tid(10), None),
-            (Tid(20), Some(Tid(25))),
-            (Tid(30), Some(Tid(35)))
-        ]
-    );
+    assert_eq!(sorted_locked(b), vec![(Tid(10), None), (Tid(20), Some(Tid(25))), (Tid(30), Some(Tid(35)))]);
     b.unlock(Tid(20), Tid(25)).unwrap();
     assert_eq!(b.final_tid(Tid(20)).unwrap(), Some(Tid(25)));
     assert_eq!(b.final_tid(Tid(10)).unwrap(), None);
     assert_eq!(b.final_tid(Tid(25)).unwrap(), None);
-    assert_eq!(
-        sorted_locked(b),
-        vec![(Tid(10), None), (Tid(30), Some(Tid(35)))]
-    );
+    assert_eq!(sorted_locked(b), vec![(Tid(10), None), (Tid(30), Some(Tid(35)))]);
     b.unlock(Tid(30), Tid(35)).unwrap();
     b.abort(Tid(10)).unwrap();
     assert!(b.locked_transactions().unwrap().is_empty());
     // Large TIDs (the largest storable one).
     let o = [store(b, 3, b"c")];
     let m = meta_for("max", &o);
-    b.vote(Tid(Tid::MAX.0 - 1), &with_parts(&o), Some((0, &m)))
-        .unwrap();
+    b.vote(Tid(Tid::MAX.0 - 1), &with_parts(&o), Some((0, &m))).unwrap();
     b.lock(Tid(Tid::MAX.0 - 1), Tid::MAX).unwrap();
-    assert_eq!(
-        b.locked_transactions().unwrap(),
-        vec![(Tid(Tid::MAX.0 - 1), Some(Tid::MAX))]
-    );
+    assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(Tid::MAX.0 - 1), Some(Tid::MAX))]);
     b.unlock(Tid(Tid::MAX.0 - 1), Tid::MAX).unwrap();
     assert_eq!(b.final_tid(Tid(Tid::MAX.0 - 1)).unwrap(), Some(Tid::MAX));
     assert_eq!(latest(b, 3).serial, Tid::MAX);
@@ -492,24 +419,15 @@ pub(crate) fn locked_and_final(b: &mut dyn Backend) {
 pub(crate) fn drop_unfinished(b: &mut dyn Backend) {
     commit(b, 5, &[(1, Some(b"base"))]);
     let o1 = [store(b, 1000, b"unfinished"), store(b, 1, b"unfinished-1")];
-    b.vote(
-        Tid(10),
-        &with_parts(&o1),
-        Some((part(10), &meta_for("u", &o1))),
-    )
-    .unwrap();
+    b.vote(Tid(10), &with_parts(&o1), Some((part(10), &meta_for("u", &o1)))).unwrap();
     let o2 = [store(b, 8, b"locked")];
     let m2 = meta_for("l", &o2);
-    b.vote(Tid(20), &with_parts(&o2), Some((part(20), &m2)))
-        .unwrap();
+    b.vote(Tid(20), &with_parts(&o2), Some((part(20), &m2))).unwrap();
     b.lock(Tid(20), Tid(25)).unwrap();
     assert_eq!(b.last_ids().unwrap().1, Some(Oid(1000)));
 
     b.drop_unfinished().unwrap();
-    assert_eq!(
-        b.locked_transactions().unwrap(),
-        vec![(Tid(20), Some(Tid(25)))]
-    );
+    assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(20), Some(Tid(25)))]);
     assert_eq!(b.last_ids().unwrap(), (Some(Tid(5)), Some(Oid(8))));
     assert_eq!(load(b, 1000, None, None), Load::DoesNotExist);
     assert_eq!(latest(b, 1).data, b"base");
@@ -529,26 +447,10 @@ pub(crate) fn partition_table(b: &mut dyn Backend) {
     assert_eq!(b.load_pt().unwrap(), None);
     let mut pt = PartitionTable::make(5, 1, &[s(1), s(2), s(3)]).unwrap();
     pt.commit_changes(&[
-        CellChange {
-            partition: 0,
-            nid: s(1),
-            state: CellState::OutOfDate,
-        },
-        CellChange {
-            partition: 1,
-            nid: s(3),
-            state: CellState::Feeding,
-        },
-        CellChange {
-            partition: 2,
-            nid: s(2),
-            state: CellState::Corrupted,
-        },
-        CellChange {
-            partition: 4,
-            nid: Nid(0x7fff_ffff),
-            state: CellState::OutOfDate,
-        },
+        CellChange { partition: 0, nid: s(1), state: CellState::OutOfDate },
+        CellChange { partition: 1, nid: s(3), state: CellState::Feeding },
+        CellChange { partition: 2, nid: s(2), state: CellState::Corrupted },
+        CellChange { partition: 4, nid: Nid(0x7fff_ffff), state: CellState::OutOfDate },
     ]);
     b.save_pt(&pt).unwrap();
     let loaded = b.load_pt().unwrap().unwrap();
@@ -562,15 +464,8 @@ pub(crate) fn partition_table(b: &mut dyn Backend) {
     assert_eq!(b.load_pt().unwrap(), Some(empty));
 
     // Large ptid, one cell.
-    let one = PartitionTable::from_rows(
-        Ptid(u64::MAX),
-        0,
-        vec![vec![Cell {
-            nid: s(9),
-            state: CellState::UpToDate,
-        }]],
-    )
-    .unwrap();
+    let one = PartitionTable::from_rows(Ptid(u64::MAX), 0, vec![vec![Cell { nid: s(9), state: CellState::UpToDate }]])
+        .unwrap();
     b.save_pt(&one).unwrap();
     assert_eq!(b.load_pt().unwrap(), Some(one));
 }
@@ -584,12 +479,7 @@ pub(crate) fn last_ids(b: &mut dyn Backend) {
     assert_eq!(b.last_ids().unwrap(), (Some(Tid(150)), Some(Oid(3))));
     // Voted only: oid counted, tid not.
     let o = [store(b, 9, b"z")];
-    b.vote(
-        Tid(200),
-        &with_parts(&o),
-        Some((part(200), &meta_for("v", &o))),
-    )
-    .unwrap();
+    b.vote(Tid(200), &with_parts(&o), Some((part(200), &meta_for("v", &o)))).unwrap();
     assert_eq!(b.last_ids().unwrap(), (Some(Tid(150)), Some(Oid(9))));
     b.lock(Tid(200), Tid(210)).unwrap();
     assert_eq!(b.last_ids().unwrap(), (Some(Tid(150)), Some(Oid(9))));
@@ -619,10 +509,7 @@ pub(crate) fn config(b: &mut dyn Backend) {
     assert_eq!(b.get_config("other").unwrap().as_deref(), Some(""));
     b.set_config("missing", None).unwrap();
     b.set_config("unicode", Some("clüster ✓")).unwrap();
-    assert_eq!(
-        b.get_config("unicode").unwrap().as_deref(),
-        Some("clüster ✓")
-    );
+    assert_eq!(b.get_config("unicode").unwrap().as_deref(), Some("clüster ✓"));
     // The cluster name is stored at open.
     assert_eq!(b.get_config("name").unwrap().as_deref(), Some(CLUSTER));
 }
@@ -630,15 +517,9 @@ pub(crate) fn config(b: &mut dyn Backend) {
 /// Records of 0 B, 1 B, 1 MiB and 20 MiB are stored and loaded intact.
 pub(crate) fn record_sizes(b: &mut dyn Backend) {
     let sizes = [0usize, 1, 1 << 20, 20 << 20];
-    let datas: Vec<Vec<u8>> = sizes
-        .iter()
-        .map(|n| (0..*n).map(|i| (i.wrapping_mul(7) % 251) as u8).collect())
-        .collect();
-    let objs: Vec<TempObject> = datas
-        .iter()
-        .enumerate()
-        .map(|(i, d)| store(b, 10 + i as u64, d))
-        .collect();
+    let datas: Vec<Vec<u8>> =
+        sizes.iter().map(|n| (0..*n).map(|i| (i.wrapping_mul(7) % 251) as u8).collect()).collect();
+    let objs: Vec<TempObject> = datas.iter().enumerate().map(|(i, d)| store(b, 10 + i as u64, d)).collect();
     commit_objects(b, 100, &objs);
     for (i, d) in datas.iter().enumerate() {
         let r = latest(b, 10 + i as u64);
@@ -649,15 +530,7 @@ pub(crate) fn record_sizes(b: &mut dyn Backend) {
     // A compressed record keeps its compression flag.
     let z = b"x\x9c\x03\x00\x00\x00\x00\x01";
     let id = b.store_data(0, &sha1(z), 1, z).unwrap();
-    commit_objects(
-        b,
-        200,
-        &[TempObject {
-            oid: Oid(20),
-            data_id: Some(id),
-            data_serial: None,
-        }],
-    );
+    commit_objects(b, 200, &[TempObject { oid: Oid(20), data_id: Some(id), data_serial: None }]);
     let r = latest(b, 20);
     assert_eq!((r.compression, r.data.as_slice()), (1, &z[..]));
 }
@@ -672,8 +545,7 @@ pub(crate) fn restart(open: Open<'_>) {
         commit(&mut *b, 100, &[(1, Some(b"one"))]);
         let o2 = [store(&mut *b, 2, b"two")];
         let m2 = meta_for("two", &o2);
-        b.vote(Tid(200), &with_parts(&o2), Some((part(200), &m2)))
-            .unwrap();
+        b.vote(Tid(200), &with_parts(&o2), Some((part(200), &m2))).unwrap();
         b.lock(Tid(200), Tid(210)).unwrap();
         let o3 = [store(&mut *b, 3, b"three")];
         b.vote(Tid(300), &with_parts(&o3), None).unwrap();
@@ -685,26 +557,14 @@ pub(crate) fn restart(open: Open<'_>) {
     {
         let mut b = open(CLUSTER).unwrap();
         assert_eq!(latest(&mut *b, 1).data, b"one");
-        assert_eq!(
-            b.transaction(part(99), Tid(100)).unwrap().unwrap().ttid,
-            Tid(99)
-        );
-        assert_eq!(
-            sorted_locked(&mut *b),
-            vec![(Tid(200), Some(Tid(210))), (Tid(300), None)]
-        );
+        assert_eq!(b.transaction(part(99), Tid(100)).unwrap().unwrap().ttid, Tid(99));
+        assert_eq!(sorted_locked(&mut *b), vec![(Tid(200), Some(Tid(210))), (Tid(300), None)]);
         assert_eq!(b.last_ids().unwrap(), (Some(Tid(100)), Some(Oid(3))));
-        assert_eq!(
-            b.load_pt().unwrap().map(|p| sorted_pt(&p)),
-            Some(sorted_pt(&pt))
-        );
+        assert_eq!(b.load_pt().unwrap().map(|p| sorted_pt(&p)), Some(sorted_pt(&pt)));
         assert_eq!(b.get_config("nid").unwrap().as_deref(), Some("S1"));
         assert_eq!(b.get_config("name").unwrap().as_deref(), Some(CLUSTER));
         b.drop_unfinished().unwrap();
-        assert_eq!(
-            b.locked_transactions().unwrap(),
-            vec![(Tid(200), Some(Tid(210)))]
-        );
+        assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(200), Some(Tid(210)))]);
         b.unlock(Tid(200), Tid(210)).unwrap();
         assert_eq!(latest(&mut *b, 2).data, b"two");
         assert_eq!(load(&mut *b, 3, None, None), Load::DoesNotExist);
@@ -750,37 +610,15 @@ pub(crate) fn schema_too_new(open: Open<'_>, raw: RawSql<'_>) {
 pub(crate) fn corrupt_rows(open: Open<'_>, raw: RawSql<'_>) {
     let mut b = open(CLUSTER).unwrap();
     let b = &mut *b;
-    commit(
-        b,
-        100,
-        &[
-            (1, Some(b"d1")),
-            (2, Some(b"d2")),
-            (3, Some(b"d3")),
-            (4, Some(b"d4")),
-            (5, Some(b"d5")),
-        ],
-    );
+    commit(b, 100, &[(1, Some(b"d1")), (2, Some(b"d2")), (3, Some(b"d3")), (4, Some(b"d4")), (5, Some(b"d5"))]);
     let data_of = |oid: u64| format!("(SELECT data_id FROM obj WHERE oid = {oid})");
 
-    raw(&format!(
-        "UPDATE data SET hash = X'010203' WHERE id = {}",
-        data_of(1)
-    ));
+    raw(&format!("UPDATE data SET hash = X'010203' WHERE id = {}", data_of(1)));
     assert_corrupt(b.load(part(1), Oid(1), None, None), &Oid(1).to_string());
-    raw(&format!(
-        "UPDATE data SET compression = 7 WHERE id = {}",
-        data_of(2)
-    ));
-    assert_corrupt(
-        b.load(part(2), Oid(2), Some(Tid(100)), None),
-        &Oid(2).to_string(),
-    );
+    raw(&format!("UPDATE data SET compression = 7 WHERE id = {}", data_of(2)));
+    assert_corrupt(b.load(part(2), Oid(2), Some(Tid(100)), None), &Oid(2).to_string());
     raw("UPDATE obj SET data_id = 987654321 WHERE oid = 3");
-    assert_corrupt(
-        b.load(part(3), Oid(3), None, Some(Tid(200))),
-        &Oid(3).to_string(),
-    );
+    assert_corrupt(b.load(part(3), Oid(3), None, Some(Tid(200))), &Oid(3).to_string());
     raw("UPDATE obj SET value_tid = -5 WHERE oid = 4");
     assert_corrupt(b.load(part(4), Oid(4), None, None), &Oid(4).to_string());
     // The others still load.
@@ -922,11 +760,7 @@ mod sqlite {
     fn wrong_types_are_corrupt() {
         let db = FileDb::new();
         let mut b = db.backend();
-        commit(
-            &mut *b,
-            100,
-            &[(1, Some(b"a")), (2, Some(b"b")), (3, Some(b"c"))],
-        );
+        commit(&mut *b, 100, &[(1, Some(b"a")), (2, Some(b"b")), (3, Some(b"c"))]);
         db.raw("UPDATE obj SET data_id = 'garbage' WHERE oid = 1");
         assert_corrupt(b.load(part(1), Oid(1), None, None), &Oid(1).to_string());
         db.raw("UPDATE data SET value = 'text' WHERE id = (SELECT data_id FROM obj WHERE oid = 2)");
@@ -941,15 +775,9 @@ mod sqlite {
         let db = FileDb::new();
         drop(db.backend());
         let c = rusqlite::Connection::open(&db.path).unwrap();
-        let mode: String = c
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
+        let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode.to_ascii_lowercase(), "wal");
-        let version: String = c
-            .query_row("SELECT value FROM config WHERE name = 'version'", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
+        let version: String = c.query_row("SELECT value FROM config WHERE name = 'version'", [], |r| r.get(0)).unwrap();
         assert_eq!(version, crate::backend::sqlite::SCHEMA_VERSION.to_string());
         drop(c);
         let mut b = db.backend();
