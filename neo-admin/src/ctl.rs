@@ -127,8 +127,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, net: NetConfig, s
                 None => proto::error(ErrorCode::NotReady, NOT_CONNECTED),
                 Some(master) => {
                     info!("forwarding {name} from neoctl {} to the primary master", link.peer());
+                    // Not interrupted by `stop`: the answer to `set cluster STOPPING` arrives
+                    // just before the master tells everyone to stop, and must be relayed.
                     tokio::select! {
-                        _ = stop.cancelled() => break,
                         _ = link.closed() => break,
                         r = forward(master, b) => r,
                     }

@@ -142,8 +142,14 @@ impl Master {
                 }
             }
             accept_token.cancel();
+            // Let every link write what is queued (e.g. STOPPING) before the process exits.
             for c in m.conns.values() {
                 c.link.close().await;
+            }
+            let links: Vec<Link> = m.conns.values().map(|c| c.link.clone()).collect();
+            let all_closed = futures_join_all(links);
+            if tokio::time::timeout(std::time::Duration::from_secs(5), all_closed).await.is_err() {
+                warn!("some connections did not close in time");
             }
             info!("master stopped");
         }
@@ -571,6 +577,12 @@ impl Master {
             }
             _ => {}
         }
+    }
+}
+
+async fn futures_join_all(links: Vec<Link>) {
+    for l in links {
+        l.closed().await;
     }
 }
 

@@ -8,6 +8,12 @@ use tokio::sync::{mpsc, oneshot};
 
 type Job = Box<dyn FnOnce(&mut dyn Backend) + Send>;
 
+enum Msg {
+    Job(Job),
+    /// Finish: the thread drops the backend (closing the database) and exits.
+    Stop,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("the database thread has stopped")]
 pub struct DbClosed;
@@ -15,15 +21,15 @@ pub struct DbClosed;
 /// Handle on the database thread (cheap to clone).
 #[derive(Clone)]
 pub struct Db {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
     thread: std::sync::Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl Db {
     pub fn spawn(mut backend: Box<dyn Backend>) -> std::io::Result<Db> {
-        let (tx, mut rx) = mpsc::channel::<Job>(1024);
+        let (tx, mut rx) = mpsc::channel::<Msg>(1024);
         let thread = std::thread::Builder::new().name("neo-db".into()).spawn(move || {
-            while let Some(job) = rx.blocking_recv() {
+            while let Some(Msg::Job(job)) = rx.blocking_recv() {
                 job(backend.as_mut());
             }
         })?;
@@ -40,14 +46,14 @@ impl Db {
         let job: Job = Box::new(move |b| {
             let _ = tx.send(f(b));
         });
-        self.tx.send(job).await.map_err(|_| DbClosed)?;
+        self.tx.send(Msg::Job(job)).await.map_err(|_| DbClosed)?;
         rx.await.map_err(|_| DbClosed)
     }
 
     /// Stop the thread once the queued jobs are done and wait for it (closes the database).
     pub async fn close(self) {
         let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        drop(self.tx);
+        let _ = self.tx.send(Msg::Stop).await;
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }

@@ -171,7 +171,7 @@ impl SimpleCluster {
     pub async fn wait_running(&mut self, timeout: Duration) -> Result<(), BoxError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(dead) = self.exited() {
+            if let Some((dead, _)) = self.exited() {
                 return Err(
                     format!("node {dead} exited; see {}", self.dir.join(format!("{dead}.stderr")).display()).into()
                 );
@@ -189,11 +189,11 @@ impl SimpleCluster {
         }
     }
 
-    /// Name of a node process that has exited, if any.
-    pub fn exited(&mut self) -> Option<String> {
+    /// Name of a node process that has exited, if any, and whether it exited cleanly.
+    pub fn exited(&mut self) -> Option<(String, bool)> {
         for (name, child) in &mut self.children {
-            if let Ok(Some(_)) = child.try_wait() {
-                return Some(name.clone());
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some((name.clone(), status.success()));
             }
         }
         None

@@ -102,9 +102,17 @@ async fn wait_for_stop(cluster: &mut SimpleCluster) -> ExitCode {
             _ = int.recv() => return ExitCode::SUCCESS,
             _ = term.recv() => return ExitCode::SUCCESS,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Some(dead) = cluster.exited() {
-                    eprintln!("neosimple: node {dead} exited unexpectedly; see {}", cluster.dir.join(format!("{dead}.stderr")).display());
-                    return ExitCode::from(1);
+                match cluster.exited() {
+                    Some((master, true)) if master == "master" => {
+                        println!("the cluster was stopped (neoctl set cluster STOPPING)");
+                        return ExitCode::SUCCESS;
+                    }
+                    Some((dead, _)) => {
+                        let log = cluster.dir.join(format!("{dead}.stderr"));
+                        eprintln!("neosimple: node {dead} exited unexpectedly; see {}", log.display());
+                        return ExitCode::from(1);
+                    }
+                    None => {}
                 }
             }
         }
