@@ -362,7 +362,10 @@ impl Master {
                 (nid, state)
             }
             NodeType::Client => {
-                if self.state != ClusterState::Running || self.stopping {
+                if self.stopping {
+                    return refuse(ErrorCode::Denied, "cluster is stopping".into()).await;
+                }
+                if self.state != ClusterState::Running {
                     return refuse(ErrorCode::NotReady, format!("cluster is {}", self.state)).await;
                 }
                 (self.allocate_nid(NodeType::Client), NodeState::Running)

@@ -1,0 +1,76 @@
+//! Restarts: the whole cluster, and a storage at a time.
+
+use crate::commit::commit;
+use neo_lib::{ClusterState, NodeType, Oid, Tid};
+use neo_tests::{Cluster, Options};
+use proto::msg;
+use proto::net::{connect_identified, identification};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_cluster_restarts_and_everything_is_still_there() {
+    let mut cluster = Cluster::start(Options::default()).await;
+    let c = cluster.client().await;
+    let mut committed = Vec::new();
+    for n in 0..200u32 {
+        let oid = c.new_oid().await.unwrap();
+        let data = format!("object {n}").into_bytes();
+        committed.push((oid, commit(&c, oid, Tid::ZERO, &data).await.unwrap(), data));
+    }
+    let (last_oid, last_tid) = (committed.last().unwrap().0, committed.last().unwrap().1);
+    c.close().await;
+    cluster.restart().await;
+
+    let c = cluster.client().await;
+    assert_eq!(c.last_transaction(), last_tid);
+    for (oid, tid, data) in &committed {
+        assert_eq!(c.load(*oid).await.unwrap(), (data.clone(), *tid));
+    }
+    // OIDs and TIDs are never handed out twice.
+    let oid = c.new_oid().await.unwrap();
+    assert!(oid > last_oid, "{oid:?} after {last_oid:?}");
+    let tid = commit(&c, oid, Tid::ZERO, b"after restart").await.unwrap();
+    assert!(tid > last_tid);
+
+    // Each storage holds a full replica: ask each one directly.
+    let net = cluster.net();
+    for addr in &cluster.storage_addrs {
+        let req = identification(&cluster.name, NodeType::Client, None, None);
+        let (link, _incoming, _) = connect_identified(addr, &net, req).await.unwrap();
+        for (oid, tid, data) in &committed {
+            let b = link.ask(msg::AskObject { oid: oid.0, at: Some(tid.0), before: None }).await.unwrap();
+            let a = proto::expect_answer!(b, AnswerObject).unwrap();
+            assert_eq!(a.serial, tid.0);
+            let raw = if a.compression == 0 { a.data } else { unzip(&a.data) };
+            assert_eq!(&raw, data, "{oid:?} on {addr}");
+        }
+    }
+}
+
+fn unzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::ZlibDecoder::new(data).read_to_end(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_lost_during_commits_leaves_the_cluster_running_and_data_intact() {
+    let mut cluster = Cluster::start(Options::default()).await;
+    let c = cluster.client().await;
+    let mut committed = Vec::new();
+    for n in 0..20u32 {
+        let oid = c.new_oid().await.unwrap();
+        committed.push((oid, commit(&c, oid, Tid::ZERO, &n.to_be_bytes()).await.unwrap()));
+    }
+    cluster.stop_storage(1).await;
+    for n in 20..40u32 {
+        let oid = c.new_oid().await.unwrap();
+        committed.push((oid, commit(&c, oid, Tid::ZERO, &n.to_be_bytes()).await.unwrap()));
+    }
+    assert_eq!(cluster.cluster_state().await, Some(ClusterState::Running));
+    let fresh = cluster.client().await;
+    for (n, (oid, tid)) in committed.iter().enumerate() {
+        assert_eq!(fresh.load(*oid).await.unwrap(), ((n as u32).to_be_bytes().to_vec(), *tid));
+    }
+    let _ = Oid::ZERO;
+}
