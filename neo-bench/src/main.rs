@@ -1,1 +1,238 @@
-fn main() {}
+//! `neo-bench`: start a local cluster (real node processes, like neosimple) and print
+//! throughput and latency figures of commits and loads, then the resident memory of each node.
+
+use clap::Parser;
+use neo_client::{Client, ClientConfig};
+use neo_lib::{Oid, Tid};
+use neosimple::{SimpleCluster, SimpleOptions};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Clone)]
+#[command(name = "neo-bench", about = "Benchmark a local neo-rs cluster")]
+struct Cli {
+    #[arg(long, default_value_t = 2)]
+    storages: usize,
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    #[arg(long, default_value_t = 12)]
+    partitions: u32,
+    /// Single-object transactions per phase.
+    #[arg(long, default_value_t = 2000)]
+    transactions: usize,
+    /// 100-object transactions.
+    #[arg(long, default_value_t = 100)]
+    big_transactions: usize,
+    /// Size of each object, in bytes.
+    #[arg(long, default_value_t = 100)]
+    object_size: usize,
+    /// Use TLS between every node and the clients.
+    #[arg(long)]
+    tls: bool,
+    /// Keep the cluster's files in this directory.
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> ExitCode {
+    let args: Vec<_> = std::env::args_os().collect();
+    if let Some(code) = neosimple::launcher::node_main(&args) {
+        return code;
+    }
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("neo-bench: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("neo-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+struct Stats {
+    n: usize,
+    elapsed: Duration,
+    lat: Vec<Duration>,
+}
+
+impl Stats {
+    fn pct(&self, p: f64) -> Duration {
+        let mut v = self.lat.clone();
+        v.sort();
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
+    }
+    fn print(&self, what: &str, unit: &str) {
+        println!(
+            "{what:<44} {:>9.0} {unit}/s   p50 {:>7.0} µs   p99 {:>7.0} µs   ({} in {:.2} s)",
+            self.n as f64 / self.elapsed.as_secs_f64(),
+            self.pct(0.50).as_secs_f64() * 1e6,
+            self.pct(0.99).as_secs_f64() * 1e6,
+            self.n,
+            self.elapsed.as_secs_f64()
+        );
+    }
+}
+
+fn merge(parts: Vec<Stats>, elapsed: Duration) -> Stats {
+    let mut s = Stats { n: 0, elapsed, lat: Vec::new() };
+    for p in parts {
+        s.n += p.n;
+        s.lat.extend(p.lat);
+    }
+    s
+}
+
+fn data(size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand_like(seed);
+    (0..size).map(|_| rng()).collect()
+}
+
+/// Deterministic pseudo-random bytes (incompressible enough for a benchmark).
+fn fastrand_like(seed: u64) -> impl FnMut() -> u8 {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 24) as u8
+    }
+}
+
+/// `count` transactions of `per_txn` new objects each; returns the stats and the oids.
+async fn commits(
+    c: &Client,
+    count: usize,
+    per_txn: usize,
+    size: usize,
+    seed: u64,
+) -> Result<(Stats, Vec<Oid>), BoxError> {
+    let mut lat = Vec::with_capacity(count);
+    let mut oids = Vec::with_capacity(count * per_txn);
+    let start = Instant::now();
+    for i in 0..count {
+        let t0 = Instant::now();
+        let mut txn = c.tpc_begin(b"bench", b"", b"").await?;
+        for j in 0..per_txn {
+            let oid = c.new_oid().await?;
+            c.store(&mut txn, oid, Tid::ZERO, &data(size, seed + (i * per_txn + j) as u64))?;
+            oids.push(oid);
+        }
+        c.tpc_vote(&mut txn).await?;
+        c.tpc_finish(txn).await?;
+        lat.push(t0.elapsed());
+    }
+    Ok((Stats { n: count, elapsed: start.elapsed(), lat }, oids))
+}
+
+async fn loads(c: &Client, oids: &[Oid]) -> Result<Stats, BoxError> {
+    let mut lat = Vec::with_capacity(oids.len());
+    let start = Instant::now();
+    for oid in oids {
+        let t0 = Instant::now();
+        c.load(*oid).await?;
+        lat.push(t0.elapsed());
+    }
+    Ok(Stats { n: oids.len(), elapsed: start.elapsed(), lat })
+}
+
+async fn run(cli: Cli) -> Result<(), BoxError> {
+    let exe = std::env::current_exe()?;
+    let mut opts = SimpleOptions::new(exe);
+    opts.storages = cli.storages;
+    opts.replicas = cli.replicas;
+    opts.partitions = cli.partitions;
+    opts.tls = cli.tls;
+    opts.data = cli.data.clone();
+    opts.cluster = "bench".into();
+    let mut cluster = SimpleCluster::start(&opts)?;
+    cluster.wait_running(Duration::from_secs(60)).await?;
+    println!(
+        "cluster: {} storages, replicas {}, {} partitions, {}, SQLite, objects of {} bytes",
+        cli.storages,
+        cli.replicas,
+        cli.partitions,
+        if cli.tls { "TLS" } else { "plain TCP" },
+        cli.object_size
+    );
+    let mut cfg = ClientConfig::new(vec![cluster.master.clone()], cluster.cluster.clone());
+    cfg.tls = cluster.client_tls.clone();
+    let result = phases(&cli, &cfg).await;
+    println!("resident memory after the run:");
+    for (name, kib) in cluster.rss_kib() {
+        println!("  {name:<10} {:>8.1} MiB", kib as f64 / 1024.0);
+    }
+    cluster.stop(Duration::from_secs(20)).await;
+    result
+}
+
+async fn phases(cli: &Cli, cfg: &ClientConfig) -> Result<(), BoxError> {
+    let n = cli.transactions;
+    let size = cli.object_size;
+    // Warm up connections.
+    let c1 = Client::connect(cfg.clone()).await?;
+    commits(&c1, 20, 1, size, 0).await?;
+
+    let (s, oids) = commits(&c1, n, 1, size, 1_000).await?;
+    s.print("single-object commits, 1 client", "commits");
+
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(Client::connect(cfg.clone()).await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (k, c) in clients.iter().enumerate() {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move { commits(&c, n / 4, 1, size, 10_000_000 * (k as u64 + 1)).await }));
+    }
+    let mut parts = Vec::new();
+    let mut more_oids = Vec::new();
+    for t in tasks {
+        let (s, o) = t.await??;
+        parts.push(s);
+        more_oids.push(o);
+    }
+    merge(parts, start.elapsed()).print("single-object commits, 4 clients", "commits");
+
+    let (s, _) = commits(&c1, cli.big_transactions, 100, size, 50_000_000).await?;
+    s.print("100-object commits, 1 client", "commits");
+    println!(
+        "{:<44} {:>9.0} objects/s",
+        "  (objects stored by 100-object commits)",
+        (s.n * 100) as f64 / s.elapsed.as_secs_f64()
+    );
+
+    // Cold loads: a new client with an empty cache.
+    let cold = Client::connect(cfg.clone()).await?;
+    let s = loads(&cold, &oids).await?;
+    s.print("cold loads, 1 client", "loads");
+    let (hits, misses, _) = cold.cache_stats();
+    let s = loads(&cold, &oids).await?;
+    s.print("warm loads (client cache), 1 client", "loads");
+    let _ = (hits, misses);
+
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for o in more_oids {
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = Client::connect(cfg).await?;
+            loads(&c, &o).await
+        }));
+    }
+    let mut parts = Vec::new();
+    for t in tasks {
+        parts.push(t.await??);
+    }
+    merge(parts, start.elapsed()).print("cold loads, 4 clients", "loads");
+    Ok(())
+}

@@ -87,6 +87,8 @@ pub struct Transaction {
     /// Number of cells that locked each object.
     locked: HashMap<Oid, usize>,
     voted: bool,
+    /// Finished or aborted: nothing to clean up on drop.
+    done: bool,
     client: Client,
 }
 
@@ -99,6 +101,14 @@ impl Transaction {
 impl Drop for Transaction {
     fn drop(&mut self) {
         self.stores.abort_all();
+        if !self.done {
+            // Dropped without tpc_finish/tpc_abort (error path, cancelled call): release the
+            // storages' locks and the master's record in the background.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (client, ttid, contacted) = (self.client.clone(), self.ttid, self.contacted.clone());
+                rt.spawn(async move { client.send_abort(ttid, &contacted).await });
+            }
+        }
     }
 }
 
@@ -157,6 +167,51 @@ fn decompress(oid: Oid, compression: u32, data: Vec<u8>) -> Result<Vec<u8>> {
             Ok(out)
         }
         c => Err(ClientError::Corrupt { oid, msg: format!("unknown compression {c}") }),
+    }
+}
+
+/// Registers a load in flight so that invalidations arriving meanwhile are remembered; the
+/// registration is dropped even if the load is cancelled.
+struct LoadingGuard<'a> {
+    inner: &'a Inner,
+    oid: Oid,
+    done: bool,
+}
+
+impl<'a> LoadingGuard<'a> {
+    fn new(inner: &'a Inner, oid: Oid) -> Self {
+        lock(&inner.state).loading.entry(oid).or_insert((0, None)).0 += 1;
+        LoadingGuard { inner, oid, done: false }
+    }
+
+    /// Unregister; returns the tid of an invalidation of the oid received during the load.
+    fn finish(mut self) -> Option<Tid> {
+        self.done = true;
+        Self::unregister(self.inner, self.oid)
+    }
+
+    fn unregister(inner: &Inner, oid: Oid) -> Option<Tid> {
+        let mut s = lock(&inner.state);
+        match s.loading.get_mut(&oid) {
+            Some(e) if e.0 > 1 => {
+                e.0 -= 1;
+                e.1
+            }
+            Some(e) => {
+                let t = e.1;
+                s.loading.remove(&oid);
+                t
+            }
+            None => None,
+        }
+    }
+}
+
+impl Drop for LoadingGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            Self::unregister(self.inner, self.oid);
+        }
     }
 }
 
@@ -294,11 +349,13 @@ impl Client {
                 }
             };
         {
+            // Lock order everywhere: cache, then state.
+            let mut cache = lock(&self.0.cache);
             let mut s = lock(&self.0.state);
             if s.last_tid != ltid {
                 // Invalidations may have been missed while disconnected.
                 if s.last_tid != Tid::ZERO {
-                    lock(&self.0.cache).clear_current();
+                    cache.clear_current();
                 }
                 s.last_tid = s.last_tid.max(ltid);
             }
@@ -484,30 +541,19 @@ impl Client {
         if let Some((d, t, n)) = lock(&self.0.cache).load_before(oid, before) {
             return Ok(Some((d.as_ref().clone(), t, n)));
         }
-        lock(&self.0.state).loading.entry(oid).or_insert((0, None)).0 += 1;
+        let guard = LoadingGuard::new(&self.0, oid);
         let res = self.load_from_storages(oid, None, Some(before)).await;
-        let invalidated = {
-            let mut s = lock(&self.0.state);
-            match s.loading.get_mut(&oid) {
-                Some(e) if e.0 > 1 => {
-                    e.0 -= 1;
-                    e.1
-                }
-                Some(e) => {
-                    let t = e.1;
-                    s.loading.remove(&oid);
-                    t
-                }
-                None => None,
-            }
-        };
+        // Under the cache lock, so that no invalidation slips between the check and the insert.
+        let mut cache = lock(&self.0.cache);
+        let invalidated = guard.finish();
         let Some(l) = res? else { return Ok(None) };
         let mut next = l.next_serial;
         if next.is_none() {
             // An invalidation that arrived during the load ends this revision.
             next = invalidated.filter(|t| *t > l.serial);
         }
-        lock(&self.0.cache).store(oid, l.serial, next, l.data.clone());
+        cache.store(oid, l.serial, next, l.data.clone());
+        drop(cache);
         Ok(Some((l.data.as_ref().clone(), l.serial, next)))
     }
 
@@ -518,7 +564,11 @@ impl Client {
         }
         match self.load_from_storages(oid, Some(serial), None).await? {
             Some(l) => {
-                lock(&self.0.cache).store(oid, l.serial, l.next_serial.or(Some(Tid::MAX)), l.data.clone());
+                // Only a revision known to be closed is cached here (a current one could be
+                // invalidated while this load is in flight).
+                if let Some(next) = l.next_serial {
+                    lock(&self.0.cache).store(oid, l.serial, Some(next), l.data.clone());
+                }
                 Ok(l.data.as_ref().clone())
             }
             None => Err(ClientError::NotFound(oid)),
@@ -579,6 +629,7 @@ impl Client {
             failed: BTreeSet::new(),
             locked: HashMap::new(),
             voted: false,
+            done: false,
             client: self.clone(),
         })
     }
@@ -669,7 +720,11 @@ impl Client {
                         txn.involved.insert(o.nid);
                         *txn.locked.entry(o.oid).or_default() += 1;
                     }
-                    Some(0) => {}
+                    Some(0) => {
+                        // Accepted without lock (OUT_OF_DATE cell): it must still vote, lock and
+                        // unlock to get the data.
+                        txn.involved.insert(o.nid);
+                    }
                     Some(c) => {
                         if conflict.is_none() {
                             conflict = Some(ClientError::Conflict {
@@ -760,35 +815,82 @@ impl Client {
         if !txn.voted {
             return Err(ClientError::Transaction("tpc_finish before tpc_vote".into()));
         }
+        txn.done = true;
         let m = msg::AskFinishTransaction {
             ttid: txn.ttid.0,
             oids: txn.objects.iter().map(|(o, _)| o.0).collect(),
             involved: txn.involved.iter().map(|n| n.0).collect(),
+            failed: txn.failed.iter().map(|n| n.0).collect(),
         };
         let link = self.master().await?;
-        let a = link.ask(m).await.and_then(|b| expect_answer!(b, AnswerTransactionFinished)).map_err(remote)?;
-        let tid = Tid(a.tid);
-        self.barrier(&link).await;
-        {
-            let mut cache = lock(&self.0.cache);
-            for (oid, data) in txn.objects.drain(..) {
-                cache.invalidate(oid, tid);
-                if let Some(d) = data {
-                    cache.store(oid, tid, None, d);
+        let tid = match link.ask(m).await.and_then(|b| expect_answer!(b, AnswerTransactionFinished)) {
+            Ok(a) => {
+                // Our own invalidation was sent just before the answer: once it is processed,
+                // the cache is in order with every other commit.
+                self.barrier(&link).await;
+                Tid(a.tid)
+            }
+            Err(LinkError::Closed(_)) => {
+                // The outcome is unknown: ask, never guess (a retry would commit twice).
+                let tid = self.recover_final_tid(txn.ttid).await?;
+                let mut cache = lock(&self.0.cache);
+                for (oid, _) in &txn.objects {
+                    cache.invalidate(*oid, tid);
+                }
+                let mut s = lock(&self.0.state);
+                s.last_tid = s.last_tid.max(tid);
+                return Ok(tid);
+            }
+            Err(e) => return Err(remote(e)),
+        };
+        let mut cache = lock(&self.0.cache);
+        let mut s = lock(&self.0.state);
+        // Cache the new revisions as current unless a later commit was already processed.
+        let newest = s.last_tid <= tid;
+        for (oid, data) in txn.objects.drain(..) {
+            cache.invalidate(oid, tid);
+            if let (Some(d), true) = (data, newest) {
+                cache.store(oid, tid, None, d);
+            }
+        }
+        s.last_tid = s.last_tid.max(tid);
+        Ok(tid)
+    }
+
+    /// After losing the master during tpc_finish: the final TID if `ttid` committed.
+    async fn recover_final_tid(&self, ttid: Tid) -> Result<Tid> {
+        warn!("connection lost during tpc_finish of {ttid:?}: asking for its outcome");
+        let a = self.ask_master(msg::AskFinalTid { ttid: ttid.0 }.into()).await?;
+        let a = expect_answer!(a, AnswerFinalTid).map_err(remote)?;
+        if let Some(tid) = a.tid {
+            return Ok(Tid(tid));
+        }
+        if a.unknown {
+            // The master restarted: the storages holding the transaction's metadata know.
+            let (_, cells) = self.write_cells(ttid.0);
+            for nid in cells {
+                let Ok(link) = self.storage_link(nid).await else { continue };
+                if let Ok(b) = link.ask(msg::AskFinalTid { ttid: ttid.0 }).await {
+                    if let Ok(Some(tid)) = expect_answer!(b, AnswerFinalTid).map(|a| a.tid) {
+                        return Ok(Tid(tid));
+                    }
                 }
             }
         }
-        let mut s = lock(&self.0.state);
-        s.last_tid = s.last_tid.max(tid);
-        Ok(tid)
+        Err(ClientError::Transaction(format!("transaction {ttid:?} was not committed")))
     }
 
     /// Abort: every storage contacted and the master forget the transaction.
     pub async fn tpc_abort(&self, mut txn: Transaction) -> Result<()> {
         txn.stores.abort_all();
-        let ttid = txn.ttid.0;
-        let contacted: Vec<Nid> = txn.contacted.iter().copied().collect();
-        for nid in &contacted {
+        txn.done = true;
+        self.send_abort(txn.ttid, &txn.contacted).await;
+        Ok(())
+    }
+
+    async fn send_abort(&self, ttid: Tid, contacted: &BTreeSet<Nid>) {
+        let ttid = ttid.0;
+        for nid in contacted {
             let link = lock(&self.0.state).storages.get(nid).cloned();
             if let Some(l) = link {
                 let _ = l.notify(msg::AbortTransaction { ttid, nids: vec![] }).await;
@@ -797,7 +899,6 @@ impl Client {
         if let Ok(link) = self.master().await {
             let _ = link.notify(msg::AbortTransaction { ttid, nids: contacted.iter().map(|n| n.0).collect() }).await;
         }
-        Ok(())
     }
 
     /// Partition table as this client knows it (ptid, number of partitions).
@@ -900,9 +1001,11 @@ async fn handle_master_message(inner: &Inner, link: &Link, req: proto::Request) 
                     }
                 }
             }
-            let cb = lock(&inner.callback).clone();
-            if let Some(cb) = cb {
-                cb(tid, &oids);
+            if !m.committer {
+                let cb = lock(&inner.callback).clone();
+                if let Some(cb) = cb {
+                    cb(tid, &oids);
+                }
             }
             let mut s = lock(&inner.state);
             s.last_tid = s.last_tid.max(tid);

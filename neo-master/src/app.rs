@@ -53,6 +53,7 @@ pub enum AskKind {
     LockedTransactions,
     LastIds,
     LockInformation { ttid: neo_lib::Tid },
+    FinalTid { ttid: neo_lib::Tid },
 }
 
 pub struct Conn {
@@ -438,6 +439,7 @@ impl Master {
             Body::AskNewOids(m) => self.handle_new_oids(conn, id, m).await,
             Body::AskFinishTransaction(m) => self.handle_finish(conn, nid, id, m).await,
             Body::AbortTransaction(m) => self.handle_abort(conn, m).await,
+            Body::AskFinalTid(m) if node_type == NodeType::Client => self.handle_final_tid(conn, id, m).await,
             Body::AskLastTransaction(_) => {
                 let tid = self.tm.last_tid.0;
                 self.answer(conn, id, msg::AnswerLastTransaction { tid }).await
@@ -517,7 +519,7 @@ impl Master {
         self.shutdown.cancel();
     }
 
-    async fn connection_lost(&mut self, conn: ConnId) {
+    pub async fn connection_lost(&mut self, conn: ConnId) {
         let Some(c) = self.conns.remove(&conn) else { return };
         let nid = c.nid;
         info!("{} {} disconnected", c.node_type, nid);
@@ -569,13 +571,16 @@ impl Master {
                     self.commit_pt_changes(&changes).await;
                 }
                 self.tm.storage_starting_done(nid);
-                self.transactions_storage_lost(nid).await;
+                // Check first: transactions waiting for this storage's lock must not be
+                // acknowledged if some partition has no readable cell left.
                 let running = self.running_storages();
                 let operational = self.pt.as_ref().is_some_and(|pt| pt.operational(|n| running.contains(&n)));
                 if !operational {
                     warn!("partition table not operational without {nid}: back to recovery");
                     self.restart_recovery().await;
+                    return;
                 }
+                self.transactions_storage_lost(nid).await;
                 self.maybe_begin_delayed().await;
             }
             _ => {}

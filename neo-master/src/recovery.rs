@@ -22,6 +22,9 @@ pub struct Recovery {
     // --- verification
     verifying: BTreeSet<Nid>,
     locked: BTreeMap<Tid, (Option<Tid>, BTreeSet<Nid>)>,
+    /// Voted-but-not-locked transactions being looked up on every storage (a storage may
+    /// already have committed one before the previous master stopped).
+    final_pending: BTreeMap<Tid, BTreeSet<Nid>>,
     last_ids: BTreeSet<Nid>,
     last_tid: Option<Tid>,
     last_oid: Option<Oid>,
@@ -116,6 +119,7 @@ impl Master {
             AskKind::LockedTransactions => self.verification_locked(nid, result).await,
             AskKind::LastIds => self.verification_last_ids(nid, result).await,
             AskKind::LockInformation { ttid } => self.lock_answered(ttid, nid, result).await,
+            AskKind::FinalTid { ttid } => self.verification_final_tid(ttid, nid, result).await,
         }
     }
 
@@ -229,6 +233,50 @@ impl Master {
         if !self.recovery.verifying.is_empty() {
             return;
         }
+        let unlocked: Vec<Tid> =
+            self.recovery.locked.iter().filter(|(_, (t, _))| t.is_none()).map(|(k, _)| *k).collect();
+        if unlocked.is_empty() {
+            return self.validate_and_ask_last_ids().await;
+        }
+        let storages = self.running_storages();
+        for ttid in unlocked {
+            self.recovery.final_pending.insert(ttid, storages.iter().copied().collect());
+            for n in &storages {
+                if let Some(c) = self.conn_of_node(*n) {
+                    self.spawn_ask(c, AskKind::FinalTid { ttid }, msg::AskFinalTid { ttid: ttid.0 }.into());
+                }
+            }
+        }
+    }
+
+    async fn verification_final_tid(&mut self, ttid: Tid, nid: Nid, result: Result<Body, LinkError>) {
+        if self.state != ClusterState::Verifying {
+            return;
+        }
+        let Some(pending) = self.recovery.final_pending.get_mut(&ttid) else { return };
+        if !pending.remove(&nid) {
+            return;
+        }
+        match result.and_then(|b| proto::expect_answer!(b, AnswerFinalTid)) {
+            Ok(a) => {
+                if let (Some(tid), Some(e)) = (a.tid, self.recovery.locked.get_mut(&ttid)) {
+                    e.0 = Some(Tid(tid));
+                }
+            }
+            Err(e) => {
+                warn!("verification: {nid}: {e}");
+                return self.restart_recovery().await;
+            }
+        }
+        if self.recovery.final_pending.values().all(BTreeSet::is_empty) {
+            self.recovery.final_pending.clear();
+            self.validate_and_ask_last_ids().await;
+        }
+    }
+
+    /// Commit everywhere it voted every transaction known committed on some storage, then ask
+    /// the last TID/OID.
+    async fn validate_and_ask_last_ids(&mut self) {
         // A transaction locked on any storage was decided: commit it everywhere it voted.
         for (ttid, (tid, nids)) in std::mem::take(&mut self.recovery.locked) {
             match tid {

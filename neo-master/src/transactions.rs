@@ -17,6 +17,8 @@ pub struct Txn {
 
 pub struct Finish {
     pub req_id: u32,
+    /// Clients that asked AskFinalTid for this transaction (after losing their connection).
+    pub final_waiters: Vec<(ConnId, u32)>,
     pub oids: Vec<u64>,
     pub involved: Vec<Nid>,
     pub waiting: BTreeSet<Nid>,
@@ -37,7 +39,12 @@ pub struct Transactions {
     starting: BTreeSet<Nid>,
     /// Begins delayed while storages are starting: (conn, request id, explicit tid).
     delayed: Vec<(ConnId, u32, Option<u64>)>,
+    /// ttid -> tid of recent commits, for clients that lost their connection during finish.
+    recent: BTreeMap<Tid, Tid>,
 }
+
+/// How many recent commits are remembered for AskFinalTid.
+const RECENT_COMMITS: usize = 10_000;
 
 impl Transactions {
     pub fn reset(&mut self) {
@@ -145,7 +152,10 @@ impl Master {
         }
         let n = m.count.clamp(1, MAX_NEW_OIDS);
         let first = self.tm.next_oid.0;
-        self.tm.next_oid = Oid(first + u64::from(n));
+        let Some(next) = first.checked_add(u64::from(n)).filter(|n| *n <= Tid::MAX.0) else {
+            return self.answer(conn, id, proto::error(ErrorCode::Denied, "no more object ids")).await;
+        };
+        self.tm.next_oid = Oid(next);
         self.tm.last_oid = Oid(self.tm.next_oid.0 - 1);
         let oids = (first..first + u64::from(n)).collect();
         self.answer(conn, id, msg::AnswerNewOids { oids }).await;
@@ -156,6 +166,23 @@ impl Master {
         let valid = self.tm.txns.get(&ttid).is_some_and(|t| t.conn == conn && t.finish.is_none());
         if !valid {
             let e = proto::error(ErrorCode::ProtocolError, format!("unknown transaction {ttid:?}"));
+            return self.answer(conn, id, e).await;
+        }
+        // Storages that failed for the client while still running for us are disconnected
+        // first: their cells become OUT_OF_DATE (or the cluster stops if it cannot do without
+        // them) before the commit point, so no replica silently misses this transaction.
+        for n in m.failed.iter().map(|n| Nid(*n)) {
+            if let Some(c) = self.conn_of_node(n) {
+                warn!("{nid} reports that storage {n} failed during {ttid:?}: disconnecting it");
+                if let Some(conn) = self.conns.get(&c) {
+                    conn.link.abort();
+                }
+                self.connection_lost(c).await;
+            }
+        }
+        if !self.tm.txns.contains_key(&ttid) {
+            let e =
+                proto::error(ErrorCode::IncompleteTransaction, "the cluster lost storages needed by this transaction");
             return self.answer(conn, id, e).await;
         }
         let running = self.running_storages();
@@ -169,11 +196,16 @@ impl Master {
             return self.maybe_stop().await;
         }
         // Stores of an object above the allocator's mark bump it (copied histories).
-        if let Some(max) = m.oids.iter().max()
-            && *max >= self.tm.next_oid.0
-        {
-            self.tm.next_oid = Oid(max + 1);
-            self.tm.last_oid = Oid(*max);
+        if let Some(max) = m.oids.iter().max().copied() {
+            if max > Tid::MAX.0 {
+                self.tm.txns.remove(&ttid);
+                let e = proto::error(ErrorCode::ProtocolError, format!("invalid oid {max:#x}"));
+                return self.answer(conn, id, e).await;
+            }
+            if max >= self.tm.next_oid.0 {
+                self.tm.next_oid = Oid(max + 1);
+                self.tm.last_oid = Oid(max);
+            }
         }
         let np = self.np();
         let tid = if self.tm.last_allocated == ttid && self.tm.txns.len() == 1 && self.tm.queue.is_empty() {
@@ -185,6 +217,7 @@ impl Master {
         if let Some(t) = self.tm.txns.get_mut(&ttid) {
             t.finish = Some(Finish {
                 req_id: id,
+                final_waiters: Vec::new(),
                 oids: m.oids,
                 involved: involved.clone(),
                 waiting: involved.iter().copied().collect(),
@@ -204,13 +237,17 @@ impl Master {
 
     pub async fn lock_answered(&mut self, ttid: Tid, nid: Nid, result: Result<Body, LinkError>) {
         if let Err(e) = result.and_then(|b| proto::expect_answer!(b, AnswerInformationLocked)) {
-            // The storage is gone or failed: its cells get outdated when its connection closes.
-            warn!("lock of {ttid:?} on {nid} failed: {e}");
-            if let Some(c) = self.conn_of_node(nid)
-                && let Some(conn) = self.conns.get(&c)
-            {
-                conn.link.abort();
+            // Only a real answer counts as locked. A storage that failed is disconnected: its
+            // cells are outdated (or the cluster goes back to recovery) before anyone is told
+            // the transaction committed.
+            warn!("lock of {ttid:?} on {nid} failed: {e}: disconnecting it");
+            if let Some(c) = self.conn_of_node(nid) {
+                if let Some(conn) = self.conns.get(&c) {
+                    conn.link.abort();
+                }
+                self.connection_lost(c).await;
             }
+            return;
         }
         if let Some(f) = self.tm.txns.get_mut(&ttid).and_then(|t| t.finish.as_mut()) {
             f.waiting.remove(&nid);
@@ -229,12 +266,27 @@ impl Master {
             self.tm.queue.remove(&tid);
             let Some(txn) = self.tm.txns.remove(&ttid) else { continue };
             let Some(f) = txn.finish else { continue };
-            self.answer(txn.conn, f.req_id, msg::AnswerTransactionFinished { ttid: ttid.0, tid: tid.0 }).await;
-            let inval = msg::InvalidateObjects { tid: tid.0, oids: f.oids };
+            // Invalidations go to every client, the committer included (flagged, just before
+            // its answer), without waiting: a client that does not read is disconnected rather
+            // than stalling every commit.
+            let mut inval = msg::InvalidateObjects { tid: tid.0, oids: f.oids, committer: false };
             for c in self.conns_of(&[NodeType::Client]) {
-                if c != txn.conn {
-                    self.notify(c, inval.clone()).await;
+                if let Some(cl) = self.conns.get(&c) {
+                    inval.committer = c == txn.conn;
+                    let _ = cl.link.try_notify(inval.clone());
                 }
+            }
+            if let Some(cl) = self.conns.get(&txn.conn) {
+                let _ = cl.link.try_answer(f.req_id, msg::AnswerTransactionFinished { ttid: ttid.0, tid: tid.0 });
+            }
+            for (c, id) in f.final_waiters {
+                if let Some(cl) = self.conns.get(&c) {
+                    let _ = cl.link.try_answer(id, msg::AnswerFinalTid { tid: Some(tid.0), unknown: false });
+                }
+            }
+            self.tm.recent.insert(ttid, tid);
+            while self.tm.recent.len() > RECENT_COMMITS {
+                self.tm.recent.pop_first();
             }
             for s in &f.involved {
                 if let Some(c) = self.conn_of_node(*s) {
@@ -245,6 +297,21 @@ impl Master {
             debug!("committed {ttid:?} as {tid:?}");
         }
         self.maybe_stop().await;
+    }
+
+    /// A client lost its connection during tpc_finish and asks what became of `ttid`.
+    pub async fn handle_final_tid(&mut self, conn: ConnId, id: u32, m: msg::AskFinalTid) {
+        let ttid = Tid(m.ttid);
+        if let Some(tid) = self.tm.recent.get(&ttid) {
+            let tid = tid.0;
+            return self.answer(conn, id, msg::AnswerFinalTid { tid: Some(tid), unknown: false }).await;
+        }
+        if let Some(f) = self.tm.txns.get_mut(&ttid).and_then(|t| t.finish.as_mut()) {
+            f.final_waiters.push((conn, id));
+            return;
+        }
+        let unknown = !self.tm.txns.contains_key(&ttid);
+        self.answer(conn, id, msg::AnswerFinalTid { tid: None, unknown }).await;
     }
 
     pub async fn handle_abort(&mut self, conn: ConnId, m: msg::AbortTransaction) {

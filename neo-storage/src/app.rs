@@ -112,7 +112,7 @@ pub async fn run(
                 Some(SessionEnd::Lost) => {
                     warn!("lost the primary master; reconnecting");
                     st.with(|s| s.ready = false);
-                    abort_all(&st).await;
+                    abort_unvoted(&st).await;
                 }
                 None => {}
             }
@@ -122,7 +122,7 @@ pub async fn run(
             }
         }
         peers.cancel();
-        abort_all(&st).await;
+        abort_unvoted(&st).await;
         info!("storage stopped");
     }
     .instrument(span)
@@ -250,6 +250,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             let (ttid, tid) = (Tid(m.ttid), Tid(m.tid));
             info!("validating transaction {ttid:?} as {tid:?}");
             st.db.call(move |b| b.lock(ttid, tid).and_then(|_| b.unlock(ttid, tid))).await??;
+            st.tm.release(ttid);
         }
         Body::AskLastIds(_) => {
             let (t, o) = st.db.call(|b| b.last_ids()).await??;
@@ -261,20 +262,30 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
                 Some(t) => Some(t),
                 None => st.db.call(move |b| b.final_tid(ttid)).await??,
             };
-            let _ = link.answer(id, msg::AnswerFinalTid { tid: tid.map(|t| t.0) }).await;
+            let _ = link.answer(id, msg::AnswerFinalTid { tid: tid.map(|t| t.0), unknown: false }).await;
         }
         Body::StartOperation(_) => {
+            // Verification decided the fate of every voted transaction: forget them all.
             st.db.call(|b| b.drop_unfinished()).await??;
+            st.tm.release_all();
             st.with(|s| s.ready = true);
             info!("operational");
             let _ = link.notify(msg::NotifyReady {}).await;
         }
         Body::StopOperation(_) => {
             st.with(|s| s.ready = false);
-            abort_all(st).await;
+            abort_unvoted(st).await;
         }
         Body::AskLockInformation(m) => {
             let (ttid, tid) = (Tid(m.ttid), Tid(m.tid));
+            if !st.tm.is_voted(ttid) {
+                // Its temporary data is gone (or never came): locking would commit nothing.
+                warn!("lock of {ttid:?} that did not vote here");
+                let e =
+                    proto::error(ErrorCode::IncompleteTransaction, format!("transaction {ttid:?} did not vote here"));
+                let _ = link.answer(id, e).await;
+                return Ok(None);
+            }
             st.tm.set_locked(ttid, tid);
             st.db.call(move |b| b.lock(ttid, tid)).await??;
             let _ = link.answer(id, msg::AnswerInformationLocked { ttid: ttid.0 }).await;
@@ -303,7 +314,7 @@ async fn abort(st: &Storage, ttid: Tid) {
     if st.tm.locked_tid(ttid).is_some() {
         return; // a locked transaction is never aborted
     }
-    if let Some(held) = st.tm.release(ttid) {
+    if let Some(held) = st.tm.abort(ttid) {
         debug!("abort {ttid:?}");
         if let Ok(Err(e)) = st.db.call(move |b| b.release_data(&held).and_then(|_| b.abort(ttid))).await {
             warn!("abort {ttid:?}: {e}")
@@ -311,8 +322,10 @@ async fn abort(st: &Storage, ttid: Tid) {
     }
 }
 
-async fn abort_all(st: &Storage) {
-    for ttid in st.tm.all_unlocked() {
+/// Abort the transactions that did not vote; voted ones wait for the master's decision (the
+/// next verification validates or drops them).
+async fn abort_unvoted(st: &Storage) {
+    for ttid in st.tm.all_unvoted() {
         abort(st, ttid).await;
     }
 }
@@ -369,7 +382,7 @@ async fn serve_peer(st: Arc<Storage>, link: Link, mut incoming: Incoming, token:
         handle_client(&st, &link, req).await;
     }
     link.close().await;
-    for ttid in st.tm.unlocked_of_conn(conn) {
+    for ttid in st.tm.unvoted_of_conn(conn) {
         abort(&st, ttid).await;
     }
 }
@@ -412,6 +425,25 @@ async fn handle_client(st: &Arc<Storage>, link: &Link, req: Request) {
             });
         }
         Body::AbortTransaction(m) => abort(st, Tid(m.ttid)).await,
+        Body::AskFinalTid(m) => {
+            tokio::spawn(async move {
+                let ttid = Tid(m.ttid);
+                let ans = match st2.tm.locked_tid(ttid) {
+                    Some(t) => Ok(Some(t)),
+                    None => st2
+                        .db
+                        .call(move |b| b.final_tid(ttid))
+                        .await
+                        .map_err(internal)
+                        .and_then(|r| r.map_err(internal)),
+                };
+                let ans = match ans {
+                    Ok(tid) => msg::AnswerFinalTid { tid: tid.map(|t| t.0), unknown: false }.into(),
+                    Err(b) => b,
+                };
+                let _ = link2.answer(id, ans).await;
+            });
+        }
         Body::Ping(_) => {
             let _ = link.answer(id, msg::Pong {}).await;
         }
@@ -428,6 +460,9 @@ fn internal(e: impl std::fmt::Display) -> Body {
 
 async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
     let (ttid, oid) = (Tid(m.ttid), Oid(m.oid));
+    if ttid > Tid::MAX || m.serial > Tid::MAX.0 || oid.0 > Tid::MAX.0 || m.data_serial.is_some_and(|t| t > Tid::MAX.0) {
+        return proto::error(ErrorCode::ProtocolError, "ids out of range");
+    }
     if !m.deleted {
         if m.compression > 1 {
             return proto::error(ErrorCode::ProtocolError, format!("invalid compression {}", m.compression));
@@ -444,10 +479,13 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
         return msg::AnswerStoreObject { conflict: Some(0), locked_by: None }.into();
     }
     if !st.tm.register(ttid, conn) {
-        return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} is already locked"));
+        return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} is locked or aborted"));
     }
+    // An OUT_OF_DATE cell takes the write without lock nor conflict check (the readable cells
+    // do both) so that it has the data once it catches up.
+    let lockless = !state.is_readable();
     // Take the write lock, waiting for older transactions.
-    loop {
+    while !lockless {
         let changed = st.tm.changed();
         let notified = changed.notified();
         tokio::pin!(notified);
@@ -473,13 +511,15 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
             }
         }
     }
-    let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
-        Ok(Ok(s)) => s.unwrap_or(Tid::ZERO),
-        Ok(Err(e)) => return internal(e),
-        Err(e) => return internal(e),
-    };
-    if current.0 != m.serial {
-        return msg::AnswerStoreObject { conflict: Some(current.0), locked_by: None }.into();
+    if !lockless {
+        let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
+            Ok(Ok(s)) => s.unwrap_or(Tid::ZERO),
+            Ok(Err(e)) => return internal(e),
+            Err(e) => return internal(e),
+        };
+        if current.0 != m.serial {
+            return msg::AnswerStoreObject { conflict: Some(current.0), locked_by: None }.into();
+        }
     }
     let data_id = if m.deleted {
         None
@@ -493,9 +533,13 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
     };
     let stored = Stored { partition, data_id, data_serial: m.data_serial.map(Tid) };
     if !st.tm.add_object(ttid, oid, stored) {
+        if let Some(id) = data_id {
+            let _ = st.db.call(move |b| b.release_data(&[id])).await;
+        }
         return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
     }
-    msg::AnswerStoreObject { conflict: None, locked_by: None }.into()
+    let conflict = if lockless { Some(0) } else { None };
+    msg::AnswerStoreObject { conflict, locked_by: None }.into()
 }
 
 async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Result<(), Body> {

@@ -44,9 +44,14 @@ pub enum LockAttempt {
     Gone,
 }
 
+/// How many aborted ttids are remembered (a store arriving after its abort must not revive it).
+const ABORTED_MEMORY: usize = 10_000;
+
 #[derive(Default)]
 struct Inner {
     txns: HashMap<Tid, TxnState>,
+    aborted: std::collections::HashSet<Tid>,
+    aborted_order: std::collections::VecDeque<Tid>,
     write_locks: HashMap<Oid, Tid>,
     read_locks: HashMap<Oid, Tid>,
 }
@@ -73,9 +78,12 @@ impl Tm {
     }
 
     /// Register `ttid` for a client link (no-op if known). Returns false if it is locked
-    /// already (no more stores accepted).
+    /// already (no more stores accepted) or was aborted.
     pub fn register(&self, ttid: Tid, conn: u64) -> bool {
         self.with(|s| {
+            if s.aborted.contains(&ttid) {
+                return false;
+            }
             let t = s.txns.entry(ttid).or_insert_with(|| TxnState {
                 conn,
                 objects: BTreeMap::new(),
@@ -85,6 +93,11 @@ impl Tm {
             });
             t.locked.is_none()
         })
+    }
+
+    /// True if `ttid` voted on this storage (its temporary data is persistent).
+    pub fn is_voted(&self, ttid: Tid) -> bool {
+        self.with(|s| s.txns.get(&ttid).is_some_and(|t| t.voted))
     }
 
     pub fn try_lock(&self, ttid: Tid, oid: Oid) -> LockAttempt {
@@ -174,14 +187,43 @@ impl Tm {
         held
     }
 
-    /// Transactions of a client link that are not locked (to abort when it disconnects).
-    pub fn unlocked_of_conn(&self, conn: u64) -> Vec<Tid> {
-        self.with(|s| s.txns.iter().filter(|(_, t)| t.conn == conn && t.locked.is_none()).map(|(k, _)| *k).collect())
+    /// Like `release`, and remember that `ttid` was aborted so late stores are refused.
+    pub fn abort(&self, ttid: Tid) -> Option<Vec<DataId>> {
+        self.with(|s| {
+            if s.aborted.insert(ttid) {
+                s.aborted_order.push_back(ttid);
+                if s.aborted_order.len() > ABORTED_MEMORY {
+                    if let Some(old) = s.aborted_order.pop_front() {
+                        s.aborted.remove(&old);
+                    }
+                }
+            }
+        });
+        self.release(ttid)
     }
 
-    /// Every transaction not locked (to abort when the master is lost or operation stops).
-    pub fn all_unlocked(&self) -> Vec<Tid> {
-        self.with(|s| s.txns.iter().filter(|(_, t)| t.locked.is_none()).map(|(k, _)| *k).collect())
+    /// Forget every transaction (after verification decided their fate).
+    pub fn release_all(&self) {
+        self.with(|s| {
+            s.txns.clear();
+            s.write_locks.clear();
+            s.read_locks.clear();
+        });
+        self.changed.notify_waiters();
+    }
+
+    /// Transactions of a client link that did not vote (to abort when it disconnects; voted ones
+    /// are decided by the master).
+    pub fn unvoted_of_conn(&self, conn: u64) -> Vec<Tid> {
+        self.with(|s| {
+            s.txns.iter().filter(|(_, t)| t.conn == conn && !t.voted && t.locked.is_none()).map(|(k, _)| *k).collect()
+        })
+    }
+
+    /// Every transaction that did not vote (to abort when the master is lost or operation
+    /// stops; voted ones wait for the next verification).
+    pub fn all_unvoted(&self) -> Vec<Tid> {
+        self.with(|s| s.txns.iter().filter(|(_, t)| !t.voted && t.locked.is_none()).map(|(k, _)| *k).collect())
     }
 }
 
@@ -206,6 +248,9 @@ mod tests {
         assert!(tm.release(old).is_some());
         assert_eq!(tm.try_lock(young, Oid(2)), LockAttempt::Acquired);
         assert_eq!(tm.try_lock(old, Oid(3)), LockAttempt::Gone);
+        // An aborted transaction cannot be revived by a late store.
+        tm.abort(young);
+        assert!(!tm.register(young, 2));
     }
 
     #[test]
@@ -216,7 +261,7 @@ mod tests {
         assert!(!tm.is_read_locked(Oid(7)));
         tm.set_locked(Tid(5), Tid(6));
         assert!(tm.is_read_locked(Oid(7)));
-        assert!(tm.unlocked_of_conn(1).is_empty());
+        assert!(tm.unvoted_of_conn(1).is_empty());
         tm.release(Tid(5));
         assert!(!tm.is_read_locked(Oid(7)));
     }

@@ -42,7 +42,9 @@ pub fn parse(buf: &mut BytesMut, max: usize) -> Result<Option<Packet>, FrameErro
         return Err(FrameError::TooLarge { len, max });
     }
     if buf.len() < 4 + len {
-        buf.reserve(4 + len - buf.len());
+        // Grow step by step as bytes arrive: a 4-byte header alone must not make us allocate
+        // the announced size.
+        buf.reserve((4 + len - buf.len()).min(1 << 20));
         return Ok(None);
     }
     buf.advance(4);

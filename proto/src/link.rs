@@ -186,6 +186,33 @@ impl Link {
         self.send(Packet { id, answer: false, body: Some(body.into()) }).await
     }
 
+    /// Send a notification without waiting: if the peer's queue is full (it does not read), the
+    /// connection is closed rather than blocking the sender.
+    pub fn try_notify(&self, body: impl Into<Body>) -> Result<(), LinkError> {
+        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
+        self.try_send(Packet { id, answer: false, body: Some(body.into()) })
+    }
+
+    /// Answer without waiting (see `try_notify`).
+    pub fn try_answer(&self, id: u32, body: impl Into<Body>) -> Result<(), LinkError> {
+        self.try_send(Packet { id, answer: true, body: Some(body.into()) })
+    }
+
+    fn try_send(&self, p: Packet) -> Result<(), LinkError> {
+        if self.is_closed() {
+            return Err(self.closed_err());
+        }
+        match self.0.tx.try_send(Out::Packet(p)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!("{}: peer does not read its messages: closing", self.0.peer);
+                self.abort();
+                Err(self.closed_err())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.closed_err()),
+        }
+    }
+
     /// Answer request `id`.
     pub async fn answer(&self, id: u32, body: impl Into<Body>) -> Result<(), LinkError> {
         self.send(Packet { id, answer: true, body: Some(body.into()) }).await

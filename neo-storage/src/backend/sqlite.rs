@@ -10,9 +10,9 @@
 //!   `trans` / `obj` by `unlock`.
 //!
 //! Durability: the connection runs with `synchronous=FULL` (and WAL for files), so every
-//! method that commits is durable on return. `store_data` alone commits with
-//! `synchronous=NORMAL` (no fsync): its rows become durable with the following `vote`, whose
-//! FULL commit syncs the whole write-ahead log.
+//! method that commits is durable on return, except two that commit with `synchronous=NORMAL`
+//! (no fsync): `store_data`, whose rows become durable with the following `vote`, and `unlock`,
+//! which the next verification replays from the durable `lock` if a crash loses it.
 
 use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
 use neo_lib::pt::{Cell, PartitionTable};
@@ -198,6 +198,61 @@ impl std::fmt::Debug for SqliteBackend {
 }
 
 impl SqliteBackend {
+    /// Run `f` with commits that do not fsync (durable with the next FULL commit).
+    fn without_fsync<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("PRAGMA synchronous=NORMAL").map_err(db)?;
+        let result = f(self);
+        let restore = self.conn.execute_batch("PRAGMA synchronous=FULL").map_err(db);
+        let v = result?;
+        restore?;
+        Ok(v)
+    }
+
+    fn unlock_rows(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
+        let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
+        let tx = self.conn.transaction().map_err(db)?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO obj (partition, oid, tid, data_id, value_tid)
+             SELECT partition, oid, ?2, data_id, value_tid FROM tobj WHERE tid = ?1",
+        )
+        .map_err(db)?
+        .execute([ttid64, tid64])
+        .map_err(db)?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO trans (partition, tid, packed, oids, user, description, ext, ttid)
+             SELECT partition, ?2, 0, COALESCE(oids, X''), COALESCE(user, X''),
+                    COALESCE(description, X''), COALESCE(ext, X''), ttid
+             FROM ttrans WHERE ttid = ?1 AND meta = 1",
+        )
+        .map_err(db)?
+        .execute([ttid64, tid64])
+        .map_err(db)?;
+        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
+        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    fn abort_rows(&mut self, ttid: Tid) -> Result<()> {
+        let ttid64 = id64(ttid.0);
+        let tx = self.conn.transaction().map_err(db)?;
+        let mut candidates: Vec<DataId> = self.released.iter().copied().collect();
+        {
+            let mut stmt = tx
+                .prepare_cached("SELECT DISTINCT data_id FROM tobj WHERE tid = ?1 AND data_id IS NOT NULL")
+                .map_err(db)?;
+            let mut q = stmt.query([ttid64]).map_err(db)?;
+            while let Some(row) = q.next().map_err(db)? {
+                candidates.push(col_int(row, 0, "data_id", &|| format!("temporary object of {ttid}"))?);
+            }
+        }
+        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
+        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
+        Self::prune(&tx, &self.held, candidates)?;
+        tx.commit().map_err(db)?;
+        self.released.clear();
+        Ok(())
+    }
+
     /// Open (creating it if needed) the database at `path` (`:memory:` for a private in-memory
     /// database) for cluster `cluster`, upgrading its schema to `SCHEMA_VERSION`.
     pub fn open(path: &Path, cluster: &str) -> Result<SqliteBackend> {
@@ -573,11 +628,7 @@ impl Backend for SqliteBackend {
             return Err(BackendError::Db(format!("store_data: unknown compression {compression}")));
         }
         // No fsync here: the next vote's FULL commit makes this row durable with the WAL.
-        self.conn.execute_batch("PRAGMA synchronous=NORMAL").map_err(db)?;
-        let result = self.insert_data(checksum, compression, data);
-        let restore = self.conn.execute_batch("PRAGMA synchronous=FULL").map_err(db);
-        let id = result?;
-        restore?;
+        let id = self.without_fsync(|b| b.insert_data(checksum, compression, data))?;
         *self.held.entry(id).or_insert(0) += 1;
         self.released.remove(&id);
         Ok(id)
@@ -656,48 +707,13 @@ impl Backend for SqliteBackend {
     }
 
     fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
-        let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
-        let tx = self.conn.transaction().map_err(db)?;
-        tx.prepare_cached(
-            "INSERT OR REPLACE INTO obj (partition, oid, tid, data_id, value_tid)
-             SELECT partition, oid, ?2, data_id, value_tid FROM tobj WHERE tid = ?1",
-        )
-        .map_err(db)?
-        .execute([ttid64, tid64])
-        .map_err(db)?;
-        tx.prepare_cached(
-            "INSERT OR REPLACE INTO trans (partition, tid, packed, oids, user, description, ext, ttid)
-             SELECT partition, ?2, 0, COALESCE(oids, X''), COALESCE(user, X''),
-                    COALESCE(description, X''), COALESCE(ext, X''), ttid
-             FROM ttrans WHERE ttid = ?1 AND meta = 1",
-        )
-        .map_err(db)?
-        .execute([ttid64, tid64])
-        .map_err(db)?;
-        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
-        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
-        tx.commit().map_err(db)
+        // No fsync: the decision is durable since `lock`; if this commit is lost in a crash,
+        // the next verification finds the locked transaction and unlocks it again.
+        self.without_fsync(|b| b.unlock_rows(ttid, tid))
     }
 
     fn abort(&mut self, ttid: Tid) -> Result<()> {
-        let ttid64 = id64(ttid.0);
-        let tx = self.conn.transaction().map_err(db)?;
-        let mut candidates: Vec<DataId> = self.released.iter().copied().collect();
-        {
-            let mut stmt = tx
-                .prepare_cached("SELECT DISTINCT data_id FROM tobj WHERE tid = ?1 AND data_id IS NOT NULL")
-                .map_err(db)?;
-            let mut q = stmt.query([ttid64]).map_err(db)?;
-            while let Some(row) = q.next().map_err(db)? {
-                candidates.push(col_int(row, 0, "data_id", &|| format!("temporary object of {ttid}"))?);
-            }
-        }
-        tx.prepare_cached("DELETE FROM tobj WHERE tid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
-        tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
-        Self::prune(&tx, &self.held, candidates)?;
-        tx.commit().map_err(db)?;
-        self.released.clear();
-        Ok(())
+        self.abort_rows(ttid)
     }
 
     fn locked_transactions(&mut self) -> Result<Vec<(Tid, Option<Tid>)>> {
