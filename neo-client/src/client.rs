@@ -870,10 +870,10 @@ impl Client {
             let (_, cells) = self.write_cells(ttid.0);
             for nid in cells {
                 let Ok(link) = self.storage_link(nid).await else { continue };
-                if let Ok(b) = link.ask(msg::AskFinalTid { ttid: ttid.0 }).await {
-                    if let Ok(Some(tid)) = expect_answer!(b, AnswerFinalTid).map(|a| a.tid) {
-                        return Ok(Tid(tid));
-                    }
+                if let Ok(b) = link.ask(msg::AskFinalTid { ttid: ttid.0 }).await
+                    && let Ok(Some(tid)) = expect_answer!(b, AnswerFinalTid).map(|a| a.tid)
+                {
+                    return Ok(Tid(tid));
                 }
             }
         }

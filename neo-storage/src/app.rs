@@ -484,32 +484,8 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
     // An OUT_OF_DATE cell takes the write without lock nor conflict check (the readable cells
     // do both) so that it has the data once it catches up.
     let lockless = !state.is_readable();
-    // Take the write lock, waiting for older transactions.
-    while !lockless {
-        let changed = st.tm.changed();
-        let notified = changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        match st.tm.try_lock(ttid, oid) {
-            LockAttempt::Acquired => break,
-            LockAttempt::Gone => {
-                return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
-            }
-            LockAttempt::Conflict(holder) => {
-                let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
-                    Ok(Ok(s)) => s.unwrap_or(Tid::ZERO),
-                    Ok(Err(e)) => return internal(e),
-                    Err(e) => return internal(e),
-                };
-                return msg::AnswerStoreObject { conflict: Some(current.0), locked_by: Some(holder.0) }.into();
-            }
-            LockAttempt::Wait => {
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = st.shutdown.cancelled() => return proto::error(ErrorCode::NotReady, "storage is stopping"),
-                }
-            }
-        }
+    if !lockless && let Some(answer) = take_write_lock(st, ttid, oid, partition).await {
+        return answer;
     }
     if !lockless {
         let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
@@ -540,6 +516,37 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
     }
     let conflict = if lockless { Some(0) } else { None };
     msg::AnswerStoreObject { conflict, locked_by: None }.into()
+}
+
+/// Take the write lock of `oid` for `ttid`, waiting for older transactions. Returns the answer
+/// to send instead of going on (conflict with a younger transaction, abort, shutdown).
+async fn take_write_lock(st: &Storage, ttid: Tid, oid: Oid, partition: u32) -> Option<Body> {
+    loop {
+        let changed = st.tm.changed();
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match st.tm.try_lock(ttid, oid) {
+            LockAttempt::Acquired => return None,
+            LockAttempt::Gone => {
+                return Some(proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted")));
+            }
+            LockAttempt::Conflict(holder) => {
+                let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
+                    Ok(Ok(s)) => s.unwrap_or(Tid::ZERO),
+                    Ok(Err(e)) => return Some(internal(e)),
+                    Err(e) => return Some(internal(e)),
+                };
+                return Some(msg::AnswerStoreObject { conflict: Some(current.0), locked_by: Some(holder.0) }.into());
+            }
+            LockAttempt::Wait => {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = st.shutdown.cancelled() => return Some(proto::error(ErrorCode::NotReady, "storage is stopping")),
+                }
+            }
+        }
+    }
 }
 
 async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Result<(), Body> {

@@ -192,10 +192,10 @@ impl Tm {
         self.with(|s| {
             if s.aborted.insert(ttid) {
                 s.aborted_order.push_back(ttid);
-                if s.aborted_order.len() > ABORTED_MEMORY {
-                    if let Some(old) = s.aborted_order.pop_front() {
-                        s.aborted.remove(&old);
-                    }
+                if s.aborted_order.len() > ABORTED_MEMORY
+                    && let Some(old) = s.aborted_order.pop_front()
+                {
+                    s.aborted.remove(&old);
                 }
             }
         });
