@@ -87,7 +87,10 @@ async fn two_clients_updating_the_same_object_one_gets_a_conflict_naming_the_oid
     let (ra, rb) = tokio::join!(commit(&a, oid, ta, b"a again"), commit(&b, oid, ta, b"b again"));
     let ok = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
     assert_eq!(ok, 1, "exactly one commit wins: {ra:?} {rb:?}");
-    let loser = if ra.is_err() { ra.unwrap_err() } else { rb.unwrap_err() };
+    let loser = match (ra, rb) {
+        (Err(e), _) | (_, Err(e)) => e,
+        _ => unreachable!(),
+    };
     assert!(matches!(loser, ClientError::Conflict { oid: o, .. } if o == oid), "{loser:?}");
     // The object is usable afterwards (locks were released).
     b.sync().await.unwrap();
