@@ -2,7 +2,7 @@
 //! verification, lock/unlock), and the handlers of client requests (store, vote, load, abort).
 
 use crate::StorageError;
-use crate::backend::{Load, TempObject, TxnMeta};
+use crate::backend::{Load, NewData, NewObject, TxnMeta};
 use crate::db::Db;
 use crate::tm::{LockAttempt, Stored, Tm};
 use neo_lib::config::{Address, NodeConfig};
@@ -314,9 +314,9 @@ async fn abort(st: &Storage, ttid: Tid) {
     if st.tm.locked_tid(ttid).is_some() {
         return; // a locked transaction is never aborted
     }
-    if let Some(held) = st.tm.abort(ttid) {
+    if st.tm.abort(ttid) {
         debug!("abort {ttid:?}");
-        if let Ok(Err(e)) = st.db.call(move |b| b.release_data(&held).and_then(|_| b.abort(ttid))).await {
+        if let Ok(Err(e)) = st.db.call(move |b| b.abort(ttid)).await {
             warn!("abort {ttid:?}: {e}")
         }
     }
@@ -497,21 +497,9 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
             return msg::AnswerStoreObject { conflict: Some(current.0), locked_by: None }.into();
         }
     }
-    let data_id = if m.deleted {
-        None
-    } else {
-        let (checksum, compression, data) = (m.checksum, m.compression, m.data);
-        match st.db.call(move |b| b.store_data(partition, &checksum, compression, &data)).await {
-            Ok(Ok(id)) => Some(id),
-            Ok(Err(e)) => return internal(e),
-            Err(e) => return internal(e),
-        }
-    };
-    let stored = Stored { partition, data_id, data_serial: m.data_serial.map(Tid) };
+    let data = if m.deleted { None } else { Some(Arc::new((m.checksum, m.compression, m.data))) };
+    let stored = Stored { partition, data, data_serial: m.data_serial.map(Tid) };
     if !st.tm.add_object(ttid, oid, stored) {
-        if let Some(id) = data_id {
-            let _ = st.db.call(move |b| b.release_data(&[id])).await;
-        }
         return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
     }
     let conflict = if lockless { Some(0) } else { None };
@@ -556,15 +544,20 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
         .objects_to_vote(ttid)
         .ok_or_else(|| proto::error(ErrorCode::ProtocolError, format!("unknown transaction {ttid:?}")))?;
     let meta_partition = ttid.partition(st.np());
-    let objects: Vec<(u32, TempObject)> = objects
+    // One database job and transaction: the data rows, the temporary objects and the
+    // metadata, with one durable commit.
+    let objects: Vec<(u32, NewObject)> = objects
         .into_iter()
-        .map(|(oid, s)| (s.partition, TempObject { oid, data_id: s.data_id, data_serial: s.data_serial }))
+        .map(|(oid, s)| {
+            let data = s.data.map(|d| {
+                let (checksum, compression, data) = Arc::unwrap_or_clone(d);
+                NewData { checksum, compression, data }
+            });
+            (s.partition, NewObject { oid, data, data_serial: s.data_serial })
+        })
         .collect();
-    st.db
-        .call(move |b| b.vote(ttid, &objects, meta.as_ref().map(|m| (meta_partition, m))))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+    let result = st.db.call(move |b| b.vote_data(ttid, &objects, meta.as_ref().map(|m| (meta_partition, m)))).await;
+    result.map_err(internal)?.map_err(internal)?;
     st.tm.set_voted(ttid);
     Ok(())
 }

@@ -6,7 +6,6 @@
 //! older lock holder; an older one finding a lock held by a younger, not yet voted transaction
 //! gets a conflict instead of waiting, so waits always go from young to old and never cycle.
 
-use crate::backend::DataId;
 use neo_lib::{Oid, Tid};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -16,7 +15,9 @@ use tokio::sync::Notify;
 #[derive(Clone, Debug)]
 pub struct Stored {
     pub partition: u32,
-    pub data_id: Option<DataId>,
+    /// (checksum, compression, bytes); None for a deletion. Written to the database by the
+    /// vote, in the same database job as the temporary object.
+    pub data: Option<Arc<(Vec<u8>, u32, Vec<u8>)>>,
     pub data_serial: Option<Tid>,
 }
 
@@ -25,8 +26,6 @@ pub struct TxnState {
     /// Link of the client that began it.
     pub conn: u64,
     pub objects: BTreeMap<Oid, Stored>,
-    /// Data ids handed out by store_data and not yet voted (released on abort).
-    pub held: Vec<DataId>,
     pub voted: bool,
     pub locked: Option<Tid>,
 }
@@ -87,7 +86,6 @@ impl Tm {
             let t = s.txns.entry(ttid).or_insert_with(|| TxnState {
                 conn,
                 objects: BTreeMap::new(),
-                held: Vec::new(),
                 voted: false,
                 locked: None,
             });
@@ -124,9 +122,6 @@ impl Tm {
     pub fn add_object(&self, ttid: Tid, oid: Oid, obj: Stored) -> bool {
         self.with(|s| match s.txns.get_mut(&ttid) {
             Some(t) => {
-                if let Some(id) = obj.data_id {
-                    t.held.push(id);
-                }
                 t.objects.insert(oid, obj);
                 true
             }
@@ -134,14 +129,9 @@ impl Tm {
         })
     }
 
-    /// Objects to vote (and forget the held data ids: the vote references them).
+    /// Objects to vote.
     pub fn objects_to_vote(&self, ttid: Tid) -> Option<Vec<(Oid, Stored)>> {
-        self.with(|s| {
-            s.txns.get_mut(&ttid).map(|t| {
-                t.held.clear();
-                t.objects.iter().map(|(o, st)| (*o, st.clone())).collect()
-            })
-        })
+        self.with(|s| s.txns.get_mut(&ttid).map(|t| t.objects.iter().map(|(o, st)| (*o, st.clone())).collect()))
     }
 
     pub fn set_voted(&self, ttid: Tid) {
@@ -174,21 +164,20 @@ impl Tm {
         self.with(|s| s.read_locks.contains_key(&oid))
     }
 
-    /// Forget a transaction and release its locks. Returns the data ids it held (stored but
-    /// never voted) so the caller can release them in the backend.
-    pub fn release(&self, ttid: Tid) -> Option<Vec<DataId>> {
-        let held = self.with(|s| {
-            let t = s.txns.remove(&ttid)?;
+    /// Forget a transaction and release its locks. Returns false if it was unknown.
+    pub fn release(&self, ttid: Tid) -> bool {
+        let known = self.with(|s| {
+            let known = s.txns.remove(&ttid).is_some();
             s.write_locks.retain(|_, h| *h != ttid);
             s.read_locks.retain(|_, h| *h != ttid);
-            Some(t.held)
+            known
         });
         self.changed.notify_waiters();
-        held
+        known
     }
 
     /// Like `release`, and remember that `ttid` was aborted so late stores are refused.
-    pub fn abort(&self, ttid: Tid) -> Option<Vec<DataId>> {
+    pub fn abort(&self, ttid: Tid) -> bool {
         self.with(|s| {
             if s.aborted.insert(ttid) {
                 s.aborted_order.push_back(ttid);
@@ -245,7 +234,7 @@ mod tests {
         assert_eq!(tm.try_lock(old, Oid(2)), LockAttempt::Acquired);
         // The younger waits for the older one.
         assert_eq!(tm.try_lock(young, Oid(2)), LockAttempt::Wait);
-        assert!(tm.release(old).is_some());
+        assert!(tm.release(old));
         assert_eq!(tm.try_lock(young, Oid(2)), LockAttempt::Acquired);
         assert_eq!(tm.try_lock(old, Oid(3)), LockAttempt::Gone);
         // An aborted transaction cannot be revived by a late store.
@@ -257,7 +246,7 @@ mod tests {
     fn read_locks_between_lock_and_unlock() {
         let tm = Tm::default();
         tm.register(Tid(5), 1);
-        tm.add_object(Tid(5), Oid(7), Stored { partition: 0, data_id: Some(1), data_serial: None });
+        tm.add_object(Tid(5), Oid(7), Stored { partition: 0, data: None, data_serial: None });
         assert!(!tm.is_read_locked(Oid(7)));
         tm.set_locked(Tid(5), Tid(6));
         assert!(tm.is_read_locked(Oid(7)));

@@ -5,8 +5,9 @@
 //! Backends are synchronous; the node calls them only from the database thread (`crate::db`),
 //! never from async worker threads.
 //!
-//! Commit discipline (what must be durable when a method returns): `vote`, `lock`, `unlock`,
-//! `abort`, `set_config`, `save_pt`, `drop_unfinished`.
+//! Commit discipline (what must be durable when a method returns): `vote`, `vote_data`, `lock`,
+//! `set_config`, `save_pt`, `drop_unfinished`. `unlock` and `abort` need not be: a lost unlock
+//! is replayed by verification from the durable lock, a lost abort by `drop_unfinished`.
 
 pub mod sqlite;
 #[cfg(test)]
@@ -66,6 +67,24 @@ pub struct TempObject {
     pub data_serial: Option<Tid>,
 }
 
+/// New data of an object being voted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewData {
+    /// SHA-1 of `data` (20 bytes).
+    pub checksum: Vec<u8>,
+    /// 0 raw, 1 zlib.
+    pub compression: u32,
+    pub data: Vec<u8>,
+}
+
+/// An object of a transaction being voted, with its data: `data` None means deletion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewObject {
+    pub oid: Oid,
+    pub data: Option<NewData>,
+    pub data_serial: Option<Tid>,
+}
+
 /// Transaction metadata, stored by the cells of partition(ttid).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct TxnMeta {
@@ -120,10 +139,37 @@ pub trait Backend: Send {
     /// the caller) keyed by `ttid`, plus metadata when this node holds partition(ttid).
     /// Calling vote twice for the same ttid adds objects. Durable on return.
     fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()>;
+    /// `store_data` for each object, then `vote`, as one unit: what the node calls at vote
+    /// time. Engines override it to write everything in one database transaction.
+    fn vote_data(&mut self, ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
+        let mut temp = Vec::with_capacity(objects.len());
+        let mut ids = Vec::new();
+        for (partition, o) in objects {
+            let data_id = match &o.data {
+                Some(d) => match self.store_data(*partition, &d.checksum, d.compression, &d.data) {
+                    Ok(id) => {
+                        ids.push(id);
+                        Some(id)
+                    }
+                    Err(e) => {
+                        let _ = self.release_data(&ids);
+                        return Err(e);
+                    }
+                },
+                None => None,
+            };
+            temp.push((*partition, TempObject { oid: o.oid, data_id, data_serial: o.data_serial }));
+        }
+        let r = self.vote(ttid, &temp, meta);
+        if r.is_err() {
+            let _ = self.release_data(&ids);
+        }
+        r
+    }
     /// Record the commit decision: the final tid of `ttid`. Durable on return.
     fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()>;
     /// Make the transaction permanent under `tid`: temporary objects and metadata become
-    /// committed. Idempotent. Durable on return.
+    /// committed. Idempotent. Not necessarily durable on return (see the commit discipline).
     fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()>;
     /// Delete the temporary data of `ttid` (no-op if unknown) and unreferenced data rows.
     fn abort(&mut self, ttid: Tid) -> Result<()>;

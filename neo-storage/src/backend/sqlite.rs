@@ -9,12 +9,13 @@
 //! - `ttrans` / `tobj`: voted (temporary) transactions and objects keyed by ttid, moved to
 //!   `trans` / `obj` by `unlock`.
 //!
-//! Durability: the connection runs with `synchronous=FULL` (and WAL for files), so every
-//! method that commits is durable on return, except two that commit with `synchronous=NORMAL`
-//! (no fsync): `store_data`, whose rows become durable with the following `vote`, and `unlock`,
-//! which the next verification replays from the durable `lock` if a crash loses it.
+//! Durability: the connection runs with `synchronous=NORMAL` in WAL mode (commits append to the
+//! log without fsync), and the methods that must be durable on return fdatasync the log after
+//! their commit (`sync_wal`): `vote`, `vote_data`, `lock`, `set_config`, `save_pt`,
+//! `drop_unfinished`. `store_data` becomes durable with the following vote; `unlock` is not
+//! synced: the next verification replays it from the durable `lock` if a crash loses it.
 
-use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
+use super::{Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
 use neo_lib::pt::{Cell, PartitionTable};
 use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
 use rusqlite::types::ValueRef;
@@ -92,7 +93,7 @@ const MIGRATIONS: &[&str] = &[
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 
 /// How long a statement waits for a lock held by another connection before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+const BUSY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Length of a SHA-1 checksum.
 const CHECKSUM_LEN: usize = 20;
@@ -178,6 +179,8 @@ fn compression_of(v: i64, what: &dyn Fn() -> String) -> Result<u32> {
 /// The SQLite storage backend. Not shared between threads: the node's database thread owns it.
 pub struct SqliteBackend {
     conn: Connection,
+    /// The write-ahead log, fsynced after the commits that must be durable (None in memory).
+    wal: Option<std::path::PathBuf>,
     /// Data rows handed out by `store_data` that no vote references yet, with how many times
     /// each was handed out (two transactions may store identical data and get the same
     /// deduplicated row). Pruning never deletes a held row, so the data of a transaction that
@@ -198,14 +201,17 @@ impl std::fmt::Debug for SqliteBackend {
 }
 
 impl SqliteBackend {
-    /// Run `f` with commits that do not fsync (durable with the next FULL commit).
-    fn without_fsync<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        self.conn.execute_batch("PRAGMA synchronous=NORMAL").map_err(db)?;
-        let result = f(self);
-        let restore = self.conn.execute_batch("PRAGMA synchronous=FULL").map_err(db);
-        let v = result?;
-        restore?;
-        Ok(v)
+    /// Make every commit so far durable: fdatasync the write-ahead log (SQLite appends
+    /// commits to it; with `synchronous=NORMAL` it only syncs it at checkpoints).
+    fn sync_wal(&self) -> Result<()> {
+        if let Some(wal) = &self.wal {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(wal)
+                .map_err(|e| BackendError::Db(format!("{}: {e}", wal.display())))?;
+            f.sync_data().map_err(|e| BackendError::Db(format!("fsync {}: {e}", wal.display())))?;
+        }
+        Ok(())
     }
 
     fn unlock_rows(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
@@ -256,10 +262,27 @@ impl SqliteBackend {
     /// Open (creating it if needed) the database at `path` (`:memory:` for a private in-memory
     /// database) for cluster `cluster`, upgrading its schema to `SCHEMA_VERSION`.
     pub fn open(path: &Path, cluster: &str) -> Result<SqliteBackend> {
+        Self::open_with(path, cluster, true)
+    }
+
+    /// Like `open`, without exclusive locking, so tests can alter the file from another
+    /// connection while the backend is open.
+    #[cfg(test)]
+    pub fn open_shared(path: &Path, cluster: &str) -> Result<SqliteBackend> {
+        Self::open_with(path, cluster, false)
+    }
+
+    fn open_with(path: &Path, cluster: &str, exclusive: bool) -> Result<SqliteBackend> {
         let memory = path == Path::new(":memory:");
         let mut conn = if memory { Connection::open_in_memory() } else { Connection::open(path) }.map_err(db)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
         if !memory {
+            // One process owns the file: exclusive locking avoids file locks at every
+            // transaction, keeps the WAL index in memory, and makes a second storage process
+            // on the same file fail (after the busy timeout) instead of corrupting it.
+            if exclusive {
+                conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE").map_err(db)?;
+            }
             let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(db)?;
             if !mode.eq_ignore_ascii_case("wal") {
                 return Err(BackendError::Db(format!(
@@ -268,10 +291,13 @@ impl SqliteBackend {
                 )));
             }
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;").map_err(db)?;
+        // Commits do not fsync by themselves; the ones that must be durable call `sync_wal`.
+        // (Switching `synchronous` per commit would expire every prepared statement.)
+        conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=OFF;").map_err(db)?;
         conn.set_prepared_statement_cache_capacity(64);
         Self::init_schema(&mut conn, cluster)?;
-        Ok(SqliteBackend { conn, held: HashMap::new(), released: HashSet::new() })
+        let wal = if memory { None } else { Some(wal_path(path)) };
+        Ok(SqliteBackend { conn, wal, held: HashMap::new(), released: HashSet::new() })
     }
 
     /// Create or upgrade the schema and check the cluster name, in one transaction (rolled back
@@ -348,25 +374,6 @@ impl SqliteBackend {
         }
         Ok(())
     }
-
-    fn insert_data(&mut self, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
-        let existing: Option<DataId> = self
-            .conn
-            .prepare_cached("SELECT id FROM data WHERE hash = ?1 AND compression = ?2")
-            .map_err(db)?
-            .query_row(params![checksum, i64::from(compression)], |r| r.get(0))
-            .optional()
-            .map_err(db)?;
-        if let Some(id) = existing {
-            return Ok(id);
-        }
-        self.conn
-            .prepare_cached("INSERT INTO data (hash, compression, value) VALUES (?1, ?2, ?3)")
-            .map_err(db)?
-            .execute(params![checksum, i64::from(compression), data])
-            .map_err(db)?;
-        Ok(self.conn.last_insert_rowid())
-    }
 }
 
 fn check_cluster(conn: &Connection, cluster: &str) -> Result<()> {
@@ -429,7 +436,7 @@ impl Backend for SqliteBackend {
             None => self.conn.prepare_cached("DELETE FROM config WHERE name = ?1").map_err(db)?.execute([key]),
         }
         .map_err(db)?;
-        Ok(())
+        self.sync_wal()
     }
 
     fn load_pt(&mut self) -> Result<Option<PartitionTable>> {
@@ -486,7 +493,8 @@ impl Backend for SqliteBackend {
             cfg.execute(["replicas", &pt.replicas.to_string()]).map_err(db)?;
             cfg.execute(["partitions", &pt.np().to_string()]).map_err(db)?;
         }
-        tx.commit().map_err(db)
+        tx.commit().map_err(db)?;
+        self.sync_wal()
     }
 
     fn last_ids(&mut self) -> Result<(Option<Tid>, Option<Oid>)> {
@@ -618,17 +626,9 @@ impl Backend for SqliteBackend {
     }
 
     fn store_data(&mut self, _partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
-        if checksum.len() != CHECKSUM_LEN {
-            return Err(BackendError::Db(format!(
-                "store_data: checksum of {} bytes, expected {CHECKSUM_LEN}",
-                checksum.len()
-            )));
-        }
-        if compression > 1 {
-            return Err(BackendError::Db(format!("store_data: unknown compression {compression}")));
-        }
-        // No fsync here: the next vote's FULL commit makes this row durable with the WAL.
-        let id = self.without_fsync(|b| b.insert_data(checksum, compression, data))?;
+        check_data_args(checksum, compression)?;
+        // Durable with the following vote.
+        let id = insert_data(&self.conn, checksum, compression, data)?;
         *self.held.entry(id).or_insert(0) += 1;
         self.released.remove(&id);
         Ok(id)
@@ -654,30 +654,7 @@ impl Backend for SqliteBackend {
                 ])
                 .map_err(db)?;
             }
-            match meta {
-                Some((partition, m)) => tx
-                    .prepare_cached(
-                        "INSERT INTO ttrans (ttid, partition, tid, meta, oids, user, description, ext)
-                         VALUES (?1, ?2, NULL, 1, ?3, ?4, ?5, ?6)
-                         ON CONFLICT (ttid) DO UPDATE SET partition = excluded.partition, meta = 1,
-                           oids = excluded.oids, user = excluded.user,
-                           description = excluded.description, ext = excluded.ext",
-                    )
-                    .map_err(db)?
-                    .execute(params![
-                        ttid64,
-                        i64::from(partition),
-                        encode_oids(&m.oids),
-                        m.user,
-                        m.description,
-                        m.extension,
-                    ]),
-                None => tx
-                    .prepare_cached("INSERT INTO ttrans (ttid, meta) VALUES (?1, 0) ON CONFLICT (ttid) DO NOTHING")
-                    .map_err(db)?
-                    .execute([ttid64]),
-            }
-            .map_err(db)?;
+            write_ttrans(&tx, ttid64, meta)?;
         }
         tx.commit().map_err(db)?;
         // The voted objects now reference their data rows: drop the holds of store_data.
@@ -691,7 +668,7 @@ impl Backend for SqliteBackend {
                 }
             }
         }
-        Ok(())
+        self.sync_wal()
     }
 
     fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
@@ -703,13 +680,14 @@ impl Backend for SqliteBackend {
             .map_err(db)?
             .execute(params![id64(ttid.0), id64(tid.0)])
             .map_err(db)?;
-        Ok(())
+        // The commit point: durable on return.
+        self.sync_wal()
     }
 
     fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
         // No fsync: the decision is durable since `lock`; if this commit is lost in a crash,
         // the next verification finds the locked transaction and unlocks it again.
-        self.without_fsync(|b| b.unlock_rows(ttid, tid))
+        self.unlock_rows(ttid, tid)
     }
 
     fn abort(&mut self, ttid: Tid) -> Result<()> {
@@ -768,8 +746,98 @@ impl Backend for SqliteBackend {
         tx.commit().map_err(db)?;
         self.held.clear();
         self.released.clear();
-        Ok(())
+        self.sync_wal()
     }
+
+    fn vote_data(&mut self, ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
+        let ttid64 = id64(ttid.0);
+        let tx = self.conn.transaction().map_err(db)?;
+        {
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO tobj (partition, oid, tid, data_id, value_tid)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(db)?;
+            for (partition, o) in objects {
+                let data_id = match &o.data {
+                    Some(d) => {
+                        check_data_args(&d.checksum, d.compression)?;
+                        Some(insert_data(&tx, &d.checksum, d.compression, &d.data)?)
+                    }
+                    None => None,
+                };
+                ins.execute(params![
+                    i64::from(*partition),
+                    id64(o.oid.0),
+                    ttid64,
+                    data_id,
+                    o.data_serial.map(|t| id64(t.0)),
+                ])
+                .map_err(db)?;
+            }
+            write_ttrans(&tx, ttid64, meta)?;
+        }
+        tx.commit().map_err(db)?;
+        self.sync_wal()
+    }
+}
+
+/// Path of the write-ahead log of the database at `path`.
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push("-wal");
+    std::path::PathBuf::from(p)
+}
+
+fn check_data_args(checksum: &[u8], compression: u32) -> Result<()> {
+    if checksum.len() != CHECKSUM_LEN {
+        return Err(BackendError::Db(format!("data: checksum of {} bytes, expected {CHECKSUM_LEN}", checksum.len())));
+    }
+    if compression > 1 {
+        return Err(BackendError::Db(format!("data: unknown compression {compression}")));
+    }
+    Ok(())
+}
+
+/// Insert a data row, or return the id of an identical one (same checksum and compression).
+fn insert_data(conn: &Connection, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
+    let existing: Option<DataId> = conn
+        .prepare_cached("SELECT id FROM data WHERE hash = ?1 AND compression = ?2")
+        .map_err(db)?
+        .query_row(params![checksum, i64::from(compression)], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    if let Some(id) = existing {
+        return Ok(id);
+    }
+    conn.prepare_cached("INSERT INTO data (hash, compression, value) VALUES (?1, ?2, ?3)")
+        .map_err(db)?
+        .execute(params![checksum, i64::from(compression), data])
+        .map_err(db)?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// The `ttrans` row of a voted transaction (with its metadata on the cells of partition(ttid)).
+fn write_ttrans(tx: &Connection, ttid64: i64, meta: Option<(u32, &TxnMeta)>) -> Result<()> {
+    match meta {
+        Some((partition, m)) => tx
+            .prepare_cached(
+                "INSERT INTO ttrans (ttid, partition, tid, meta, oids, user, description, ext)
+                 VALUES (?1, ?2, NULL, 1, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (ttid) DO UPDATE SET partition = excluded.partition, meta = 1,
+                   oids = excluded.oids, user = excluded.user,
+                   description = excluded.description, ext = excluded.ext",
+            )
+            .map_err(db)?
+            .execute(params![ttid64, i64::from(partition), encode_oids(&m.oids), m.user, m.description, m.extension]),
+        None => tx
+            .prepare_cached("INSERT INTO ttrans (ttid, meta) VALUES (?1, 0) ON CONFLICT (ttid) DO NOTHING")
+            .map_err(db)?
+            .execute([ttid64]),
+    }
+    .map_err(db)?;
+    Ok(())
 }
 
 /// Decode one row of `LOAD_COLUMNS`.

@@ -133,6 +133,52 @@ fn assert_corrupt<T: std::fmt::Debug>(r: Result<T>, needle: &str) {
 // --- checks on a fresh backend
 
 /// Latest revision, exact `at`, `before`, next_serial, NotFound vs DoesNotExist, last_serial.
+/// `vote_data` writes data, temporary objects and metadata at once (deduplicated data, a
+/// deletion), visible after lock and unlock only.
+pub(crate) fn vote_data_stores_data_objects_and_metadata(b: &mut dyn Backend) {
+    use super::{NewData, NewObject};
+    let new = |oid: u64, d: Option<&[u8]>| {
+        (
+            part(oid),
+            NewObject {
+                oid: Oid(oid),
+                data: d.map(|d| NewData { checksum: sha1(d).to_vec(), compression: 0, data: d.to_vec() }),
+                data_serial: None,
+            },
+        )
+    };
+    let objs = vec![new(1, Some(b"same")), new(2, Some(b"same")), new(3, None)];
+    let meta = TxnMeta { user: b"u".to_vec(), oids: vec![Oid(1), Oid(2), Oid(3)], ..Default::default() };
+    b.vote_data(Tid(50), &objs, Some((part(50), &meta))).unwrap();
+    assert_eq!(b.load(part(1), Oid(1), None, None).unwrap(), Load::DoesNotExist);
+    assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(50), None)]);
+    b.lock(Tid(50), Tid(60)).unwrap();
+    b.unlock(Tid(50), Tid(60)).unwrap();
+    for oid in [1, 2] {
+        match b.load(part(oid), Oid(oid), None, None).unwrap() {
+            Load::Found(r) => assert_eq!((r.serial, r.data.as_slice()), (Tid(60), &b"same"[..])),
+            other => panic!("{other:?}"),
+        }
+    }
+    match b.load(part(3), Oid(3), None, None).unwrap() {
+        Load::Found(r) => assert!(r.data.is_empty() && r.checksum == vec![0; 20]),
+        other => panic!("{other:?}"),
+    }
+    // Metadata stays in partition(ttid) (the master gives the final tid the same partition).
+    assert_eq!(b.transaction(part(50), Tid(60)).unwrap().map(|t| t.meta.user), Some(b"u".to_vec()));
+    // Bad arguments are refused and leave nothing behind.
+    let bad = vec![(
+        0,
+        NewObject {
+            oid: Oid(9),
+            data: Some(NewData { checksum: vec![1], compression: 0, data: vec![] }),
+            data_serial: None,
+        },
+    )];
+    assert!(b.vote_data(Tid(70), &bad, None).is_err());
+    assert!(b.locked_transactions().unwrap().is_empty());
+}
+
 pub(crate) fn load_revisions(b: &mut dyn Backend) {
     commit(b, 100, &[(1, Some(b"v100")), (2, Some(b"other"))]);
     commit(b, 200, &[(1, Some(b"v200"))]);
@@ -668,7 +714,7 @@ mod sqlite {
             FileDb { _dir: dir, path }
         }
         fn open(&self, cluster: &str) -> Result<Box<dyn Backend>> {
-            SqliteBackend::open(&self.path, cluster).map(|b| Box::new(b) as Box<dyn Backend>)
+            SqliteBackend::open_shared(&self.path, cluster).map(|b| Box::new(b) as Box<dyn Backend>)
         }
         fn backend(&self) -> Box<dyn Backend> {
             self.open(CLUSTER).unwrap()
@@ -696,6 +742,7 @@ mod sqlite {
     }
 
     fresh!(
+        vote_data_stores_data_objects_and_metadata,
         load_revisions,
         deletion_and_back_pointer,
         dedup,
@@ -768,6 +815,19 @@ mod sqlite {
         db.raw("UPDATE trans SET packed = 3");
         assert_corrupt(b.transaction(part(99), Tid(100)), "packed");
         assert_eq!(latest(&mut *b, 3).data, b"c");
+    }
+
+    /// A second process (connection) cannot use a database a storage has open.
+    #[test]
+    fn a_second_open_of_the_same_file_fails() {
+        let db = FileDb::new();
+        let mut first = SqliteBackend::open(&db.path, CLUSTER).unwrap();
+        first.set_config("k", Some("v")).unwrap();
+        let second = SqliteBackend::open(&db.path, CLUSTER);
+        assert!(second.is_err(), "the database was opened twice");
+        drop(first);
+        let mut again = SqliteBackend::open(&db.path, CLUSTER).unwrap();
+        assert_eq!(again.get_config("k").unwrap().as_deref(), Some("v"));
     }
 
     #[test]
