@@ -497,7 +497,11 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
             return msg::AnswerStoreObject { conflict: Some(current.0), locked_by: None }.into();
         }
     }
-    let data = if m.deleted { None } else { Some(Arc::new((m.checksum, m.compression, m.data))) };
+    let data = if m.deleted {
+        None
+    } else {
+        Some(Arc::new(NewData { checksum: m.checksum, compression: m.compression, data: m.data }))
+    };
     let stored = Stored { partition, data, data_serial: m.data_serial.map(Tid) };
     if !st.tm.add_object(ttid, oid, stored) {
         return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
@@ -549,10 +553,7 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
     let objects: Vec<(u32, NewObject)> = objects
         .into_iter()
         .map(|(oid, s)| {
-            let data = s.data.map(|d| {
-                let (checksum, compression, data) = Arc::unwrap_or_clone(d);
-                NewData { checksum, compression, data }
-            });
+            let data = s.data.map(Arc::unwrap_or_clone);
             (s.partition, NewObject { oid, data, data_serial: s.data_serial })
         })
         .collect();

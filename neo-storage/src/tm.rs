@@ -6,6 +6,7 @@
 //! older lock holder; an older one finding a lock held by a younger, not yet voted transaction
 //! gets a conflict instead of waiting, so waits always go from young to old and never cycle.
 
+use crate::backend::NewData;
 use neo_lib::{Oid, Tid};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -15,9 +16,9 @@ use tokio::sync::Notify;
 #[derive(Clone, Debug)]
 pub struct Stored {
     pub partition: u32,
-    /// (checksum, compression, bytes); None for a deletion. Written to the database by the
-    /// vote, in the same database job as the temporary object.
-    pub data: Option<Arc<(Vec<u8>, u32, Vec<u8>)>>,
+    /// None for a deletion. Written to the database by the vote, in the same transaction as
+    /// the temporary object.
+    pub data: Option<Arc<NewData>>,
     pub data_serial: Option<Tid>,
 }
 
