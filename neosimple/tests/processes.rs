@@ -1,0 +1,112 @@
+//! neosimple as a user runs it: real node processes, TLS, a client, Ctrl-C; and node binaries
+//! refusing a bad configuration with exit status 2.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use neo_client::{Client, ClientConfig};
+use neo_lib::Tid;
+use neo_lib::config::{Address, TlsFiles};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const EXE: &str = env!("CARGO_BIN_EXE_neosimple");
+
+#[allow(unsafe_code)]
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+fn node_processes(data: &std::path::Path) -> usize {
+    let needle = data.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| {
+            let c = String::from_utf8_lossy(c);
+            c.contains("__node") && c.contains(&needle)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neosimple_starts_a_tls_cluster_that_serves_clients_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cluster");
+    let mut child = Command::new(EXE)
+        .args(["--storages", "2", "--replicas", "1", "--partitions", "6", "--tls", "--cluster", "proc-test"])
+        .arg("--data")
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut master, mut tls, mut running) = (None, None, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut line = String::new();
+    while Instant::now() < deadline {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.contains("is RUNNING") {
+            running = true;
+        }
+        if let Some(a) = line.strip_prefix("master: ") {
+            master = Some(a.trim().parse::<Address>().unwrap());
+        }
+        if let Some(t) = line.strip_prefix("client TLS: ") {
+            let w: Vec<&str> = t.split_whitespace().collect();
+            tls = Some(TlsFiles { ca: w[1].into(), cert: w[3].into(), key: w[5].into() });
+        }
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    assert!(running, "neosimple did not report a running cluster");
+    assert_eq!(node_processes(&data), 4, "master, 2 storages and admin run as processes");
+    let mut cfg = ClientConfig::new(vec![master.unwrap()], "proc-test");
+    cfg.tls = tls;
+    let client = Client::connect(cfg).await.unwrap();
+    let oid = client.new_oid().await.unwrap();
+    let mut t = client.tpc_begin(b"", b"", b"").await.unwrap();
+    client.store(&mut t, oid, Tid::ZERO, b"through real processes").unwrap();
+    client.tpc_vote(&mut t).await.unwrap();
+    let tid = client.tpc_finish(t).await.unwrap();
+    assert_eq!(client.load(oid).await.unwrap(), (b"through real processes".to_vec(), tid));
+    client.close().await;
+
+    signal(child.id(), libc::SIGINT);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "neosimple exited with {status}");
+    assert_eq!(node_processes(&data), 0, "every node process stopped");
+    // Databases and logs stay in --data.
+    assert!(data.join("storage1.sqlite").exists() && data.join("master.log").exists());
+}
+
+#[test]
+fn a_bad_configuration_value_names_file_section_and_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("neo.conf");
+    std::fs::write(&conf, "[DEFAULT]\ncluster = c\n[master]\npartitions = lots\n").unwrap();
+    for kind in ["master", "storage", "admin"] {
+        let section = if kind == "storage" { "master" } else { kind };
+        if kind == "admin" {
+            std::fs::write(&conf, "[DEFAULT]\ncluster = c\n[admin]\nbind = nowhere:port\n").unwrap();
+        }
+        let out = Command::new(EXE).args(["__node", kind, "-f"]).arg(&conf).args(["-s", section]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{kind}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("neo.conf") && err.contains(&format!("[{section}]")), "{kind}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+    // An unknown option is an error too.
+    std::fs::write(&conf, "[DEFAULT]\ncluster = c\n[master]\nreplica = 1\n").unwrap();
+    let out = Command::new(EXE).args(["__node", "master", "-f"]).arg(&conf).args(["-s", "master"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replica"));
+}
