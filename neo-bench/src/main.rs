@@ -181,6 +181,16 @@ async fn phases(cli: &Cli, cfg: &ClientConfig) -> Result<(), BoxError> {
     let c1 = Client::connect(cfg.clone()).await?;
     commits(&c1, 20, 1, size, 0).await?;
 
+    // Network baseline: one round trip to the master (ping) per operation.
+    let mut lat = Vec::with_capacity(n);
+    let start = Instant::now();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        c1.sync().await?;
+        lat.push(t0.elapsed());
+    }
+    Stats { n, elapsed: start.elapsed(), lat }.print("ping round trips to the master (baseline)", "pings");
+
     let (s, oids) = commits(&c1, n, 1, size, 1_000).await?;
     s.print("single-object commits, 1 client", "commits");
 
