@@ -7,7 +7,7 @@ use neo_lib::{CellState, ClusterState, ErrorCode, Nid, NodeInfo, NodeState, Node
 use proto::net::{NetConfig, connect_identified, identification};
 use proto::{Body, Incoming, Link, LinkError, expect_answer, msg};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -144,10 +144,22 @@ pub(crate) fn sha1(data: &[u8]) -> [u8; 20] {
 
 /// (compression, bytes to store): zlib when it saves space.
 fn compress(data: &[u8], enabled: bool) -> (u32, Vec<u8>) {
-    if enabled && data.len() > 64 {
-        let mut e = flate2::write::ZlibEncoder::new(Vec::with_capacity(data.len() / 2), flate2::Compression::fast());
-        if e.write_all(data).is_ok()
-            && let Ok(z) = e.finish()
+    thread_local! {
+        // A deflate state is large: build it once per thread, reset it for each record.
+        static DEFLATE: std::cell::RefCell<flate2::Compress> =
+            std::cell::RefCell::new(flate2::Compress::new(flate2::Compression::fast(), true));
+    }
+    if enabled && data.len() > 128 {
+        let z = DEFLATE.with(|d| {
+            let mut d = d.borrow_mut();
+            d.reset();
+            let mut out = Vec::with_capacity(data.len());
+            match d.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => Some(out),
+                _ => None, // did not fit in data.len() bytes: not worth it
+            }
+        });
+        if let Some(z) = z
             && z.len() < data.len()
         {
             return (1, z);
@@ -1026,4 +1038,35 @@ async fn storage_pump(link: Link, mut incoming: Incoming) {
         }
     }
     link.abort();
+}
+
+#[cfg(test)]
+mod codec_tests {
+    use super::*;
+
+    #[test]
+    fn compression_roundtrip_only_when_smaller() {
+        let text = b"hello world ".repeat(100);
+        let (c, z) = compress(&text, true);
+        assert_eq!(c, 1);
+        assert!(z.len() < text.len());
+        assert_eq!(decompress(Oid(1), c, z).unwrap(), text);
+        // Twice with the same reused state.
+        let (c2, z2) = compress(&text, true);
+        assert_eq!((c2, decompress(Oid(1), c2, z2).unwrap()), (1, text.clone()));
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let noise: Vec<u8> = (0..1000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        assert_eq!(compress(&noise, true), (0, noise.clone()));
+        assert_eq!(compress(&text, false).0, 0);
+        assert_eq!(compress(b"short", true), (0, b"short".to_vec()));
+        assert!(decompress(Oid(1), 1, b"not zlib".to_vec()).is_err());
+        assert!(decompress(Oid(1), 9, vec![]).is_err());
+    }
 }
