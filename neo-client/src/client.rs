@@ -360,6 +360,11 @@ impl Client {
                     return Err(remote(e));
                 }
             };
+        // The node list and partition table were sent before that answer: apply them before
+        // anyone uses this connection.
+        let target = link.delivered();
+        let mut processed = prx.clone();
+        let _ = processed.wait_for(|n| *n >= target).await;
         {
             // Lock order everywhere: cache, then state.
             let mut cache = lock(&self.0.cache);

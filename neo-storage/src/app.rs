@@ -249,7 +249,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
         Body::ValidateTransaction(m) => {
             let (ttid, tid) = (Tid(m.ttid), Tid(m.tid));
             info!("validating transaction {ttid:?} as {tid:?}");
-            st.db.call(move |b| b.lock(ttid, tid).and_then(|_| b.unlock(ttid, tid))).await??;
+            st.db.call_durable(move |b| b.lock(ttid, tid).and_then(|_| b.unlock(ttid, tid))).await??;
             st.tm.release(ttid);
         }
         Body::AskLastIds(_) => {
@@ -287,7 +287,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
                 return Ok(None);
             }
             st.tm.set_locked(ttid, tid);
-            st.db.call(move |b| b.lock(ttid, tid)).await??;
+            st.db.call_durable(move |b| b.lock(ttid, tid)).await??;
             let _ = link.answer(id, msg::AnswerInformationLocked { ttid: ttid.0 }).await;
         }
         Body::NotifyUnlockInformation(m) => {
@@ -557,7 +557,8 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
             (s.partition, NewObject { oid, data, data_serial: s.data_serial })
         })
         .collect();
-    let result = st.db.call(move |b| b.vote_data(ttid, &objects, meta.as_ref().map(|m| (meta_partition, m)))).await;
+    let result =
+        st.db.call_durable(move |b| b.vote_data(ttid, &objects, meta.as_ref().map(|m| (meta_partition, m)))).await;
     result.map_err(internal)?.map_err(internal)?;
     st.tm.set_voted(ttid);
     Ok(())

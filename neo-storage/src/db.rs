@@ -1,15 +1,26 @@
 //! The database thread: the backend lives on its own OS thread and async code sends it jobs
 //! through a bounded channel, so no database call ever runs on an async worker thread.
+//!
+//! Group commit: a durable job (`call_durable`: vote, lock) is answered only after
+//! `Backend::sync`, and the thread runs every job already queued before syncing, so concurrent
+//! transactions share one fsync.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 type Job = Box<dyn FnOnce(&mut dyn Backend) + Send>;
+/// A durable job returns the function that delivers its result once the sync is done.
+type Reply = Box<dyn FnOnce(Result<(), &BackendError>) + Send>;
+type DurableJob = Box<dyn FnOnce(&mut dyn Backend) -> Reply + Send>;
+
+/// At most this many durable jobs share one sync.
+const GROUP_MAX: usize = 128;
 
 enum Msg {
     Job(Job),
+    Durable(DurableJob),
     /// Finish: the thread drops the backend (closing the database) and exits.
     Stop,
 }
@@ -29,8 +40,30 @@ impl Db {
     pub fn spawn(mut backend: Box<dyn Backend>) -> std::io::Result<Db> {
         let (tx, mut rx) = mpsc::channel::<Msg>(1024);
         let thread = std::thread::Builder::new().name("neo-db".into()).spawn(move || {
-            while let Some(Msg::Job(job)) = rx.blocking_recv() {
-                job(backend.as_mut());
+            let mut replies: Vec<Reply> = Vec::new();
+            let mut next = rx.blocking_recv();
+            loop {
+                match next {
+                    Some(Msg::Job(job)) => job(backend.as_mut()),
+                    Some(Msg::Durable(job)) => replies.push(job(backend.as_mut())),
+                    Some(Msg::Stop) | None => break,
+                }
+                next = if replies.len() < GROUP_MAX { rx.try_recv().ok() } else { None };
+                if next.is_none() {
+                    if !replies.is_empty() {
+                        let synced = backend.sync();
+                        for r in replies.drain(..) {
+                            r(synced.as_ref().map(|_| ()));
+                        }
+                    }
+                    next = rx.blocking_recv();
+                }
+            }
+            if !replies.is_empty() {
+                let synced = backend.sync();
+                for r in replies.drain(..) {
+                    r(synced.as_ref().map(|_| ()));
+                }
             }
         })?;
         Ok(Db { tx, thread: std::sync::Arc::new(Mutex::new(Some(thread))) })
@@ -47,6 +80,29 @@ impl Db {
             let _ = tx.send(f(b));
         });
         self.tx.send(Msg::Job(job)).await.map_err(|_| DbClosed)?;
+        rx.await.map_err(|_| DbClosed)
+    }
+
+    /// Run `f` on the database thread; its result is delivered once what it committed is
+    /// durable (`Backend::sync`, shared with the other durable jobs queued meanwhile).
+    pub async fn call_durable<T, F>(&self, f: F) -> Result<Result<T, BackendError>, DbClosed>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: DurableJob = Box::new(move |b| {
+            let result = f(b);
+            Box::new(move |synced: Result<(), &BackendError>| {
+                let result = match (result, synced) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Ok(_), Err(e)) => Err(BackendError::Db(format!("cannot make the commit durable: {e}"))),
+                    (Err(e), _) => Err(e),
+                };
+                let _ = tx.send(result);
+            })
+        });
+        self.tx.send(Msg::Durable(job)).await.map_err(|_| DbClosed)?;
         rx.await.map_err(|_| DbClosed)
     }
 

@@ -5,9 +5,11 @@
 //! Backends are synchronous; the node calls them only from the database thread (`crate::db`),
 //! never from async worker threads.
 //!
-//! Commit discipline (what must be durable when a method returns): `vote`, `vote_data`, `lock`,
-//! `set_config`, `save_pt`, `drop_unfinished`. `unlock` and `abort` need not be: a lost unlock
-//! is replayed by verification from the durable lock, a lost abort by `drop_unfinished`.
+//! Commit discipline: `set_config`, `save_pt` and `drop_unfinished` are durable when they
+//! return; `vote`, `vote_data` and `lock` are durable after the following `sync` (the node
+//! answers them only then, and groups the syncs of concurrent transactions); `unlock` and `abort`
+//! need not be durable: a lost unlock is replayed by verification from the durable lock, a lost
+//! abort by `drop_unfinished`.
 
 pub mod sqlite;
 #[cfg(test)]
@@ -137,7 +139,7 @@ pub trait Backend: Send {
     fn store_data(&mut self, partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId>;
     /// Persist a transaction as temporary data: `objects` (each with its partition computed by
     /// the caller) keyed by `ttid`, plus metadata when this node holds partition(ttid).
-    /// Calling vote twice for the same ttid adds objects. Durable on return.
+    /// Calling vote twice for the same ttid adds objects. Durable after `sync`.
     fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()>;
     /// `store_data` for each object, then `vote`, as one unit: what the node calls at vote
     /// time. Engines override it to write everything in one database transaction.
@@ -166,7 +168,9 @@ pub trait Backend: Send {
         }
         r
     }
-    /// Record the commit decision: the final tid of `ttid`. Durable on return.
+    /// Make every commit done so far durable (one fsync for all of them).
+    fn sync(&mut self) -> Result<()>;
+    /// Record the commit decision: the final tid of `ttid`. Durable after `sync`.
     fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()>;
     /// Make the transaction permanent under `tid`: temporary objects and metadata become
     /// committed. Idempotent. Not necessarily durable on return (see the commit discipline).

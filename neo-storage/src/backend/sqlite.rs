@@ -10,10 +10,10 @@
 //!   `trans` / `obj` by `unlock`.
 //!
 //! Durability: the connection runs with `synchronous=NORMAL` in WAL mode (commits append to the
-//! log without fsync), and the methods that must be durable on return fdatasync the log after
-//! their commit (`sync_wal`): `vote`, `vote_data`, `lock`, `set_config`, `save_pt`,
-//! `drop_unfinished`. `store_data` becomes durable with the following vote; `unlock` is not
-//! synced: the next verification replays it from the durable `lock` if a crash loses it.
+//! log without fsync); `sync` fdatasyncs the log, making every commit so far durable.
+//! `set_config`, `save_pt` and `drop_unfinished` sync themselves; `vote`, `vote_data` and
+//! `lock` rely on the caller's `sync` (group commit); `unlock` is never synced: the next
+//! verification replays it from the durable `lock` if a crash loses it.
 
 use super::{Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
 use neo_lib::pt::{Cell, PartitionTable};
@@ -672,7 +672,7 @@ impl Backend for SqliteBackend {
                 }
             }
         }
-        self.sync_wal()
+        Ok(())
     }
 
     fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
@@ -684,7 +684,11 @@ impl Backend for SqliteBackend {
             .map_err(db)?
             .execute(params![id64(ttid.0), id64(tid.0)])
             .map_err(db)?;
-        // The commit point: durable on return.
+        // The commit point: durable after `sync`.
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
         self.sync_wal()
     }
 
@@ -783,7 +787,7 @@ impl Backend for SqliteBackend {
             write_ttrans(&tx, ttid64, meta)?;
         }
         tx.commit().map_err(db)?;
-        self.sync_wal()
+        Ok(())
     }
 }
 
