@@ -110,3 +110,49 @@ fn a_bad_configuration_value_names_file_section_and_key_and_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("replica"));
 }
+
+#[test]
+fn sighup_reopens_the_log_file_and_sigterm_stops_a_node_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = dir.path().join("master.log");
+    let conf = dir.path().join("neo.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[DEFAULT]\ncluster = c\nverbose = 1\n[master]\nbind = 127.0.0.1:{port}\nlogfile = {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let mut child =
+        Command::new(EXE).args(["__node", "master", "-f"]).arg(&conf).args(["-s", "master"]).spawn().unwrap();
+    let wait_for = |path: &std::path::Path, text: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::fs::read_to_string(path).is_ok_and(|t| t.contains(text)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} never contained {text:?}", path.display());
+    };
+    wait_for(&log, "listening on");
+    // logrotate: move the file away, then SIGHUP; the node writes to a new file.
+    let rotated = dir.path().join("master.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    signal(child.id(), libc::SIGHUP);
+    wait_for(&log, "log file reopened");
+    signal(child.id(), libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the node");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    wait_for(&log, "master stopped");
+    assert!(std::fs::read_to_string(&rotated).unwrap().contains("listening on"));
+}
