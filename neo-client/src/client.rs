@@ -112,12 +112,7 @@ impl Drop for Transaction {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use neo_lib::lock;
 
 fn remote(e: LinkError) -> ClientError {
     match e {

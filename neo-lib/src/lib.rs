@@ -17,6 +17,12 @@ pub use node::NodeInfo;
 pub use pt::{Cell, CellChange, PartitionTable};
 pub use states::{CellState, ClusterState, NodeState, NodeType};
 
+/// Lock a mutex, ignoring poisoning (a panicking holder does not make the data unusable for
+/// the short, non-async critical sections this project uses).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Version of the neo-rs wire protocol, checked at identification.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Default maximum size of one frame on the wire (a 64 MiB record plus headers fits).

@@ -52,11 +52,7 @@ enum SessionEnd {
 
 impl Storage {
     fn with<R>(&self, f: impl FnOnce(&mut Shared) -> R) -> R {
-        let mut g = match self.shared.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f(&mut g)
+        f(&mut neo_lib::lock(&self.shared))
     }
 
     /// (partition of `id`, state of this node's cell in it).

@@ -65,11 +65,7 @@ pub struct Tm {
 
 impl Tm {
     fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        let mut g = match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f(&mut g)
+        f(&mut neo_lib::lock(&self.inner))
     }
 
     /// Wait for the next release of a lock (register before re-checking to not miss one).

@@ -639,27 +639,8 @@ impl Backend for SqliteBackend {
     }
 
     fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
-        let ttid64 = id64(ttid.0);
         let tx = self.conn.transaction().map_err(db)?;
-        {
-            let mut ins = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO tobj (partition, oid, tid, data_id, value_tid)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(db)?;
-            for (partition, o) in objects {
-                ins.execute(params![
-                    i64::from(*partition),
-                    id64(o.oid.0),
-                    ttid64,
-                    o.data_id,
-                    o.data_serial.map(|t| id64(t.0)),
-                ])
-                .map_err(db)?;
-            }
-            write_ttrans(&tx, ttid64, meta)?;
-        }
+        write_vote(&tx, ttid, objects, meta)?;
         tx.commit().map_err(db)?;
         // The voted objects now reference their data rows: drop the holds of store_data.
         for (_, o) in objects {
@@ -758,34 +739,19 @@ impl Backend for SqliteBackend {
     }
 
     fn vote_data(&mut self, ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
-        let ttid64 = id64(ttid.0);
         let tx = self.conn.transaction().map_err(db)?;
-        {
-            let mut ins = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO tobj (partition, oid, tid, data_id, value_tid)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(db)?;
-            for (partition, o) in objects {
-                let data_id = match &o.data {
-                    Some(d) => {
-                        check_data_args(&d.checksum, d.compression)?;
-                        Some(insert_data(&tx, &d.checksum, d.compression, &d.data)?)
-                    }
-                    None => None,
-                };
-                ins.execute(params![
-                    i64::from(*partition),
-                    id64(o.oid.0),
-                    ttid64,
-                    data_id,
-                    o.data_serial.map(|t| id64(t.0)),
-                ])
-                .map_err(db)?;
-            }
-            write_ttrans(&tx, ttid64, meta)?;
+        let mut temp = Vec::with_capacity(objects.len());
+        for (partition, o) in objects {
+            let data_id = match &o.data {
+                Some(d) => {
+                    check_data_args(&d.checksum, d.compression)?;
+                    Some(insert_data(&tx, &d.checksum, d.compression, &d.data)?)
+                }
+                None => None,
+            };
+            temp.push((*partition, TempObject { oid: o.oid, data_id, data_serial: o.data_serial }));
         }
+        write_vote(&tx, ttid, &temp, meta)?;
         tx.commit().map_err(db)?;
         Ok(())
     }
@@ -824,6 +790,22 @@ fn insert_data(conn: &Connection, checksum: &[u8], compression: u32, data: &[u8]
         .execute(params![checksum, i64::from(compression), data])
         .map_err(db)?;
     Ok(conn.last_insert_rowid())
+}
+
+/// The rows of a vote: temporary objects keyed by ttid, and the `ttrans` row.
+fn write_vote(tx: &Connection, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
+    let ttid64 = id64(ttid.0);
+    let mut ins = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO tobj (partition, oid, tid, data_id, value_tid)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(db)?;
+    for (partition, o) in objects {
+        ins.execute(params![i64::from(*partition), id64(o.oid.0), ttid64, o.data_id, o.data_serial.map(|t| id64(t.0))])
+            .map_err(db)?;
+    }
+    write_ttrans(tx, ttid64, meta)
 }
 
 /// The `ttrans` row of a voted transaction (with its metadata on the cells of partition(ttid)).
