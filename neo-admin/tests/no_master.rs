@@ -1,6 +1,8 @@
 //! The admin without a reachable master: neoctl requests get NOT_READY, protocol errors keep
 //! the connection, and a shutdown stops it cleanly.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use neo_lib::config::NodeConfig;
 use neo_lib::{ErrorCode, NodeType};
 use proto::net::{self, NetConfig};

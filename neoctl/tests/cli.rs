@@ -1,6 +1,8 @@
 //! The neoctl binary: exit codes and messages against an admin that has no master, an
 //! unreachable address, and usage errors.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use neo_lib::NodeType;
 use neo_lib::config::NodeConfig;
 use std::collections::BTreeMap;

@@ -1,6 +1,8 @@
 //! neoctl and the admin over TLS: a matching configuration gets through (the admin answers
 //! NOT_READY as it has no master), mismatches fail on one line with exit status 1.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use neo_lib::NodeType;
 use neo_lib::config::NodeConfig;
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};

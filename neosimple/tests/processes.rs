@@ -1,7 +1,7 @@
 //! neosimple as a user runs it: real node processes, TLS, a client, Ctrl-C; and node binaries
 //! refusing a bad configuration with exit status 2.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use neo_client::{Client, ClientConfig};
 use neo_lib::Tid;

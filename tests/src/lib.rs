@@ -2,7 +2,7 @@
 //! on its own port, with real sockets and (by default) real TLS from a throw-away CA, in its own
 //! temporary directory. Nodes can be stopped and restarted on the same ports and databases.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use neo_client::{Client, ClientConfig};
 use neo_lib::config::{Address, NodeConfig, TlsFiles};

@@ -1,6 +1,6 @@
 //! Cluster scenario tests: one binary, one module per area.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod bad_input;
 mod commit;
