@@ -253,6 +253,17 @@ impl Cluster {
         self.wait_state(ClusterState::Running).await;
     }
 
+    /// Stop the master and start it again on the same port; the storages reconnect and the
+    /// cluster goes through recovery and verification again.
+    pub async fn restart_master(&mut self) {
+        if let Some(m) = self.master.take() {
+            m.stop().await.unwrap();
+        }
+        let ml = bind(&self.master_addr).await;
+        self.spawn_master(ml);
+        self.wait_state(ClusterState::Running).await;
+    }
+
     /// Stop every node, the master first (so that it does not outdate the cells of storages
     /// that stop after it decided anything).
     pub async fn stop_all(&mut self) {

@@ -4,4 +4,5 @@
 
 mod bad_input;
 mod commit;
+mod failover;
 mod restart;

@@ -1,0 +1,63 @@
+//! Failures while clients work: a storage stops in the middle of commits, the master restarts.
+
+use crate::commit::commit;
+use neo_lib::{ClusterState, Oid, Tid};
+use neo_tests::{Cluster, Options};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_a_storage_during_commits_the_cluster_stays_running_and_acknowledged_data_is_intact() {
+    let mut cluster = Cluster::start(Options::default()).await;
+    let mut writers = Vec::new();
+    for w in 0..2u32 {
+        let c = cluster.client().await;
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut failed = 0;
+            for n in 0..150u32 {
+                let data = format!("writer {w} commit {n}").into_bytes();
+                let Ok(oid) = c.new_oid().await else { continue };
+                match commit(&c, oid, Tid::ZERO, &data).await {
+                    Ok(tid) => acked.push((oid, tid, data)),
+                    Err(_) => failed += 1,
+                }
+            }
+            (acked, failed)
+        }));
+    }
+    // Stop storage 2 while both writers are committing.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    cluster.stop_storage(1).await;
+    let mut acked: Vec<(Oid, Tid, Vec<u8>)> = Vec::new();
+    for w in writers {
+        let (a, failed) = tokio::time::timeout(Duration::from_secs(120), w).await.unwrap().unwrap();
+        assert!(failed <= 5, "{failed} commits failed (only those in flight at the stop may)");
+        acked.extend(a);
+    }
+    assert!(acked.len() >= 290, "{} commits acknowledged", acked.len());
+    assert_eq!(cluster.cluster_state().await, Some(ClusterState::Running));
+    // Everything acknowledged is readable, from the storage that stayed.
+    let fresh = cluster.client().await;
+    for (oid, tid, data) in &acked {
+        assert_eq!(fresh.load(*oid).await.unwrap(), (data.clone(), *tid), "{oid:?}");
+    }
+    // New commits keep working.
+    let oid = fresh.new_oid().await.unwrap();
+    commit(&fresh, oid, Tid::ZERO, b"after the loss").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_survives_a_master_restart() {
+    let mut cluster = Cluster::start(Options::default()).await;
+    let c = cluster.client().await;
+    let oid = c.new_oid().await.unwrap();
+    let t1 = commit(&c, oid, Tid::ZERO, b"before").await.unwrap();
+    cluster.restart_master().await;
+    // The client reconnects by itself (retrying while the cluster is not ready) and goes on.
+    let t2 = commit(&c, oid, t1, b"after").await.unwrap();
+    assert!(t2 > t1);
+    assert_eq!(c.load(oid).await.unwrap(), (b"after".to_vec(), t2));
+    let other = cluster.client().await;
+    assert_eq!(other.load(oid).await.unwrap(), (b"after".to_vec(), t2));
+    assert!(other.new_oid().await.unwrap() > oid);
+}
