@@ -30,11 +30,13 @@ pub struct Options {
     pub replicas: u32,
     pub partitions: u32,
     pub tls: bool,
+    /// Start a new cluster as soon as all storages are pending (else: wait for `neoctl start`).
+    pub autostart: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { storages: 2, replicas: 1, partitions: 12, tls: true }
+        Options { storages: 2, replicas: 1, partitions: 12, tls: true, autostart: true }
     }
 }
 
@@ -119,7 +121,11 @@ impl Cluster {
             c.spawn_storage(i, l);
         }
         c.spawn_admin(al);
-        c.wait_state(ClusterState::Running).await;
+        if c.opts.autostart {
+            c.wait_state(ClusterState::Running).await;
+        } else {
+            c.wait_state(ClusterState::Recovering).await;
+        }
         c
     }
 
@@ -145,10 +151,11 @@ impl Cluster {
     }
 
     fn spawn_master(&mut self, l: TcpListener) {
-        let cfg = self.config(
-            NodeType::Master,
-            &[("bind", self.master_addr.to_string()), ("autostart", self.opts.storages.to_string())],
-        );
+        let mut extra = vec![("bind", self.master_addr.to_string())];
+        if self.opts.autostart {
+            extra.push(("autostart", self.opts.storages.to_string()));
+        }
+        let cfg = self.config(NodeType::Master, &extra);
         let token = CancellationToken::new();
         let t = token.clone();
         let join =
