@@ -780,7 +780,9 @@ impl Client {
             let client = self.clone();
             votes.spawn(async move {
                 let r = match client.storage_link(nid).await {
-                    Ok(l) => l.ask(m).await.map(|_| true),
+                    Ok(l) => {
+                        l.ask(m).await.and_then(|b| expect_answer!(b, AnswerStoreTransaction)).map(|a| a.conflicts)
+                    }
                     Err(e) => Err(e),
                 };
                 (nid, true, r)
@@ -790,16 +792,31 @@ impl Client {
             let (client, ttid) = (self.clone(), txn.ttid.0);
             votes.spawn(async move {
                 let r = match client.storage_link(nid).await {
-                    Ok(l) => l.ask(msg::AskVoteTransaction { ttid }).await.map(|_| false),
+                    Ok(l) => l
+                        .ask(msg::AskVoteTransaction { ttid })
+                        .await
+                        .and_then(|b| expect_answer!(b, AnswerVoteTransaction))
+                        .map(|a| a.conflicts),
                     Err(e) => Err(e),
                 };
                 (nid, false, r)
             });
         }
         let mut meta_ok = 0;
+        let mut conflict = None;
         while let Some(r) = votes.join_next().await {
             let Ok((nid, meta, r)) = r else { continue };
             match r {
+                Ok(conflicts) if !conflicts.is_empty() => {
+                    // The storage persisted nothing: the transaction must be aborted.
+                    let c = &conflicts[0];
+                    conflict.get_or_insert(ClientError::Conflict {
+                        oid: Oid(c.oid),
+                        serial: Tid(c.serial),
+                        committed: Tid(c.committed),
+                        locked_by: None,
+                    });
+                }
                 Ok(_) => {
                     txn.involved.insert(nid);
                     if meta {
@@ -814,6 +831,9 @@ impl Client {
                 }
                 Err(e) => return Err(remote(e)),
             }
+        }
+        if let Some(c) = conflict {
+            return Err(c);
         }
         if meta_ok == 0 {
             return Err(ClientError::NoStorage(format!("transaction {:?}: no storage took its metadata", txn.ttid)));

@@ -402,15 +402,17 @@ async fn handle_client(st: &Arc<Storage>, link: &Link, req: Request) {
                     extension: m.extension,
                     oids: m.oids.into_iter().map(Oid).collect(),
                 };
-                let ans =
-                    vote(&st2, link2.conn_id(), ttid, Some(meta)).await.map(|_| msg::AnswerStoreTransaction {}.into());
+                let ans = vote(&st2, link2.conn_id(), ttid, Some(meta))
+                    .await
+                    .map(|conflicts| msg::AnswerStoreTransaction { conflicts }.into());
                 let _ = link2.answer(id, ans.unwrap_or_else(|b| b)).await;
             });
         }
         Body::AskVoteTransaction(m) => {
             tokio::spawn(async move {
-                let ans =
-                    vote(&st2, link2.conn_id(), Tid(m.ttid), None).await.map(|_| msg::AnswerVoteTransaction {}.into());
+                let ans = vote(&st2, link2.conn_id(), Tid(m.ttid), None)
+                    .await
+                    .map(|conflicts| msg::AnswerVoteTransaction { conflicts }.into());
                 let _ = link2.answer(id, ans.unwrap_or_else(|b| b)).await;
             });
         }
@@ -483,22 +485,15 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
     if !lockless && let Some(answer) = take_write_lock(st, ttid, oid, partition).await {
         return answer;
     }
-    if !lockless {
-        let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
-            Ok(Ok(s)) => s.unwrap_or(Tid::ZERO),
-            Ok(Err(e)) => return internal(e),
-            Err(e) => return internal(e),
-        };
-        if current.0 != m.serial {
-            return msg::AnswerStoreObject { conflict: Some(current.0), locked_by: None }.into();
-        }
-    }
     let data = if m.deleted {
         None
     } else {
         Some(Arc::new(NewData { checksum: m.checksum, compression: m.compression, data: m.data }))
     };
-    let stored = Stored { partition, data, data_serial: m.data_serial.map(Tid) };
+    // The serial is checked at vote, in the same database job as the write: the write lock taken
+    // above is held until unlock or abort, so nothing can commit this object meanwhile.
+    let base_serial = if lockless { None } else { Some(Tid(m.serial)) };
+    let stored = Stored { partition, data, data_serial: m.data_serial.map(Tid), base_serial };
     if !st.tm.add_object(ttid, oid, stored) {
         return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
     }
@@ -537,7 +532,10 @@ async fn take_write_lock(st: &Storage, ttid: Tid, oid: Oid, partition: u32) -> O
     }
 }
 
-async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Result<(), Body> {
+/// Vote: check every stored object's base serial, then persist everything, in one database
+/// job. Returns the conflicts found (then nothing is persisted and the transaction is not
+/// voted).
+async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Result<Vec<msg::Conflict>, Body> {
     st.tm.register(ttid, conn);
     let objects = st
         .tm
@@ -546,6 +544,8 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
     let meta_partition = ttid.partition(st.np());
     // One database job and transaction: the data rows, the temporary objects and the
     // metadata, with one durable commit.
+    let checks: Vec<(u32, Oid, Tid)> =
+        objects.iter().filter_map(|(oid, s)| s.base_serial.map(|b| (s.partition, *oid, b))).collect();
     let objects: Vec<(u32, NewObject)> = objects
         .into_iter()
         .map(|(oid, s)| {
@@ -553,11 +553,27 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
             (s.partition, NewObject { oid, data, data_serial: s.data_serial })
         })
         .collect();
-    let result =
-        st.db.call_durable(move |b| b.vote_data(ttid, &objects, meta.as_ref().map(|m| (meta_partition, m)))).await;
-    result.map_err(internal)?.map_err(internal)?;
-    st.tm.set_voted(ttid);
-    Ok(())
+    let result = st
+        .db
+        .call_durable(move |b| {
+            let mut conflicts = Vec::new();
+            for (partition, oid, base) in checks {
+                let committed = b.last_serial(partition, oid)?.unwrap_or(Tid::ZERO);
+                if committed != base {
+                    conflicts.push(msg::Conflict { oid: oid.0, serial: base.0, committed: committed.0 });
+                }
+            }
+            if conflicts.is_empty() {
+                b.vote_data(ttid, &objects, meta.as_ref().map(|m| (meta_partition, m)))?;
+            }
+            Ok(conflicts)
+        })
+        .await;
+    let conflicts = result.map_err(internal)?.map_err(internal)?;
+    if conflicts.is_empty() {
+        st.tm.set_voted(ttid);
+    }
+    Ok(conflicts)
 }
 
 async fn load(st: &Storage, m: msg::AskObject) -> Body {

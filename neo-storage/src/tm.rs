@@ -20,6 +20,9 @@ pub struct Stored {
     /// the temporary object.
     pub data: Option<Arc<NewData>>,
     pub data_serial: Option<Tid>,
+    /// Serial the client based this store on, checked against the last committed one at vote
+    /// (under the write lock); None for a lockless store to an OUT_OF_DATE cell.
+    pub base_serial: Option<Tid>,
 }
 
 #[derive(Debug)]
@@ -243,7 +246,7 @@ mod tests {
     fn read_locks_between_lock_and_unlock() {
         let tm = Tm::default();
         tm.register(Tid(5), 1);
-        tm.add_object(Tid(5), Oid(7), Stored { partition: 0, data: None, data_serial: None });
+        tm.add_object(Tid(5), Oid(7), Stored { partition: 0, data: None, data_serial: None, base_serial: None });
         assert!(!tm.is_read_locked(Oid(7)));
         tm.set_locked(Tid(5), Tid(6));
         assert!(tm.is_read_locked(Oid(7)));
