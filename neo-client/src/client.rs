@@ -78,6 +78,9 @@ pub struct Transaction {
     /// Stored objects and their new data (None for a deletion), in store order.
     objects: Vec<(Oid, Option<Arc<Vec<u8>>>)>,
     stores: JoinSet<StoreOutcome>,
+    /// One per store task: fires once its request is queued on the storage link (the vote
+    /// must be queued after it).
+    queued: Vec<tokio::sync::oneshot::Receiver<()>>,
     /// Storages that locked at least one object or voted.
     involved: BTreeSet<Nid>,
     /// Storages contacted (to abort).
@@ -636,6 +639,7 @@ impl Client {
             extension: extension.to_vec(),
             objects: Vec::new(),
             stores: JoinSet::new(),
+            queued: Vec::new(),
             involved: BTreeSet::new(),
             contacted: BTreeSet::new(),
             failed: BTreeSet::new(),
@@ -708,9 +712,17 @@ impl Client {
         for nid in cells {
             txn.contacted.insert(nid);
             let (client, m) = (self.clone(), m.clone());
+            let (queued_tx, queued_rx) = tokio::sync::oneshot::channel();
+            txn.queued.push(queued_rx);
             txn.stores.spawn(async move {
                 let result = match client.storage_link(nid).await {
-                    Ok(link) => link.ask(m).await.and_then(|b| expect_answer!(b, AnswerStoreObject)),
+                    Ok(link) => match link.send_request(m).await {
+                        Ok(pending) => {
+                            let _ = queued_tx.send(());
+                            pending.answer().await.and_then(|b| expect_answer!(b, AnswerStoreObject))
+                        }
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 };
                 StoreOutcome { oid, nid, serial, result }
@@ -719,56 +731,21 @@ impl Client {
         Ok(())
     }
 
-    /// Wait for every store, then persist the transaction on every involved storage. After
-    /// success, `tpc_finish` cannot fail because of a conflict.
+    /// Persist the transaction on every storage it stored to (and on the cells of
+    /// partition(ttid), which take its metadata), then check every store and vote answer.
+    /// The votes are queued right behind the stores (each storage votes once the stores it
+    /// received are done), so stores and votes cost one round trip. After success,
+    /// `tpc_finish` cannot fail because of a conflict.
     pub async fn tpc_vote(&self, txn: &mut Transaction) -> Result<()> {
         self.check_txn(txn)?;
-        let mut conflict = None;
-        while let Some(r) = txn.stores.join_next().await {
-            let Ok(o) = r else { continue };
-            match o.result {
-                Ok(a) => match a.conflict {
-                    None => {
-                        txn.involved.insert(o.nid);
-                        *txn.locked.entry(o.oid).or_default() += 1;
-                    }
-                    Some(0) => {
-                        // Accepted without lock (OUT_OF_DATE cell): it must still vote, lock and
-                        // unlock to get the data.
-                        txn.involved.insert(o.nid);
-                    }
-                    Some(c) => {
-                        if conflict.is_none() {
-                            conflict = Some(ClientError::Conflict {
-                                oid: o.oid,
-                                serial: o.serial,
-                                committed: Tid(c),
-                                locked_by: a.locked_by.map(Tid),
-                            });
-                        }
-                    }
-                },
-                Err(e) if is_storage_failure(&e) => {
-                    warn!("store of {:?} on {} failed: {e}", o.oid, o.nid);
-                    self.mark_failed(o.nid);
-                    txn.failed.insert(o.nid);
-                }
-                Err(e) => return Err(remote(e)),
-            }
-        }
-        if let Some(c) = conflict {
-            return Err(c);
-        }
-        for (oid, _) in &txn.objects {
-            if txn.locked.get(oid).copied().unwrap_or(0) == 0 {
-                return Err(ClientError::NoStorage(format!("oid {oid}: no storage accepted the store")));
-            }
+        for q in txn.queued.drain(..) {
+            let _ = q.await; // an error means the store failed before sending: seen below
         }
         // Metadata to the cells of partition(ttid), a plain vote to the other storages.
         let (_, meta_cells) = self.write_cells(txn.ttid.0);
         let oids: Vec<u64> = txn.objects.iter().map(|(o, _)| o.0).collect();
         let mut votes = JoinSet::new();
-        for nid in meta_cells.iter().copied().filter(|n| !txn.failed.contains(n)) {
+        for nid in meta_cells.iter().copied() {
             txn.contacted.insert(nid);
             let m = msg::AskStoreTransaction {
                 ttid: txn.ttid.0,
@@ -788,7 +765,7 @@ impl Client {
                 (nid, true, r)
             });
         }
-        for nid in txn.involved.iter().copied().filter(|n| !meta_cells.contains(n)) {
+        for nid in txn.contacted.iter().copied().filter(|n| !meta_cells.contains(n)) {
             let (client, ttid) = (self.clone(), txn.ttid.0);
             votes.spawn(async move {
                 let r = match client.storage_link(nid).await {
@@ -802,8 +779,36 @@ impl Client {
                 (nid, false, r)
             });
         }
-        let mut meta_ok = 0;
         let mut conflict = None;
+        let mut fatal = None;
+        while let Some(r) = txn.stores.join_next().await {
+            let Ok(o) = r else { continue };
+            match o.result {
+                Ok(a) => match a.conflict {
+                    None => *txn.locked.entry(o.oid).or_default() += 1,
+                    // Accepted without lock (OUT_OF_DATE cell): it votes, locks and unlocks to
+                    // get the data.
+                    Some(0) => {}
+                    Some(c) => {
+                        conflict.get_or_insert(ClientError::Conflict {
+                            oid: o.oid,
+                            serial: o.serial,
+                            committed: Tid(c),
+                            locked_by: a.locked_by.map(Tid),
+                        });
+                    }
+                },
+                Err(e) if is_storage_failure(&e) => {
+                    warn!("store of {:?} on {} failed: {e}", o.oid, o.nid);
+                    self.mark_failed(o.nid);
+                    txn.failed.insert(o.nid);
+                }
+                Err(e) => {
+                    fatal.get_or_insert(remote(e));
+                }
+            }
+        }
+        let mut meta_ok = 0;
         while let Some(r) = votes.join_next().await {
             let Ok((nid, meta, r)) = r else { continue };
             match r {
@@ -827,13 +832,25 @@ impl Client {
                     warn!("vote on {nid} failed: {e}");
                     self.mark_failed(nid);
                     txn.failed.insert(nid);
-                    txn.involved.remove(&nid);
                 }
-                Err(e) => return Err(remote(e)),
+                Err(e) => {
+                    fatal.get_or_insert(remote(e));
+                }
             }
+        }
+        if let Some(e) = fatal {
+            return Err(e);
         }
         if let Some(c) = conflict {
             return Err(c);
+        }
+        for nid in &txn.failed {
+            txn.involved.remove(nid);
+        }
+        for (oid, _) in &txn.objects {
+            if txn.locked.get(oid).copied().unwrap_or(0) == 0 {
+                return Err(ClientError::NoStorage(format!("oid {oid}: no storage accepted the store")));
+            }
         }
         if meta_ok == 0 {
             return Err(ClientError::NoStorage(format!("transaction {:?}: no storage took its metadata", txn.ttid)));

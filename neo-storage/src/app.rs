@@ -388,8 +388,12 @@ async fn handle_client(st: &Arc<Storage>, link: &Link, req: Request) {
     let (st2, link2) = (st.clone(), link.clone());
     match body {
         Body::AskStoreObject(m) => {
+            // Counted here, in arrival order, so that a vote that follows waits for it.
+            let ttid = Tid(m.ttid);
+            st.tm.store_started(ttid);
             tokio::spawn(async move {
                 let ans = store(&st2, link2.conn_id(), m).await;
+                st2.tm.store_done(ttid);
                 let _ = link2.answer(id, ans).await;
             });
         }
@@ -536,6 +540,20 @@ async fn take_write_lock(st: &Storage, ttid: Tid, oid: Oid, partition: u32) -> O
 /// job. Returns the conflicts found (then nothing is persisted and the transaction is not
 /// voted).
 async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Result<Vec<msg::Conflict>, Body> {
+    // The client may send its vote right after its stores: wait until they are done.
+    loop {
+        let changed = st.tm.changed();
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if st.tm.storing(ttid) == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = st.shutdown.cancelled() => return Err(proto::error(ErrorCode::NotReady, "storage is stopping")),
+        }
+    }
     st.tm.register(ttid, conn);
     let objects = st
         .tm

@@ -53,6 +53,8 @@ const ABORTED_MEMORY: usize = 10_000;
 #[derive(Default)]
 struct Inner {
     txns: HashMap<Tid, TxnState>,
+    /// Stores received and not answered yet, per transaction (a vote waits for them).
+    storing: HashMap<Tid, usize>,
     aborted: std::collections::HashSet<Tid>,
     aborted_order: std::collections::VecDeque<Tid>,
     write_locks: HashMap<Oid, Tid>,
@@ -91,6 +93,29 @@ impl Tm {
             });
             t.locked.is_none()
         })
+    }
+
+    /// A store of `ttid` arrived (called in arrival order, before the vote can be handled).
+    pub fn store_started(&self, ttid: Tid) {
+        self.with(|s| *s.storing.entry(ttid).or_default() += 1);
+    }
+
+    /// A store of `ttid` was answered.
+    pub fn store_done(&self, ttid: Tid) {
+        self.with(|s| {
+            if let Some(n) = s.storing.get_mut(&ttid) {
+                *n -= 1;
+                if *n == 0 {
+                    s.storing.remove(&ttid);
+                }
+            }
+        });
+        self.changed.notify_waiters();
+    }
+
+    /// Stores of `ttid` still in progress.
+    pub fn storing(&self, ttid: Tid) -> usize {
+        self.with(|s| s.storing.get(&ttid).copied().unwrap_or(0))
     }
 
     /// True if `ttid` voted on this storage (its temporary data is persistent).

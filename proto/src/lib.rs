@@ -15,7 +15,7 @@ pub mod msg {
     include!(concat!(env!("OUT_DIR"), "/neo.rs"));
 }
 
-pub use link::{Incoming, Link, LinkError, Request};
+pub use link::{Incoming, Link, LinkError, PendingAnswer, Request};
 pub use msg::packet::Body;
 
 /// `impl From<Message> for Body` for every variant whose message type is unique.

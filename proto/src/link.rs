@@ -74,6 +74,26 @@ struct Inner {
 #[derive(Clone)]
 pub struct Link(Arc<Inner>);
 
+/// The answer to a request already sent (see `Link::send_request`).
+pub struct PendingAnswer {
+    rx: oneshot::Receiver<Body>,
+    peer: String,
+}
+
+impl PendingAnswer {
+    /// Wait for the answer. An `Error` answer other than ACK becomes `LinkError::Remote`.
+    pub async fn answer(self) -> Result<Body, LinkError> {
+        match self.rx.await {
+            Ok(Body::Error(e)) if e.code != ErrorCode::Ack as i32 => Err(LinkError::Remote {
+                code: ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::ProtocolError),
+                message: e.message,
+            }),
+            Ok(b) => Ok(b),
+            Err(_) => Err(LinkError::Closed(self.peer)),
+        }
+    }
+}
+
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Link#{}({})", self.0.conn_id, self.0.peer)
@@ -151,6 +171,12 @@ impl Link {
     /// Send a request and wait for its answer. An `Error` answer other than ACK becomes
     /// `LinkError::Remote`.
     pub async fn ask(&self, body: impl Into<Body>) -> Result<Body, LinkError> {
+        self.send_request(body).await?.answer().await
+    }
+
+    /// Queue a request (in order with everything sent before on this link) and return the
+    /// pending answer without waiting for it.
+    pub async fn send_request(&self, body: impl Into<Body>) -> Result<PendingAnswer, LinkError> {
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = self.0.pending.lock() {
@@ -164,14 +190,7 @@ impl Link {
             self.forget(id);
             return Err(e);
         }
-        match rx.await {
-            Ok(Body::Error(e)) if e.code != ErrorCode::Ack as i32 => Err(LinkError::Remote {
-                code: ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::ProtocolError),
-                message: e.message,
-            }),
-            Ok(b) => Ok(b),
-            Err(_) => Err(self.closed_err()),
-        }
+        Ok(PendingAnswer { rx, peer: self.0.peer.clone() })
     }
 
     fn forget(&self, id: u32) {
