@@ -200,10 +200,11 @@ pub struct NodeArgs {
     /// Address to listen on.
     #[arg(short = 'b', long)]
     pub bind: Option<String>,
-    /// Storage database (SQLite file path).
+    /// Storage database: a SQLite file path, or MySQL as `mysql://user:password@host:port/db` or
+    /// NEO's `[user[:password]@]database[unix_socket]`.
     #[arg(short = 'd', long)]
     pub database: Option<String>,
-    /// Storage backend: SQLite (MySQL comes later); by default chosen from --database.
+    /// Storage backend: SQLite or MySQL; by default chosen from --database.
     #[arg(short = 'a', long)]
     pub adapter: Option<String>,
     /// Master: number of partitions of a new cluster.
@@ -384,8 +385,9 @@ impl NodeConfig {
         let adapter = get("adapter").map(str::to_string);
         if let Some(a) = &adapter
             && !a.eq_ignore_ascii_case("sqlite")
+            && !a.eq_ignore_ascii_case("mysql")
         {
-            return Err(verr("adapter", format!("unsupported adapter {a:?} (supported: SQLite)")));
+            return Err(verr("adapter", format!("unsupported adapter {a:?} (supported: SQLite, MySQL)")));
         }
         let upstream_cluster = get("upstream_cluster").map(str::to_string);
         let upstream_masters = parse_addrs("upstream_masters", None)?;

@@ -37,35 +37,35 @@ pub struct Db {
 }
 
 impl Db {
-    pub fn spawn(mut backend: Box<dyn Backend>) -> std::io::Result<Db> {
-        let (tx, mut rx) = mpsc::channel::<Msg>(1024);
-        let thread = std::thread::Builder::new().name("neo-db".into()).spawn(move || {
-            let mut replies: Vec<Reply> = Vec::new();
-            let mut next = rx.blocking_recv();
-            loop {
-                match next {
-                    Some(Msg::Job(job)) => job(backend.as_mut()),
-                    Some(Msg::Durable(job)) => replies.push(job(backend.as_mut())),
-                    Some(Msg::Stop) | None => break,
-                }
-                next = if replies.len() < GROUP_MAX { rx.try_recv().ok() } else { None };
-                if next.is_none() {
-                    if !replies.is_empty() {
-                        let synced = backend.sync();
-                        for r in replies.drain(..) {
-                            r(synced.as_ref().map(|_| ()));
-                        }
-                    }
-                    next = rx.blocking_recv();
-                }
+    /// Start the thread and open the backend on it with `open` (a backend may need its own
+    /// runtime, which cannot start inside the node's); returns once it is open.
+    pub async fn open<E, F>(open: F) -> Result<Db, E>
+    where
+        E: Send + 'static + From<std::io::Error>,
+        F: FnOnce() -> Result<Box<dyn Backend>, E> + Send + 'static,
+    {
+        let (opened_tx, opened_rx) = oneshot::channel();
+        let (tx, rx) = mpsc::channel::<Msg>(1024);
+        let thread = std::thread::Builder::new().name("neo-db".into()).spawn(move || match open() {
+            Ok(backend) => {
+                let _ = opened_tx.send(Ok(()));
+                serve(backend, rx);
             }
-            if !replies.is_empty() {
-                let synced = backend.sync();
-                for r in replies.drain(..) {
-                    r(synced.as_ref().map(|_| ()));
-                }
+            Err(e) => {
+                let _ = opened_tx.send(Err(e));
             }
         })?;
+        let db = Db { tx, thread: std::sync::Arc::new(Mutex::new(Some(thread))) };
+        match opened_rx.await {
+            Ok(Ok(())) => Ok(db),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::other("the database thread died while opening").into()),
+        }
+    }
+
+    pub fn spawn(backend: Box<dyn Backend>) -> std::io::Result<Db> {
+        let (tx, rx) = mpsc::channel::<Msg>(1024);
+        let thread = std::thread::Builder::new().name("neo-db".into()).spawn(move || serve(backend, rx))?;
         Ok(Db { tx, thread: std::sync::Arc::new(Mutex::new(Some(thread))) })
     }
 
@@ -112,6 +112,35 @@ impl Db {
         let _ = self.tx.send(Msg::Stop).await;
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+/// The database thread's loop (see the module comment for group commit).
+fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
+    let mut replies: Vec<Reply> = Vec::new();
+    let mut next = rx.blocking_recv();
+    loop {
+        match next {
+            Some(Msg::Job(job)) => job(backend.as_mut()),
+            Some(Msg::Durable(job)) => replies.push(job(backend.as_mut())),
+            Some(Msg::Stop) | None => break,
+        }
+        next = if replies.len() < GROUP_MAX { rx.try_recv().ok() } else { None };
+        if next.is_none() {
+            if !replies.is_empty() {
+                let synced = backend.sync();
+                for r in replies.drain(..) {
+                    r(synced.as_ref().map(|_| ()));
+                }
+            }
+            next = rx.blocking_recv();
+        }
+    }
+    if !replies.is_empty() {
+        let synced = backend.sync();
+        for r in replies.drain(..) {
+            r(synced.as_ref().map(|_| ()));
         }
     }
 }

@@ -6,6 +6,7 @@
 mod app;
 pub mod backend;
 pub mod db;
+pub mod testing;
 pub mod tm;
 
 pub use app::sha1;
@@ -31,14 +32,64 @@ pub enum StorageError {
     Protocol(String),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
-/// Open the backend named by the configuration (SQLite: `database` is a file path).
+/// Which engine a `database` value names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite(std::path::PathBuf),
+    /// A `mysql://` URL (with the password, if any: do not log it).
+    Mysql(String),
+}
+
+/// Choose the engine: `adapter` if given (SQLite or MySQL); otherwise a `mysql://` URL or NEO's
+/// `user[:password]@database[socket]` form means MySQL, anything else is a SQLite file path.
+pub fn engine(database: &str, adapter: Option<&str>) -> Result<Engine, StorageError> {
+    let bad = |msg: String| StorageError::Config(format!("database: {msg}"));
+    let mysql = match adapter.map(str::to_ascii_lowercase).as_deref() {
+        Some("mysql") => true,
+        Some("sqlite") => false,
+        Some(other) => {
+            return Err(StorageError::Config(format!("adapter: unknown adapter {other:?} (SQLite or MySQL)")));
+        }
+        None => database.starts_with("mysql://") || database.contains('@'),
+    };
+    if mysql {
+        backend::mysql::parse_database(database).map(Engine::Mysql).map_err(bad)
+    } else if database.is_empty() {
+        Err(bad("empty SQLite path".into()))
+    } else {
+        Ok(Engine::Sqlite(database.into()))
+    }
+}
+
+/// Open the backend named by the configuration. Blocking: call it on the database thread.
 pub fn open_backend(cfg: &NodeConfig) -> Result<Box<dyn Backend>, StorageError> {
     let database = cfg.database.clone().ok_or_else(|| StorageError::Config("no database given".into()))?;
-    let b = backend::sqlite::SqliteBackend::open(std::path::Path::new(&database), &cfg.cluster)
-        .map_err(|err| StorageError::Open { database, err })?;
-    Ok(Box::new(b))
+    let engine = engine(&database, cfg.adapter.as_deref())?;
+    let display = match &engine {
+        Engine::Sqlite(p) => p.display().to_string(),
+        Engine::Mysql(url) => redact(url),
+    };
+    let opened: Result<Box<dyn Backend>, BackendError> = match &engine {
+        Engine::Sqlite(path) => backend::sqlite::SqliteBackend::open(path, &cfg.cluster).map(|b| Box::new(b) as _),
+        Engine::Mysql(url) => backend::mysql::MysqlBackend::open(url, &cfg.cluster).map(|b| Box::new(b) as _),
+    };
+    opened.map_err(|err| StorageError::Open { database: display, err })
+}
+
+/// A MySQL URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}@{}", &url[..s + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Run a storage node until `shutdown` is cancelled or the cluster stops.
@@ -59,10 +110,25 @@ pub async fn run_with_listener(
         max_frame: neo_lib::DEFAULT_MAX_FRAME,
     };
     let cfg2 = cfg.clone();
-    let backend = tokio::task::spawn_blocking(move || open_backend(&cfg2))
-        .await
-        .map_err(|e| StorageError::Config(format!("cannot open the database: {e}")))??;
-    let db =
-        db::Db::spawn(backend).map_err(|e| StorageError::Config(format!("cannot start the database thread: {e}")))?;
+    let db = db::Db::open(move || open_backend(&cfg2)).await?;
     app::run(cfg, net, db, listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_from_database_value() {
+        assert_eq!(engine("/var/lib/neo/s1.sqlite", None).unwrap(), Engine::Sqlite("/var/lib/neo/s1.sqlite".into()));
+        assert!(matches!(engine("mysql://root@127.0.0.1:3306/neo", None).unwrap(), Engine::Mysql(_)));
+        assert!(matches!(engine("neo:secret@neo1", None).unwrap(), Engine::Mysql(_)));
+        assert!(matches!(engine("neo1", Some("MySQL")).unwrap(), Engine::Mysql(_)));
+        assert_eq!(engine("a@b", Some("SQLite")).unwrap(), Engine::Sqlite("a@b".into()));
+        let e = engine("x", Some("Oracle")).unwrap_err().to_string();
+        assert!(e.contains("adapter"), "{e}");
+        assert!(engine("mysql://", None).is_err());
+        assert_eq!(redact("mysql://neo:secret@host:3306/db"), "mysql://neo@host:3306/db");
+        assert_eq!(redact("mysql://root@host/db"), "mysql://root@host/db");
+    }
 }

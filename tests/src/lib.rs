@@ -32,11 +32,22 @@ pub struct Options {
     pub tls: bool,
     /// Start a new cluster as soon as all storages are pending (else: wait for `neoctl start`).
     pub autostart: bool,
+    pub backends: Backends,
+}
+
+/// Storage engines of a test cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backends {
+    Sqlite,
+    /// Every storage on its own database of the MySQL/MariaDB test server.
+    Mysql,
+    /// The first storage on SQLite, the others on MySQL.
+    Mixed,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { storages: 2, replicas: 1, partitions: 12, tls: true, autostart: true }
+        Options { storages: 2, replicas: 1, partitions: 12, tls: true, autostart: true, backends: Backends::Sqlite }
     }
 }
 
@@ -68,6 +79,10 @@ pub struct Cluster {
     master: Option<Running>,
     admin: Option<Running>,
     storages: Vec<Option<Running>>,
+    /// `database` of each storage.
+    databases: Vec<String>,
+    /// MySQL databases to drop at the end (after the nodes).
+    mysql: Vec<neo_storage::testing::TestDatabase>,
 }
 
 async fn bind(addr: &Address) -> TcpListener {
@@ -88,8 +103,30 @@ fn local(l: &TcpListener) -> Address {
 impl Cluster {
     /// Start master, storages and admin, and wait until the cluster is RUNNING.
     pub async fn start(opts: Options) -> Cluster {
+        Self::try_start(opts).await.expect("no MySQL server for a MySQL cluster")
+    }
+
+    /// Like `start`, but None (the test is skipped) if the cluster needs MySQL and no server is
+    /// reachable while NEO_TEST_MYSQL is unset.
+    pub async fn try_start(opts: Options) -> Option<Cluster> {
         init_logs();
         let dir = tempfile::Builder::new().prefix("neo-test-").tempdir().unwrap();
+        let mut mysql = Vec::new();
+        let mut databases = Vec::new();
+        for i in 0..opts.storages {
+            let on_mysql = match opts.backends {
+                Backends::Sqlite => false,
+                Backends::Mysql => true,
+                Backends::Mixed => i > 0,
+            };
+            if on_mysql {
+                let db = neo_storage::testing::TestDatabase::new().unwrap()?;
+                databases.push(db.url.clone());
+                mysql.push(db);
+            } else {
+                databases.push(dir.path().join(format!("storage{}.sqlite", i + 1)).display().to_string());
+            }
+        }
         let (node_tls, client_tls) = if opts.tls {
             let ca = TestCa::new(dir.path(), "ca").unwrap();
             (Some(ca.issue("node").unwrap()), Some(ca.issue("client").unwrap()))
@@ -115,6 +152,8 @@ impl Cluster {
             client_tls,
             master: None,
             admin: None,
+            databases,
+            mysql,
         };
         c.spawn_master(ml);
         for (i, l) in sls.into_iter().enumerate() {
@@ -126,7 +165,7 @@ impl Cluster {
         } else {
             c.wait_state(ClusterState::Recovering).await;
         }
-        c
+        Some(c)
     }
 
     fn values(&self, extra: &[(&str, String)]) -> BTreeMap<String, String> {
@@ -163,14 +202,15 @@ impl Cluster {
         self.master = Some(Running { token, join });
     }
 
-    pub fn storage_db(&self, i: usize) -> std::path::PathBuf {
-        self.dir.path().join(format!("storage{}.sqlite", i + 1))
+    /// The `database` value of storage `i` (a SQLite path or a MySQL URL).
+    pub fn storage_db(&self, i: usize) -> &str {
+        &self.databases[i]
     }
 
     fn spawn_storage(&mut self, i: usize, l: TcpListener) {
         let cfg = self.config(
             NodeType::Storage,
-            &[("bind", self.storage_addrs[i].to_string()), ("database", self.storage_db(i).display().to_string())],
+            &[("bind", self.storage_addrs[i].to_string()), ("database", self.storage_db(i).to_string())],
         );
         let token = CancellationToken::new();
         let t = token.clone();
@@ -307,6 +347,10 @@ impl Drop for Cluster {
         let nodes = self.master.iter().chain(self.admin.iter()).chain(self.storages.iter().flatten());
         for n in nodes {
             n.token.cancel();
+        }
+        if !self.mysql.is_empty() {
+            // Let the storages close their connections before the databases are dropped.
+            std::thread::sleep(Duration::from_millis(300));
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The storage backend interface. It knows nothing of any database driver: one module per engine
-//! (`sqlite`; MySQL comes later) implements `Backend`, and one conformance suite (`tests` below)
-//! runs against every engine.
+//! (`sqlite`, `mysql`) implements `Backend`, and one conformance suite (`tests` below) runs
+//! against every engine.
 //!
 //! Backends are synchronous; the node calls them only from the database thread (`crate::db`),
 //! never from async worker threads.
@@ -11,6 +11,7 @@
 //! need not be durable: a lost unlock is replayed by verification from the durable lock, a lost
 //! abort by `drop_unfinished`.
 
+pub mod mysql;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;

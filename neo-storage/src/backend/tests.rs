@@ -852,3 +852,248 @@ mod sqlite {
         assert!(b.store_data(0, &sha1(b"x"), 7, b"x").is_err());
     }
 }
+
+// --- MySQL (MariaDB): the same checks, each on its own database of the server named by
+// NEO_TEST_MYSQL (default mysql://root@127.0.0.1:3306). Without the variable, an unreachable
+// server skips the tests (saying why on stderr); with it, it fails them.
+
+mod mysql {
+    use super::*;
+    use crate::backend::mysql::MysqlBackend;
+    use mysql_async::prelude::Queryable;
+    use mysql_async::{Conn, Opts, OptsBuilder};
+    use std::time::Duration;
+
+    const DEFAULT_SERVER: &str = "mysql://root@127.0.0.1:3306";
+
+    /// Run `sql` (statements separated by `;`) on `server`, in database `database` if given.
+    fn server_sql(server: &str, database: Option<&str>, sql: &str) -> std::result::Result<(), String> {
+        let opts = Opts::from_url(server).map_err(|e| format!("invalid URL {server:?}: {e}"))?;
+        let opts: Opts = OptsBuilder::from_opts(opts).db_name(database).into();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let mut c = tokio::time::timeout(Duration::from_secs(10), Conn::new(opts))
+                .await
+                .map_err(|_| "connection timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            let r = c.query_drop(sql).await.map_err(|e| e.to_string());
+            let _ = c.disconnect().await;
+            r
+        })
+    }
+
+    /// A private database on the test server, dropped with this value.
+    struct TestDb {
+        server: String,
+        name: String,
+        url: String,
+    }
+
+    impl TestDb {
+        /// None (after saying why on stderr) if the server is unreachable and NEO_TEST_MYSQL
+        /// is unset; panics if it is set.
+        fn new() -> Option<TestDb> {
+            let (server, required) = match std::env::var("NEO_TEST_MYSQL") {
+                Ok(s) => (s, true),
+                Err(_) => (DEFAULT_SERVER.to_string(), false),
+            };
+            if let Err(e) = server_sql(&server, None, "SELECT 1") {
+                if required {
+                    panic!("NEO_TEST_MYSQL={server}: {e}");
+                }
+                eprintln!("MySQL tests skipped: {server}: {e}");
+                return None;
+            }
+            let name = format!("neo_test_{}", fastrand::u64(..));
+            let (base, query) = match server.split_once('?') {
+                Some((b, q)) => (b, format!("?{q}")),
+                None => (server.as_str(), String::new()),
+            };
+            let base = base.trim_end_matches('/');
+            // A server URL naming a database: replace it by ours.
+            let base = match base.strip_prefix("mysql://").and_then(|rest| rest.find('/')) {
+                Some(i) => &base[..i + "mysql://".len()],
+                None => base,
+            };
+            let url = format!("{base}/{name}{query}");
+            Some(TestDb { server, name, url })
+        }
+
+        fn open(&self, cluster: &str) -> Result<Box<dyn Backend>> {
+            MysqlBackend::open(&self.url, cluster).map(|b| Box::new(b) as Box<dyn Backend>)
+        }
+
+        fn backend(&self) -> Box<dyn Backend> {
+            self.open(CLUSTER).unwrap()
+        }
+
+        /// Raw SQL written for the suite (SQLite syntax where it matters): `partition` is a
+        /// reserved word in MySQL, so quote it.
+        fn raw(&self, sql: &str) {
+            server_sql(&self.server, Some(&self.name), &quote_partition(sql)).unwrap();
+        }
+    }
+
+    impl TestDb {
+        /// The integer a one-row, one-column query returns.
+        fn query_int(&self, sql: &str) -> i64 {
+            let opts = Opts::from_url(&self.server).unwrap();
+            let opts: Opts = OptsBuilder::from_opts(opts).db_name(Some(&self.name)).into();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut c = Conn::new(opts).await.unwrap();
+                let v: Option<i64> = c.query_first(sql).await.unwrap();
+                c.disconnect().await.unwrap();
+                v.unwrap()
+            })
+        }
+    }
+
+    /// `sql` with the word `partition` (not `partitions`, ...) quoted.
+    fn quote_partition(sql: &str) -> String {
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '`';
+        let mut out = String::with_capacity(sql.len() + 8);
+        let mut rest = sql;
+        while let Some(i) = rest.find("partition") {
+            let (before, after) = (&rest[..i], &rest[i + "partition".len()..]);
+            out.push_str(before);
+            let whole = !out.ends_with(word) && !after.starts_with(word);
+            out.push_str(if whole { "`partition`" } else { "partition" });
+            rest = after;
+        }
+        out.push_str(rest);
+        out
+    }
+
+    #[test]
+    fn quote_partition_quotes_whole_words_only() {
+        assert_eq!(
+            quote_partition("UPDATE pt SET partition = 7 WHERE name = 'partitions' AND `partition` = 1"),
+            "UPDATE pt SET `partition` = 7 WHERE name = 'partitions' AND `partition` = 1"
+        );
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            if let Err(e) = server_sql(&self.server, None, &format!("DROP DATABASE IF EXISTS `{}`", self.name)) {
+                eprintln!("cannot drop test database {}: {e}", self.name);
+            }
+        }
+    }
+
+    /// Run each fresh-backend check on a new database.
+    macro_rules! fresh {
+        ($($name:ident),* $(,)?) => {
+            $(#[test] fn $name() {
+                let Some(db) = TestDb::new() else { return };
+                let mut b = db.backend();
+                super::$name(&mut *b);
+            })*
+        };
+    }
+
+    fresh!(
+        vote_data_stores_data_objects_and_metadata,
+        load_revisions,
+        deletion_and_back_pointer,
+        dedup,
+        commit_visibility,
+        metadata_only_on_holders,
+        abort_prunes,
+        shared_data_survives_abort,
+        locked_and_final,
+        drop_unfinished,
+        partition_table,
+        last_ids,
+        config,
+        record_sizes,
+    );
+
+    #[test]
+    fn restart() {
+        let Some(db) = TestDb::new() else { return };
+        super::restart(&|c| db.open(c));
+    }
+
+    #[test]
+    fn wrong_cluster() {
+        let Some(db) = TestDb::new() else { return };
+        super::wrong_cluster(&|c| db.open(c));
+    }
+
+    #[test]
+    fn schema_too_new() {
+        let Some(db) = TestDb::new() else { return };
+        super::schema_too_new(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    #[test]
+    fn corrupt_rows() {
+        let Some(db) = TestDb::new() else { return };
+        super::corrupt_rows(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    // --- MySQL specifics
+
+    /// Records around and across chunk boundaries round-trip, with a tiny chunk size; their
+    /// chunks go with their data row when it is pruned.
+    #[test]
+    fn chunked_records() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        b.set_chunk_size(100);
+        let sizes = [0usize, 1, 99, 100, 101, 200, 250, 1000];
+        let datas: Vec<Vec<u8>> =
+            sizes.iter().map(|n| (0..*n).map(|i| (i.wrapping_mul(13) % 256) as u8).collect()).collect();
+        let objs: Vec<TempObject> = datas.iter().enumerate().map(|(i, d)| store(&mut b, 10 + i as u64, d)).collect();
+        commit_objects(&mut b, 100, &objs);
+        for (i, d) in datas.iter().enumerate() {
+            let r = latest(&mut b, 10 + i as u64);
+            assert!(r.data == *d, "record of {} bytes differs", d.len());
+        }
+        // The chunks of an aborted record go with it.
+        let big: Vec<u8> = (0..450u32).map(|i| (i % 7) as u8).collect();
+        let o = [store(&mut b, 50, &big)];
+        b.vote(Tid(200), &with_parts(&o), None).unwrap();
+        b.abort(Tid(200)).unwrap();
+        // 101: 1, 200: 1, 250: 2, 1000: 9 extra chunks.
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM bigdata"), 13);
+        // Missing chunks are corruption.
+        db.raw("DELETE FROM bigdata WHERE n = 2");
+        assert_corrupt(b.load(part(17), Oid(17), None, None), &Oid(17).to_string());
+        b.drop_unfinished().unwrap();
+    }
+
+    /// The largest record (64 MiB: four times a MEDIUMBLOB, and more than the server's default
+    /// max_allowed_packet) round-trips.
+    #[test]
+    fn record_larger_than_a_mediumblob() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = db.backend();
+        let data: Vec<u8> = (0..(64usize << 20)).map(|i| (i.wrapping_mul(31) % 253) as u8).collect();
+        let o = [store(&mut *b, 1, &data)];
+        commit_objects(&mut *b, 100, &o);
+        let r = latest(&mut *b, 1);
+        assert_eq!(r.data.len(), data.len());
+        assert!(r.data == data);
+        assert_eq!(r.checksum, sha1(&data));
+    }
+
+    #[test]
+    fn engine_and_schema_version() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = db.backend();
+        assert_eq!(b.engine(), "MySQL");
+        assert_eq!(b.get_config("version").unwrap(), Some(crate::backend::mysql::SCHEMA_VERSION.to_string()));
+        assert!(b.store_data(0, b"short", 0, b"x").is_err());
+        assert!(b.store_data(0, &sha1(b"x"), 7, b"x").is_err());
+    }
+
+    /// A database that does not exist yet is created.
+    #[test]
+    fn creates_the_database() {
+        let Some(db) = TestDb::new() else { return };
+        drop(db.backend());
+        server_sql(&db.server, Some(&db.name), "SELECT 1 FROM config").unwrap();
+    }
+}

@@ -31,18 +31,23 @@ async fn the_whole_cluster_restarts_and_everything_is_still_there() {
     let tid = commit(&c, oid, Tid::ZERO, b"after restart").await.unwrap();
     assert!(tid > last_tid);
 
-    // Each storage holds a full replica: ask each one directly.
+    assert_every_storage_holds(&cluster, &committed).await;
+}
+
+/// Each storage holds a full replica: ask each one directly for every revision.
+pub async fn assert_every_storage_holds(cluster: &Cluster, committed: &[(neo_lib::Oid, Tid, Vec<u8>)]) {
     let net = cluster.net();
     for addr in &cluster.storage_addrs {
         let req = identification(&cluster.name, NodeType::Client, None, None);
         let (link, _incoming, _) = connect_identified(addr, &net, req).await.unwrap();
-        for (oid, tid, data) in &committed {
+        for (oid, tid, data) in committed {
             let b = link.ask(msg::AskObject { oid: oid.0, at: Some(tid.0), before: None }).await.unwrap();
             let a = proto::expect_answer!(b, AnswerObject).unwrap();
             assert_eq!(a.serial, tid.0);
             let raw = if a.compression == 0 { a.data } else { unzip(&a.data) };
             assert_eq!(&raw, data, "{oid:?} on {addr}");
         }
+        link.close().await;
     }
 }
 

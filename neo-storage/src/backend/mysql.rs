@@ -1,0 +1,1148 @@
+//! MySQL/MariaDB backend (InnoDB), through `mysql_async`.
+//!
+//! The trait is synchronous and only called from the storage's database thread: the backend
+//! owns a current-thread tokio runtime and runs each call to completion with `block_on` over
+//! ONE connection (no pool), so that a database transaction spans statements exactly like the
+//! SQLite connection does. Each method is one database transaction (or one autocommitted
+//! statement). Calls from inside an async runtime (where `block_on` would panic) fail.
+//!
+//! Layout: the logical schema of `sqlite.rs` (tables `config`, `pt`, `trans`, `obj`, `data`,
+//! `ttrans`, `tobj`), modelled on NEO's MySQL DDL (InnoDB, MEDIUMBLOB payloads, `partition`
+//! quoted since it is a reserved word). Ids (oid, tid, ttid, data id) are signed BIGINT holding
+//! the `as i64` bit cast of their u64, exactly as in SQLite: TIDs fit in i64, both engines
+//! share one representation, and a negative TID read back is detectable corruption.
+//! `data.value` is a MEDIUMBLOB (< 16 MiB), and no statement may exceed the server's
+//! `max_allowed_packet`: a record longer than one chunk (the smaller of 8 MiB and half of
+//! `max_allowed_packet`, read at open) keeps its first chunk in `data.value` and the others in
+//! `bigdata(data_id, n, value)`; `data.value_size` is the total length, checked at load.
+//!
+//! Durability: every commit is durable by itself when InnoDB runs with
+//! `innodb_flush_log_at_trx_commit = 1` (the default; checked at open, with a warning
+//! otherwise), so `sync` is a no-op. The price is one log flush per commit on this single
+//! connection: the group commit the node does with `sync` does not apply here.
+
+use super::{Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, OptsBuilder, Row, Value};
+use neo_lib::pt::{Cell, PartitionTable};
+use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
+use std::collections::{HashMap, HashSet};
+
+/// Current schema version: the number of `MIGRATIONS` a database has applied.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Schema migrations in order: a database at version N has applied the first N entries, each a
+/// list of statements. DDL commits implicitly in MySQL, so a migration cannot be rolled back:
+/// its statements must be idempotent (`IF NOT EXISTS`) so that an interrupted one is redone.
+const MIGRATIONS: &[&[&str]] = &[
+    // Version 1: initial schema.
+    &[
+        "CREATE TABLE IF NOT EXISTS config (
+            name VARBINARY(255) NOT NULL PRIMARY KEY,
+            value BLOB NULL
+        ) ENGINE = InnoDB",
+        "CREATE TABLE IF NOT EXISTS pt (
+            `partition` INT UNSIGNED NOT NULL,
+            nid INT NOT NULL,
+            state TINYINT NOT NULL,
+            PRIMARY KEY (`partition`, nid)
+        ) ENGINE = InnoDB",
+        "CREATE TABLE IF NOT EXISTS trans (
+            `partition` INT UNSIGNED NOT NULL,
+            tid BIGINT NOT NULL,
+            packed BOOLEAN NOT NULL,
+            oids MEDIUMBLOB NOT NULL,
+            user BLOB NOT NULL,
+            description BLOB NOT NULL,
+            ext BLOB NOT NULL,
+            ttid BIGINT NOT NULL,
+            PRIMARY KEY (`partition`, tid),
+            KEY ttid (ttid)
+        ) ENGINE = InnoDB",
+        "CREATE TABLE IF NOT EXISTS obj (
+            `partition` INT UNSIGNED NOT NULL,
+            oid BIGINT NOT NULL,
+            tid BIGINT NOT NULL,
+            data_id BIGINT NULL,
+            value_tid BIGINT NULL,
+            PRIMARY KEY (`partition`, oid, tid),
+            KEY tid (`partition`, tid, oid),
+            KEY (data_id)
+        ) ENGINE = InnoDB",
+        "CREATE TABLE IF NOT EXISTS data (
+            id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            hash VARBINARY(20) NOT NULL,
+            compression TINYINT UNSIGNED NOT NULL,
+            value MEDIUMBLOB NOT NULL,
+            value_size BIGINT UNSIGNED NOT NULL,
+            UNIQUE KEY hash_compression (hash, compression)
+        ) ENGINE = InnoDB",
+        "CREATE TABLE IF NOT EXISTS bigdata (
+            data_id BIGINT NOT NULL,
+            n INT UNSIGNED NOT NULL,
+            value MEDIUMBLOB NOT NULL,
+            PRIMARY KEY (data_id, n)
+        ) ENGINE = InnoDB",
+        "CREATE TABLE IF NOT EXISTS ttrans (
+            ttid BIGINT NOT NULL PRIMARY KEY,
+            `partition` INT UNSIGNED NULL,
+            tid BIGINT NULL,
+            meta BOOLEAN NOT NULL,
+            oids MEDIUMBLOB NULL,
+            user BLOB NULL,
+            description BLOB NULL,
+            ext BLOB NULL
+        ) ENGINE = InnoDB",
+        "CREATE TABLE IF NOT EXISTS tobj (
+            `partition` INT UNSIGNED NOT NULL,
+            oid BIGINT NOT NULL,
+            tid BIGINT NOT NULL,
+            data_id BIGINT NULL,
+            value_tid BIGINT NULL,
+            PRIMARY KEY (tid, oid),
+            KEY (data_id)
+        ) ENGINE = InnoDB",
+    ],
+];
+
+const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
+
+/// Length of a SHA-1 checksum.
+const CHECKSUM_LEN: usize = 20;
+
+/// Largest chunk of a record stored in one row (NEO uses 8 MiB chunks too).
+const MAX_CHUNK: usize = 8 << 20;
+
+/// Smallest `max_allowed_packet` we accept (the chunk size is half of it).
+const MIN_PACKET: usize = 64 << 10;
+
+/// MySQL error code: unknown database.
+const ER_BAD_DB_ERROR: u16 = 1049;
+
+/// Map a driver error (the trait knows no driver, so no `From` impl).
+fn db(e: mysql_async::Error) -> BackendError {
+    BackendError::Db(e.to_string())
+}
+
+fn corrupt(msg: impl Into<String>) -> BackendError {
+    BackendError::Corrupt(msg.into())
+}
+
+/// Bind value of a u64 id (bit cast, as stored).
+fn id64(v: u64) -> i64 {
+    v as i64
+}
+
+// --- column readers: validate what the database returns instead of trusting it. `what` names
+// the row for error messages; it is only evaluated on error.
+
+/// Take column `idx` out of `row`.
+fn take(row: &mut Row, idx: usize) -> Result<Value> {
+    row.take::<Value, usize>(idx).ok_or_else(|| BackendError::Db(format!("result row has no column {idx}")))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::NULL => "NULL",
+        Value::Bytes(_) => "bytes",
+        Value::Int(_) | Value::UInt(_) => "integer",
+        Value::Float(_) | Value::Double(_) => "float",
+        Value::Date(..) => "date",
+        Value::Time(..) => "time",
+    }
+}
+
+fn opt_int(v: &Value, col: &str, what: &dyn Fn() -> String) -> Result<Option<i64>> {
+    match v {
+        Value::NULL => Ok(None),
+        Value::Int(i) => Ok(Some(*i)),
+        Value::UInt(u) => i64::try_from(*u)
+            .map(Some)
+            .map_err(|_| corrupt(format!("{}: column {col} holds {u}, out of range", what()))),
+        // Text protocol (not used by prepared statements, but harmless to accept).
+        Value::Bytes(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .map(Some)
+            .ok_or_else(|| corrupt(format!("{}: column {col} holds bytes, expected an integer", what()))),
+        other => Err(corrupt(format!("{}: column {col} holds a {} value, expected an integer", what(), kind(other)))),
+    }
+}
+
+fn col_opt_int(row: &mut Row, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<i64>> {
+    opt_int(&take(row, idx)?, col, what)
+}
+
+fn col_int(row: &mut Row, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<i64> {
+    col_opt_int(row, idx, col, what)?.ok_or_else(|| corrupt(format!("{}: column {col} is NULL", what())))
+}
+
+fn tid_of(v: i64, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
+    u64::try_from(v).map(Tid).map_err(|_| corrupt(format!("{}: column {col} holds a negative TID ({v})", what())))
+}
+
+fn col_opt_tid(row: &mut Row, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<Tid>> {
+    col_opt_int(row, idx, col, what)?.map(|v| tid_of(v, col, what)).transpose()
+}
+
+fn col_tid(row: &mut Row, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
+    tid_of(col_int(row, idx, col, what)?, col, what)
+}
+
+/// A BLOB column; with `lenient`, NULL is taken as empty (metadata columns).
+fn col_blob(row: &mut Row, idx: usize, col: &str, lenient: bool, what: &dyn Fn() -> String) -> Result<Vec<u8>> {
+    match take(row, idx)? {
+        Value::Bytes(b) => Ok(b),
+        Value::NULL if lenient => Ok(Vec::new()),
+        other => Err(corrupt(format!("{}: column {col} holds a {} value, expected a blob", what(), kind(&other)))),
+    }
+}
+
+fn encode_oids(oids: &[Oid]) -> Vec<u8> {
+    oids.iter().flat_map(|o| o.to_bytes()).collect()
+}
+
+fn decode_oids(blob: &[u8], what: &dyn Fn() -> String) -> Result<Vec<Oid>> {
+    if !blob.len().is_multiple_of(8) {
+        return Err(corrupt(format!("{}: oid list of {} bytes is not a multiple of 8", what(), blob.len())));
+    }
+    Ok(blob
+        .chunks_exact(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            Oid(u64::from_be_bytes(b))
+        })
+        .collect())
+}
+
+fn compression_of(v: i64, what: &dyn Fn() -> String) -> Result<u32> {
+    match v {
+        0 | 1 => Ok(v as u32),
+        _ => Err(corrupt(format!("{}: unknown compression {v}", what()))),
+    }
+}
+
+fn check_data_args(checksum: &[u8], compression: u32) -> Result<()> {
+    if checksum.len() != CHECKSUM_LEN {
+        return Err(BackendError::Db(format!("data: checksum of {} bytes, expected {CHECKSUM_LEN}", checksum.len())));
+    }
+    if compression > 1 {
+        return Err(BackendError::Db(format!("data: unknown compression {compression}")));
+    }
+    Ok(())
+}
+
+// --- connection string
+
+/// Percent-encode everything but unreserved URL characters.
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+const DATABASE_FORMS: &str = "expected [user[:password]@]database[unix_socket] (the socket path starting with '/', '.' or '~') \
+     or mysql://user:password@host:port/database";
+
+/// Parse a `--database` value: NEO's `[user[:password]@]database[unix_socket]` (the socket part
+/// starts with `/`, `.` or `~`, as in NEO's mysql.py; without it, the server on localhost) or a
+/// `mysql://user:password@host:port/database[?options]` URL. Returns a `mysql://` URL for
+/// [`MysqlBackend::open`].
+pub fn parse_database(value: &str) -> std::result::Result<String, String> {
+    if value.starts_with("mysql://") {
+        let opts = Opts::from_url(value).map_err(|e| format!("invalid MySQL URL {value:?}: {e}; {DATABASE_FORMS}"))?;
+        if opts.db_name().is_none_or(str::is_empty) {
+            return Err(format!("MySQL URL {value:?} names no database; {DATABASE_FORMS}"));
+        }
+        return Ok(value.to_string());
+    }
+    let is_socket_start = |c: char| matches!(c, '/' | '.' | '~');
+    // Credentials end at the last '@' followed by a database name (a socket path may hold '@').
+    let split = value
+        .char_indices()
+        .rev()
+        .find(|&(i, c)| c == '@' && value[i + 1..].chars().next().is_some_and(|n| !is_socket_start(n) && n != '@'));
+    let (credentials, rest) = match split {
+        Some((i, _)) => (Some(&value[..i]), &value[i + 1..]),
+        None => (None, value),
+    };
+    let (user, password) = match credentials {
+        None => (None, None),
+        Some(c) => {
+            let (u, p) = match c.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (c, None),
+            };
+            if u.is_empty() {
+                return Err(format!("invalid database {value:?}: empty user name; {DATABASE_FORMS}"));
+            }
+            (Some(u), p)
+        }
+    };
+    let end = rest.find(is_socket_start).unwrap_or(rest.len());
+    let (name, socket) = (&rest[..end], &rest[end..]);
+    if name.is_empty() || name.contains('@') {
+        return Err(format!("invalid database {value:?}: no valid database name; {DATABASE_FORMS}"));
+    }
+    let mut url = String::from("mysql://");
+    if let Some(u) = user {
+        url.push_str(&pct(u));
+        if let Some(p) = password {
+            url.push(':');
+            url.push_str(&pct(p));
+        }
+        url.push('@');
+    }
+    url.push_str("localhost/");
+    url.push_str(&pct(name));
+    if !socket.is_empty() {
+        let socket = match socket.strip_prefix('~') {
+            Some(tail) if tail.is_empty() || tail.starts_with('/') => match std::env::var("HOME") {
+                Ok(home) => format!("{home}{tail}"),
+                Err(_) => socket.to_string(),
+            },
+            _ => socket.to_string(),
+        };
+        url.push_str("?socket=");
+        url.push_str(&pct(&socket));
+    }
+    Ok(url)
+}
+
+// --- the backend
+
+/// The MySQL storage backend. Not shared between threads: the node's database thread owns it.
+pub struct MysqlBackend {
+    rt: tokio::runtime::Runtime,
+    /// Always Some until dropped.
+    conn: Option<Conn>,
+    /// Records longer than this are split into chunks of this size.
+    chunk: usize,
+    /// Data rows handed out by `store_data` that no vote references yet (see `SqliteBackend`).
+    held: HashMap<DataId, u32>,
+    /// Rows whose last hold was released: candidates for the next prune.
+    released: HashSet<DataId>,
+}
+
+impl std::fmt::Debug for MysqlBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlBackend").field("chunk", &self.chunk).field("held", &self.held.len()).finish()
+    }
+}
+
+impl Drop for MysqlBackend {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // block_on is impossible inside a runtime: then the driver closes it on drop.
+            if tokio::runtime::Handle::try_current().is_err() {
+                let _ = self.rt.block_on(conn.disconnect());
+            }
+        }
+    }
+}
+
+/// `block_on` panics inside an async runtime: refuse instead (the backend belongs to the
+/// database thread).
+fn outside_runtime() -> Result<()> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(BackendError::Db("the MySQL backend was called from an async task".into()));
+    }
+    Ok(())
+}
+
+async fn connect(opts: Opts) -> Result<Conn> {
+    Conn::new(opts).await.map_err(db)
+}
+
+async fn begin(c: &mut Conn) -> Result<()> {
+    c.query_drop("START TRANSACTION").await.map_err(db)
+}
+
+/// Commit if `r` is Ok, roll back otherwise; returns `r` (or the commit error).
+async fn finish<T>(c: &mut Conn, r: Result<T>) -> Result<T> {
+    match r {
+        Ok(v) => {
+            c.query_drop("COMMIT").await.map_err(db)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = c.query_drop("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// Run `$body` (an async block using `$c`) in one database transaction on the backend's
+/// connection.
+macro_rules! in_tx {
+    ($self:ident, $c:ident, $body:expr) => {{
+        outside_runtime()?;
+        let rt = &$self.rt;
+        let $c = $self.conn.as_mut().ok_or_else(|| BackendError::Db("connection closed".into()))?;
+        rt.block_on(async {
+            begin($c).await?;
+            let r = $body.await;
+            finish($c, r).await
+        })
+    }};
+}
+
+/// Run `$body` (an async block using `$c`) on the backend's connection, in autocommit mode.
+macro_rules! on_conn {
+    ($self:ident, $c:ident, $body:expr) => {{
+        outside_runtime()?;
+        let rt = &$self.rt;
+        let $c = $self.conn.as_mut().ok_or_else(|| BackendError::Db("connection closed".into()))?;
+        rt.block_on($body)
+    }};
+}
+
+impl MysqlBackend {
+    /// Connect to `url` (`mysql://user:password@host:port/database`, see [`parse_database`]),
+    /// create the database if it does not exist, create or upgrade its schema to
+    /// `SCHEMA_VERSION`, and check that it belongs to cluster `cluster`.
+    pub fn open(url: &str, cluster: &str) -> Result<MysqlBackend> {
+        let opts = Opts::from_url(url).map_err(|e| BackendError::Db(format!("invalid MySQL URL: {e}")))?;
+        let name = opts
+            .db_name()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| BackendError::Db("MySQL URL names no database".into()))?
+            .to_string();
+        outside_runtime()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BackendError::Db(format!("cannot start the MySQL runtime: {e}")))?;
+        let (conn, chunk) = rt.block_on(async {
+            let mut conn = match Conn::new(opts.clone()).await {
+                Ok(c) => c,
+                Err(mysql_async::Error::Server(e)) if e.code == ER_BAD_DB_ERROR => {
+                    let mut c = connect(OptsBuilder::from_opts(opts.clone()).db_name(None::<String>).into()).await?;
+                    let q = format!("CREATE DATABASE IF NOT EXISTS `{}`", name.replace('`', "``"));
+                    let r = c.query_drop(q).await.map_err(db);
+                    let _ = c.disconnect().await;
+                    r?;
+                    connect(opts.clone()).await?
+                }
+                Err(e) => return Err(db(e)),
+            };
+            let r = Self::setup(&mut conn, cluster).await;
+            match r {
+                Ok(chunk) => Ok((conn, chunk)),
+                Err(e) => {
+                    let _ = conn.disconnect().await;
+                    Err(e)
+                }
+            }
+        })?;
+        Ok(MysqlBackend { rt, conn: Some(conn), chunk, held: HashMap::new(), released: HashSet::new() })
+    }
+
+    /// Session settings, server checks and schema; returns the chunk size.
+    async fn setup(c: &mut Conn, cluster: &str) -> Result<usize> {
+        // Strict types; and never drop this (idle) connection: a storage may stay idle long.
+        c.query_drop("SET SESSION sql_mode = 'TRADITIONAL', SESSION wait_timeout = 31536000").await.map_err(db)?;
+        let row: Option<Row> =
+            c.exec_first("SELECT @@max_allowed_packet, @@innodb_flush_log_at_trx_commit", ()).await.map_err(db)?;
+        let mut row = row.ok_or_else(|| BackendError::Db("server variables: no row".into()))?;
+        let what = || "server variables".to_string();
+        let packet = col_opt_int(&mut row, 0, "max_allowed_packet", &what)?.unwrap_or(0);
+        let flush = col_opt_int(&mut row, 1, "innodb_flush_log_at_trx_commit", &what)?;
+        let packet = usize::try_from(packet).unwrap_or(0);
+        if packet < MIN_PACKET {
+            return Err(BackendError::Db(format!(
+                "MySQL max_allowed_packet is {packet} bytes, at least {MIN_PACKET} are needed"
+            )));
+        }
+        if flush != Some(1) {
+            tracing::warn!(
+                "MySQL innodb_flush_log_at_trx_commit is {flush:?}, not 1: commits are not durable \
+                 (a crash of the MySQL host may lose recent transactions)"
+            );
+        }
+        Self::init_schema(c, cluster).await?;
+        Ok((packet / 2).min(MAX_CHUNK))
+    }
+
+    /// Create or upgrade the schema and check the cluster name. The version and cluster are
+    /// checked before anything is written, so a wrong cluster leaves the database untouched.
+    async fn init_schema(c: &mut Conn, cluster: &str) -> Result<()> {
+        let has_config = first_int(
+            c,
+            "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'config'",
+            (),
+        )
+        .await?;
+        let version = if has_config.unwrap_or(0) > 0 {
+            match config_value(c, "version").await? {
+                None => 0,
+                Some(v) => v.parse::<u32>().map_err(|_| corrupt(format!("config: invalid schema version {v:?}")))?,
+            }
+        } else {
+            0
+        };
+        if version > SCHEMA_VERSION {
+            return Err(BackendError::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
+        }
+        if version > 0 {
+            // Check the cluster before touching anything.
+            check_cluster(c, cluster, false).await?;
+        }
+        for (i, statements) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            for sql in *statements {
+                c.query_drop(*sql)
+                    .await
+                    .map_err(|e| BackendError::Db(format!("schema migration to version {}: {e}", i + 1)))?;
+            }
+        }
+        begin(c).await?;
+        let r = async {
+            if version < SCHEMA_VERSION {
+                set_config_row(c, "version", &SCHEMA_VERSION.to_string()).await?;
+            }
+            check_cluster(c, cluster, true).await
+        }
+        .await;
+        finish(c, r).await
+    }
+
+    /// Drop one hold on each of `ids` (data stored by a transaction that is aborted before it
+    /// voted). Call before `abort`, which then deletes the rows nothing references.
+    pub fn release(&mut self, ids: &[DataId]) {
+        for id in ids {
+            if let Some(n) = self.held.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.held.remove(id);
+                    self.released.insert(*id);
+                }
+            }
+        }
+    }
+
+    /// Chunk size used for large records (test hook: force chunking of small records).
+    #[cfg(test)]
+    pub(crate) fn set_chunk_size(&mut self, chunk: usize) {
+        self.chunk = chunk.max(1);
+    }
+}
+
+/// The integer in the first column of the first row of a query (None: no row, or NULL).
+async fn first_int(c: &mut Conn, sql: &str, params: impl Into<mysql_async::Params> + Send) -> Result<Option<i64>> {
+    let row: Option<Row> = c.exec_first(sql, params).await.map_err(db)?;
+    match row {
+        None => Ok(None),
+        Some(mut row) => col_opt_int(&mut row, 0, "value", &|| sql.to_string()),
+    }
+}
+
+async fn config_value(c: &mut Conn, key: &str) -> Result<Option<String>> {
+    let row: Option<Row> = c.exec_first("SELECT value FROM config WHERE name = ?", (key,)).await.map_err(db)?;
+    let Some(mut row) = row else {
+        return Ok(None);
+    };
+    match take(&mut row, 0)? {
+        Value::NULL => Ok(None),
+        Value::Bytes(b) => {
+            String::from_utf8(b).map(Some).map_err(|_| corrupt(format!("config {key:?}: value is not UTF-8")))
+        }
+        Value::Int(i) => Ok(Some(i.to_string())),
+        Value::UInt(u) => Ok(Some(u.to_string())),
+        other => Err(corrupt(format!("config {key:?}: value holds a {} value", kind(&other)))),
+    }
+}
+
+async fn parse_config<T: std::str::FromStr>(c: &mut Conn, key: &str) -> Result<T> {
+    let v = config_value(c, key).await?.ok_or_else(|| corrupt(format!("config {key:?} is missing")))?;
+    v.parse().map_err(|_| corrupt(format!("config {key:?}: invalid value {v:?}")))
+}
+
+async fn set_config_row(c: &mut Conn, key: &str, value: &str) -> Result<()> {
+    c.exec_drop(
+        "INSERT INTO config (name, value) VALUES (?, ?) ON DUPLICATE KEY UPDATE value = VALUES(value)",
+        (key, value),
+    )
+    .await
+    .map_err(db)
+}
+
+/// Check the stored cluster name; with `store`, record `cluster` if none is stored yet.
+async fn check_cluster(c: &mut Conn, cluster: &str, store: bool) -> Result<()> {
+    match config_value(c, "name").await? {
+        Some(found) if found != cluster => Err(BackendError::WrongCluster { found, expected: cluster.to_string() }),
+        Some(_) => Ok(()),
+        None if store => set_config_row(c, "name", cluster).await,
+        None => Ok(()),
+    }
+}
+
+/// Insert a data row (chunked if longer than `chunk`), or return the id of an identical one
+/// (same checksum and compression). Call inside a transaction: the chunks go together.
+async fn insert_data(c: &mut Conn, chunk: usize, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
+    let existing: Option<Row> = c
+        .exec_first("SELECT id FROM data WHERE hash = ? AND compression = ?", (checksum, compression))
+        .await
+        .map_err(db)?;
+    if let Some(mut row) = existing {
+        return col_int(&mut row, 0, "id", &|| "data row".to_string());
+    }
+    let mut chunks = data.chunks(chunk.max(1));
+    let first = chunks.next().unwrap_or(&[]);
+    c.exec_drop(
+        "INSERT INTO data (hash, compression, value, value_size) VALUES (?, ?, ?, ?)",
+        (checksum, compression, first, data.len() as u64),
+    )
+    .await
+    .map_err(db)?;
+    let id = c
+        .last_insert_id()
+        .and_then(|id| i64::try_from(id).ok())
+        .ok_or_else(|| BackendError::Db("data: the server returned no insert id".into()))?;
+    for (n, part) in chunks.enumerate() {
+        c.exec_drop("INSERT INTO bigdata (data_id, n, value) VALUES (?, ?, ?)", (id, n as u64 + 1, part))
+            .await
+            .map_err(db)?;
+    }
+    Ok(id)
+}
+
+/// Rows per multi-row INSERT of temporary objects, largest first: any count is written with
+/// few statements of a few fixed shapes (the statement cache keeps them prepared).
+const BATCHES: [usize; 4] = [128, 32, 8, 1];
+
+/// The rows of a vote: temporary objects keyed by ttid, and the `ttrans` row.
+async fn write_vote(
+    c: &mut Conn,
+    ttid: Tid,
+    objects: &[(u32, TempObject)],
+    meta: Option<(u32, &TxnMeta)>,
+) -> Result<()> {
+    let ttid64 = id64(ttid.0);
+    let mut rest = objects;
+    while !rest.is_empty() {
+        let n = BATCHES.iter().copied().find(|b| *b <= rest.len()).unwrap_or(1);
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        let mut sql = String::from("INSERT INTO tobj (`partition`, oid, tid, data_id, value_tid) VALUES ");
+        let mut params: Vec<Value> = Vec::with_capacity(n * 5);
+        for (i, (partition, o)) in batch.iter().enumerate() {
+            sql.push_str(if i == 0 { "(?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?)" });
+            params.push(Value::from(*partition));
+            params.push(Value::from(id64(o.oid.0)));
+            params.push(Value::from(ttid64));
+            params.push(Value::from(o.data_id));
+            params.push(Value::from(o.data_serial.map(|t| id64(t.0))));
+        }
+        sql.push_str(
+            " ON DUPLICATE KEY UPDATE `partition` = VALUES(`partition`), data_id = VALUES(data_id),
+              value_tid = VALUES(value_tid)",
+        );
+        c.exec_drop(sql, params).await.map_err(db)?;
+    }
+    match meta {
+        Some((partition, m)) => c
+            .exec_drop(
+                "INSERT INTO ttrans (ttid, `partition`, tid, meta, oids, user, description, ext)
+                 VALUES (?, ?, NULL, 1, ?, ?, ?, ?)
+                 ON DUPLICATE KEY UPDATE `partition` = VALUES(`partition`), meta = 1, oids = VALUES(oids),
+                   user = VALUES(user), description = VALUES(description), ext = VALUES(ext)",
+                (ttid64, partition, encode_oids(&m.oids), &m.user, &m.description, &m.extension),
+            )
+            .await
+            .map_err(db),
+        None => c
+            .exec_drop("INSERT INTO ttrans (ttid, meta) VALUES (?, 0) ON DUPLICATE KEY UPDATE ttid = ttid", (ttid64,))
+            .await
+            .map_err(db),
+    }
+}
+
+/// Delete the data rows among `ids` that are neither held nor referenced by obj or tobj.
+async fn prune(c: &mut Conn, held: &HashMap<DataId, u32>, ids: impl IntoIterator<Item = DataId>) -> Result<()> {
+    for id in ids {
+        if held.contains_key(&id) {
+            continue;
+        }
+        c.exec_drop(
+            "DELETE FROM data WHERE id = ?
+               AND NOT EXISTS (SELECT 1 FROM obj WHERE data_id = ?)
+               AND NOT EXISTS (SELECT 1 FROM tobj WHERE data_id = ?)",
+            (id, id, id),
+        )
+        .await
+        .map_err(db)?;
+        if c.affected_rows() > 0 {
+            c.exec_drop("DELETE FROM bigdata WHERE data_id = ?", (id,)).await.map_err(db)?;
+        }
+    }
+    Ok(())
+}
+
+/// Load statements: `tid` condition none / `= at` / `< before` / both.
+const LOAD_COLUMNS: &str = "SELECT o.tid, o.data_id, o.value_tid, d.id, d.hash, d.compression, d.value,
+        (SELECT MIN(n.tid) FROM obj n WHERE n.`partition` = o.`partition` AND n.oid = o.oid
+           AND n.tid > o.tid),
+        d.value_size
+    FROM obj o LEFT JOIN data d ON d.id = o.data_id
+    WHERE o.`partition` = ? AND o.oid = ?";
+
+/// Decode one row of `LOAD_COLUMNS`, fetching the other chunks of a large record.
+async fn read_record(c: &mut Conn, mut row: Row, oid: Oid) -> Result<ObjectRecord> {
+    let row = &mut row;
+    let serial = col_tid(row, 0, "tid", &|| format!("object {oid}"))?;
+    let what = || format!("object {oid} revision {serial}");
+    let data_id = col_opt_int(row, 1, "data_id", &what)?;
+    let data_serial = col_opt_tid(row, 2, "value_tid", &what)?;
+    let next_serial = col_opt_tid(row, 7, "next tid", &what)?;
+    let (compression, checksum, data) = match data_id {
+        None => (0, vec![0u8; CHECKSUM_LEN], Vec::new()),
+        Some(id) => {
+            if col_opt_int(row, 3, "data.id", &what)?.is_none() {
+                return Err(corrupt(format!("{}: data row {id} does not exist", what())));
+            }
+            let what = || format!("object {oid} revision {serial} (data row {id})");
+            let checksum = col_blob(row, 4, "hash", false, &what)?;
+            if checksum.len() != CHECKSUM_LEN {
+                return Err(corrupt(format!(
+                    "{}: checksum of {} bytes, expected {CHECKSUM_LEN}",
+                    what(),
+                    checksum.len()
+                )));
+            }
+            let compression = compression_of(col_int(row, 5, "compression", &what)?, &what)?;
+            let mut data = col_blob(row, 6, "value", false, &what)?;
+            let size = col_int(row, 8, "value_size", &what)?;
+            let size = usize::try_from(size).map_err(|_| corrupt(format!("{}: invalid value size {size}", what())))?;
+            if size > data.len() {
+                let chunks: Vec<Row> =
+                    c.exec("SELECT n, value FROM bigdata WHERE data_id = ? ORDER BY n", (id,)).await.map_err(db)?;
+                data.reserve_exact(size - data.len());
+                for (i, mut chunk) in chunks.into_iter().enumerate() {
+                    let n = col_int(&mut chunk, 0, "bigdata.n", &what)?;
+                    if n != i as i64 + 1 {
+                        return Err(corrupt(format!("{}: chunk {} is missing", what(), i + 1)));
+                    }
+                    data.extend_from_slice(&col_blob(&mut chunk, 1, "bigdata.value", false, &what)?);
+                }
+            }
+            if data.len() != size {
+                return Err(corrupt(format!("{}: value of {} bytes, expected {size}", what(), data.len())));
+            }
+            (compression, checksum, data)
+        }
+    };
+    Ok(ObjectRecord { serial, next_serial, compression, checksum, data, data_serial })
+}
+
+async fn load_pt_rows(c: &mut Conn) -> Result<Option<PartitionTable>> {
+    if config_value(c, "ptid").await?.is_none() {
+        return Ok(None);
+    }
+    let ptid: u64 = parse_config(c, "ptid").await?;
+    let replicas: u32 = parse_config(c, "replicas").await?;
+    let np: u32 = parse_config(c, "partitions").await?;
+    let mut rows: Vec<Vec<Cell>> = vec![Vec::new(); np as usize];
+    let cells: Vec<Row> =
+        c.exec("SELECT `partition`, nid, state FROM pt ORDER BY `partition`, nid", ()).await.map_err(db)?;
+    for mut row in cells {
+        let row = &mut row;
+        let what = || "partition table row".to_string();
+        let partition = col_int(row, 0, "partition", &what)?;
+        let nid = col_int(row, 1, "nid", &what)?;
+        let state = col_int(row, 2, "state", &what)?;
+        let what = || format!("partition table cell (partition {partition}, nid {nid})");
+        let slot = usize::try_from(partition)
+            .ok()
+            .and_then(|p| rows.get_mut(p))
+            .ok_or_else(|| corrupt(format!("{}: partition out of range (table has {np})", what())))?;
+        let nid = i32::try_from(nid).map_err(|_| corrupt(format!("{}: invalid node id", what())))?;
+        let state = i32::try_from(state)
+            .ok()
+            .and_then(CellState::from_i32)
+            .ok_or_else(|| corrupt(format!("{}: invalid cell state {state}", what())))?;
+        slot.push(Cell { nid: Nid(nid), state });
+    }
+    PartitionTable::from_rows(Ptid(ptid), replicas, rows)
+        .map(Some)
+        .map_err(|e| corrupt(format!("partition table: {e}")))
+}
+
+impl Backend for MysqlBackend {
+    fn engine(&self) -> &'static str {
+        "MySQL"
+    }
+
+    fn get_config(&mut self, key: &str) -> Result<Option<String>> {
+        on_conn!(self, c, config_value(c, key))
+    }
+
+    fn set_config(&mut self, key: &str, value: Option<&str>) -> Result<()> {
+        // Autocommitted, hence durable (see the module documentation).
+        on_conn!(self, c, async {
+            match value {
+                Some(v) => set_config_row(c, key, v).await,
+                None => c.exec_drop("DELETE FROM config WHERE name = ?", (key,)).await.map_err(db),
+            }
+        })
+    }
+
+    fn load_pt(&mut self) -> Result<Option<PartitionTable>> {
+        in_tx!(self, c, load_pt_rows(c))
+    }
+
+    fn save_pt(&mut self, pt: &PartitionTable) -> Result<()> {
+        in_tx!(self, c, async {
+            c.exec_drop("DELETE FROM pt", ()).await.map_err(db)?;
+            let cells: Vec<(u64, i32, i32)> = pt
+                .rows()
+                .iter()
+                .enumerate()
+                .flat_map(|(p, row)| row.iter().map(move |cell| (p as u64, cell.nid.0, cell.state as i32)))
+                .collect();
+            c.exec_batch("INSERT INTO pt (`partition`, nid, state) VALUES (?, ?, ?)", cells).await.map_err(db)?;
+            set_config_row(c, "ptid", &pt.ptid.0.to_string()).await?;
+            set_config_row(c, "replicas", &pt.replicas.to_string()).await?;
+            set_config_row(c, "partitions", &pt.np().to_string()).await
+        })
+    }
+
+    fn last_ids(&mut self) -> Result<(Option<Tid>, Option<Oid>)> {
+        // Loose index scans: one index dive per partition (GROUP BY on the leading column of
+        // the primary keys) instead of full scans. One statement, so one consistent snapshot.
+        on_conn!(self, c, async {
+            let row: Option<Row> = c
+                .exec_first(
+                    "SELECT
+                       (SELECT MAX(m) FROM (SELECT MAX(tid) AS m FROM trans GROUP BY `partition`) t),
+                       (SELECT MAX(m) FROM (SELECT MAX(oid) AS m FROM obj GROUP BY `partition`
+                                            UNION ALL SELECT MAX(oid) FROM tobj) o)",
+                    (),
+                )
+                .await
+                .map_err(db)?;
+            let mut row = row.ok_or_else(|| BackendError::Db("last_ids: no row".into()))?;
+            let what = || "last ids".to_string();
+            let tid = col_opt_tid(&mut row, 0, "trans.tid", &what)?;
+            let oid = col_opt_int(&mut row, 1, "oid", &what)?.map(|v| Oid(v as u64));
+            Ok((tid, oid))
+        })
+    }
+
+    fn load(&mut self, partition: u32, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Load> {
+        let max = Tid::MAX.0;
+        // A `before` beyond the largest storable TID excludes nothing; an `at` beyond it
+        // matches nothing (-1 is never a valid stored TID).
+        let before = before.filter(|b| b.0 <= max).map(|b| b.0 as i64);
+        let at = at.map(|a| if a.0 <= max { a.0 as i64 } else { -1 });
+        let oid64 = id64(oid.0);
+        on_conn!(self, c, async {
+            let row: Option<Row> = match (at, before) {
+                (None, None) => c.exec_first(format!("{LOAD_COLUMNS} ORDER BY o.tid DESC LIMIT 1"), (partition, oid64)),
+                (Some(at), None) => c.exec_first(format!("{LOAD_COLUMNS} AND o.tid = ?"), (partition, oid64, at)),
+                (None, Some(before)) => c.exec_first(
+                    format!("{LOAD_COLUMNS} AND o.tid < ? ORDER BY o.tid DESC LIMIT 1"),
+                    (partition, oid64, before),
+                ),
+                (Some(at), Some(before)) => {
+                    c.exec_first(format!("{LOAD_COLUMNS} AND o.tid = ? AND o.tid < ?"), (partition, oid64, at, before))
+                }
+            }
+            .await
+            .map_err(db)?;
+            if let Some(row) = row {
+                return Ok(Load::Found(read_record(c, row, oid).await?));
+            }
+            let exists =
+                first_int(c, "SELECT EXISTS (SELECT 1 FROM obj WHERE `partition` = ? AND oid = ?)", (partition, oid64))
+                    .await?;
+            Ok(if exists.unwrap_or(0) != 0 { Load::NotFound } else { Load::DoesNotExist })
+        })
+    }
+
+    fn last_serial(&mut self, partition: u32, oid: Oid) -> Result<Option<Tid>> {
+        on_conn!(self, c, async {
+            let row: Option<Row> = c
+                .exec_first("SELECT MAX(tid) FROM obj WHERE `partition` = ? AND oid = ?", (partition, id64(oid.0)))
+                .await
+                .map_err(db)?;
+            match row {
+                None => Ok(None),
+                Some(mut row) => col_opt_tid(&mut row, 0, "tid", &|| format!("object {oid}")),
+            }
+        })
+    }
+
+    fn transaction(&mut self, partition: u32, tid: Tid) -> Result<Option<TxnInfo>> {
+        on_conn!(self, c, async {
+            let row: Option<Row> = c
+                .exec_first(
+                    "SELECT packed, oids, user, description, ext, ttid FROM trans
+                     WHERE `partition` = ? AND tid = ?",
+                    (partition, id64(tid.0)),
+                )
+                .await
+                .map_err(db)?;
+            let Some(mut row) = row else {
+                return Ok(None);
+            };
+            let row = &mut row;
+            let what = || format!("transaction {tid} (partition {partition})");
+            let packed = match col_int(row, 0, "packed", &what)? {
+                0 => false,
+                1 => true,
+                v => return Err(corrupt(format!("{}: invalid packed flag {v}", what()))),
+            };
+            let oids = decode_oids(&col_blob(row, 1, "oids", true, &what)?, &what)?;
+            Ok(Some(TxnInfo {
+                tid,
+                ttid: col_tid(row, 5, "ttid", &what)?,
+                packed,
+                meta: TxnMeta {
+                    user: col_blob(row, 2, "user", true, &what)?,
+                    description: col_blob(row, 3, "description", true, &what)?,
+                    extension: col_blob(row, 4, "ext", true, &what)?,
+                    oids,
+                },
+            }))
+        })
+    }
+
+    fn store_data(&mut self, _partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
+        check_data_args(checksum, compression)?;
+        let chunk = self.chunk;
+        let id = in_tx!(self, c, insert_data(c, chunk, checksum, compression, data))?;
+        *self.held.entry(id).or_insert(0) += 1;
+        self.released.remove(&id);
+        Ok(id)
+    }
+
+    fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
+        in_tx!(self, c, write_vote(c, ttid, objects, meta))?;
+        // The voted objects now reference their data rows: drop the holds of store_data.
+        for (_, o) in objects {
+            if let Some(id) = o.data_id
+                && let Some(n) = self.held.get_mut(&id)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.held.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn vote_data(&mut self, ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
+        let chunk = self.chunk;
+        in_tx!(self, c, async {
+            let mut temp = Vec::with_capacity(objects.len());
+            for (partition, o) in objects {
+                let data_id = match &o.data {
+                    Some(d) => {
+                        check_data_args(&d.checksum, d.compression)?;
+                        Some(insert_data(c, chunk, &d.checksum, d.compression, &d.data).await?)
+                    }
+                    None => None,
+                };
+                temp.push((*partition, TempObject { oid: o.oid, data_id, data_serial: o.data_serial }));
+            }
+            write_vote(c, ttid, &temp, meta).await
+        })
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        // Every commit is durable by itself (innodb_flush_log_at_trx_commit = 1).
+        Ok(())
+    }
+
+    fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
+        on_conn!(self, c, async {
+            c.exec_drop(
+                "INSERT INTO ttrans (ttid, tid, meta) VALUES (?, ?, 0) ON DUPLICATE KEY UPDATE tid = VALUES(tid)",
+                (id64(ttid.0), id64(tid.0)),
+            )
+            .await
+            .map_err(db)
+        })
+    }
+
+    fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
+        let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
+        in_tx!(self, c, async {
+            c.exec_drop(
+                "INSERT INTO obj (`partition`, oid, tid, data_id, value_tid)
+                 SELECT `partition`, oid, ?, data_id, value_tid FROM tobj WHERE tid = ?
+                 ON DUPLICATE KEY UPDATE data_id = VALUES(data_id), value_tid = VALUES(value_tid)",
+                (tid64, ttid64),
+            )
+            .await
+            .map_err(db)?;
+            c.exec_drop(
+                "INSERT INTO trans (`partition`, tid, packed, oids, user, description, ext, ttid)
+                 SELECT `partition`, ?, 0, COALESCE(oids, ''), COALESCE(user, ''),
+                        COALESCE(description, ''), COALESCE(ext, ''), ttid
+                 FROM ttrans WHERE ttid = ? AND meta = 1
+                 ON DUPLICATE KEY UPDATE packed = VALUES(packed), oids = VALUES(oids), user = VALUES(user),
+                   description = VALUES(description), ext = VALUES(ext), ttid = VALUES(ttid)",
+                (tid64, ttid64),
+            )
+            .await
+            .map_err(db)?;
+            c.exec_drop("DELETE FROM tobj WHERE tid = ?", (ttid64,)).await.map_err(db)?;
+            c.exec_drop("DELETE FROM ttrans WHERE ttid = ?", (ttid64,)).await.map_err(db)
+        })
+    }
+
+    fn abort(&mut self, ttid: Tid) -> Result<()> {
+        let ttid64 = id64(ttid.0);
+        let mut candidates: Vec<DataId> = self.released.iter().copied().collect();
+        outside_runtime()?;
+        let held = &self.held;
+        let rt = &self.rt;
+        let c = self.conn.as_mut().ok_or_else(|| BackendError::Db("connection closed".into()))?;
+        rt.block_on(async {
+            begin(c).await?;
+            let r = async {
+                let rows: Vec<Row> = c
+                    .exec("SELECT DISTINCT data_id FROM tobj WHERE tid = ? AND data_id IS NOT NULL", (ttid64,))
+                    .await
+                    .map_err(db)?;
+                for mut row in rows {
+                    candidates.push(col_int(&mut row, 0, "data_id", &|| format!("temporary object of {ttid}"))?);
+                }
+                c.exec_drop("DELETE FROM tobj WHERE tid = ?", (ttid64,)).await.map_err(db)?;
+                c.exec_drop("DELETE FROM ttrans WHERE ttid = ?", (ttid64,)).await.map_err(db)?;
+                prune(c, held, candidates).await
+            }
+            .await;
+            finish(c, r).await
+        })?;
+        self.released.clear();
+        Ok(())
+    }
+
+    fn locked_transactions(&mut self) -> Result<Vec<(Tid, Option<Tid>)>> {
+        on_conn!(self, c, async {
+            let rows: Vec<Row> = c.exec("SELECT ttid, tid FROM ttrans ORDER BY ttid", ()).await.map_err(db)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for mut row in rows {
+                let ttid = col_tid(&mut row, 0, "ttid", &|| "temporary transaction".to_string())?;
+                let final_tid = col_opt_tid(&mut row, 1, "tid", &|| format!("temporary transaction {ttid}"))?;
+                out.push((ttid, final_tid));
+            }
+            Ok(out)
+        })
+    }
+
+    fn final_tid(&mut self, ttid: Tid) -> Result<Option<Tid>> {
+        on_conn!(self, c, async {
+            let row: Option<Row> =
+                c.exec_first("SELECT tid FROM trans WHERE ttid = ? LIMIT 1", (id64(ttid.0),)).await.map_err(db)?;
+            match row {
+                None => Ok(None),
+                Some(mut row) => col_tid(&mut row, 0, "tid", &|| format!("transaction with ttid {ttid}")).map(Some),
+            }
+        })
+    }
+
+    fn drop_unfinished(&mut self) -> Result<()> {
+        in_tx!(self, c, async {
+            c.exec_drop("DELETE FROM tobj WHERE tid IN (SELECT ttid FROM ttrans WHERE tid IS NULL)", ())
+                .await
+                .map_err(db)?;
+            c.exec_drop("DELETE FROM ttrans WHERE tid IS NULL", ()).await.map_err(db)?;
+            // Temporary objects without a transaction row cannot be unlocked: drop them too.
+            c.exec_drop("DELETE FROM tobj WHERE tid NOT IN (SELECT ttid FROM ttrans)", ()).await.map_err(db)?;
+            // No transaction is in flight: every data row nothing references goes, including
+            // those stored before a crash by transactions that never voted.
+            c.exec_drop(
+                "DELETE FROM data WHERE NOT EXISTS (SELECT 1 FROM obj WHERE obj.data_id = data.id)
+                   AND NOT EXISTS (SELECT 1 FROM tobj WHERE tobj.data_id = data.id)",
+                (),
+            )
+            .await
+            .map_err(db)?;
+            c.exec_drop("DELETE FROM bigdata WHERE NOT EXISTS (SELECT 1 FROM data WHERE data.id = bigdata.data_id)", ())
+                .await
+                .map_err(db)
+        })?;
+        self.held.clear();
+        self.released.clear();
+        Ok(())
+    }
+
+    fn release_data(&mut self, ids: &[DataId]) -> Result<()> {
+        self.release(ids);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parsed(value: &str) -> Opts {
+        Opts::from_url(&parse_database(value).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn parse_database_neo_form() {
+        let o = parsed("neo");
+        assert_eq!((o.user(), o.pass(), o.db_name(), o.socket()), (None, None, Some("neo"), None));
+        assert_eq!(o.ip_or_hostname(), "localhost");
+        let o = parsed("root@neo1");
+        assert_eq!((o.user(), o.pass(), o.db_name()), (Some("root"), None, Some("neo1")));
+        let o = parsed("user:secret@neo");
+        assert_eq!((o.user(), o.pass(), o.db_name()), (Some("user"), Some("secret"), Some("neo")));
+        // The password may hold ':' and '@' (NEO's regex: credentials end at the last '@').
+        let o = parsed("u:p:w@x@db/run/mysql.sock");
+        assert_eq!((o.user(), o.pass(), o.db_name()), (Some("u"), Some("p:w@x"), Some("db")));
+        assert_eq!(o.socket(), Some("/run/mysql.sock"));
+        let o = parsed("u:@neo/var/run/mysqld/mysqld.sock");
+        // An empty password is no password.
+        assert_eq!((o.user(), o.pass().unwrap_or("")), (Some("u"), ""));
+        assert_eq!(o.socket(), Some("/var/run/mysqld/mysqld.sock"));
+        let o = parsed("neo./mysql.sock");
+        assert_eq!((o.db_name(), o.socket()), (Some("neo"), Some("./mysql.sock")));
+        let o = parsed("neo~/s");
+        let home = std::env::var("HOME").unwrap();
+        assert_eq!(o.socket(), Some(format!("{home}/s").as_str()));
+        // Characters that need escaping in a URL.
+        let o = parsed("us%r:p w#?&@n-e_o/tmp/a b?c.sock");
+        assert_eq!((o.user(), o.pass(), o.db_name()), (Some("us%r"), Some("p w#?&"), Some("n-e_o")));
+        assert_eq!(o.socket(), Some("/tmp/a b?c.sock"));
+    }
+
+    /// Inside an async runtime the backend refuses to work (instead of tokio panicking).
+    #[test]
+    fn refuses_to_run_inside_a_runtime() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let r = rt.block_on(async { MysqlBackend::open("mysql://root@127.0.0.1:1/neo", "c").map(|_| ()) });
+        assert!(matches!(r, Err(BackendError::Db(m)) if m.contains("async task")));
+    }
+
+    #[test]
+    fn parse_database_url_form() {
+        let url = "mysql://u:p@127.0.0.1:3307/neo?prefer_socket=false";
+        assert_eq!(parse_database(url).unwrap(), url);
+        let o = parsed(url);
+        assert_eq!((o.ip_or_hostname(), o.tcp_port(), o.db_name()), ("127.0.0.1", 3307, Some("neo")));
+    }
+
+    #[test]
+    fn parse_database_errors() {
+        for bad in ["", "@neo", ":p@neo", "/tmp/sock", "user@", "user@/tmp/sock", "mysql://u@host", "mysql://u@h:x/db"]
+        {
+            let e = parse_database(bad).unwrap_err();
+            assert!(e.contains("expected [user[:password]@]database[unix_socket]"), "{bad:?}: {e}");
+        }
+    }
+}
