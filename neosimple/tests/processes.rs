@@ -156,3 +156,18 @@ fn sighup_reopens_the_log_file_and_sigterm_stops_a_node_cleanly() {
     wait_for(&log, "master stopped");
     assert!(std::fs::read_to_string(&rotated).unwrap().contains("listening on"));
 }
+
+#[test]
+fn an_unreachable_mysql_server_is_a_one_line_error_with_its_address_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("neo.conf");
+    // Port 1 on loopback: nothing listens there.
+    std::fs::write(&conf, "[DEFAULT]\ncluster = c\n[storage]\ndatabase = mysql://neo:secret@127.0.0.1:1/neo\n")
+        .unwrap();
+    let out = Command::new(EXE).args(["__node", "storage", "-f"]).arg(&conf).args(["-s", "storage"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    assert!(!err.contains("secret"), "the password is not printed: {err}");
+}

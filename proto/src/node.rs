@@ -62,13 +62,16 @@ where
             return ExitCode::from(1);
         }
     };
+    let to_file = cfg.logfile.is_some();
     let code = rt.block_on(async {
         let shutdown = CancellationToken::new();
         spawn_signal_handlers(shutdown.clone(), log);
         match run(cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!("{e}");
+                if to_file {
+                    tracing::error!("{e}");
+                }
                 eprintln!("{name}: {e}");
                 ExitCode::from(1)
             }
