@@ -32,6 +32,10 @@ struct Cli {
     /// Keep the cluster's files in this directory.
     #[arg(long)]
     data: Option<std::path::PathBuf>,
+    /// Run the storages on this MySQL/MariaDB server (mysql://user:password@host:port) instead of
+    /// SQLite; their databases are dropped at the end.
+    #[arg(long)]
+    mysql: Option<String>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -152,15 +156,17 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     opts.partitions = cli.partitions;
     opts.tls = cli.tls;
     opts.data = cli.data.clone();
-    opts.cluster = "bench".into();
+    opts.cluster = format!("bench{}", std::process::id());
+    opts.mysql = cli.mysql.clone();
     let mut cluster = SimpleCluster::start(&opts)?;
     cluster.wait_running(Duration::from_secs(60)).await?;
     println!(
-        "cluster: {} storages, replicas {}, {} partitions, {}, SQLite, objects of {} bytes",
+        "cluster: {} storages, replicas {}, {} partitions, {}, {}, objects of {} bytes",
         cli.storages,
         cli.replicas,
         cli.partitions,
         if cli.tls { "TLS" } else { "plain TCP" },
+        if cli.mysql.is_some() { "MySQL/MariaDB" } else { "SQLite" },
         cli.object_size
     );
     let mut cfg = ClientConfig::new(vec![cluster.master.clone()], cluster.cluster.clone());
@@ -171,6 +177,14 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         println!("  {name:<10} {:>8.1} MiB", kib as f64 / 1024.0);
     }
     cluster.stop(Duration::from_secs(20)).await;
+    if let Some(server) = &cli.mysql {
+        for i in 1..=cli.storages {
+            let db = neosimple::launcher::mysql_database(&opts.cluster, i);
+            if let Err(e) = neo_storage::testing::server_sql(server, None, &format!("DROP DATABASE IF EXISTS `{db}`")) {
+                eprintln!("neo-bench: cannot drop database {db}: {e}");
+            }
+        }
+    }
     result
 }
 

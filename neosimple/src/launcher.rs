@@ -25,6 +25,9 @@ pub struct SimpleOptions {
     /// Program to run with `__node ...` for each node (normally the current executable).
     pub exe: PathBuf,
     pub verbose: u8,
+    /// Put the storages on this MySQL/MariaDB server (`mysql://user:password@host:port`), one
+    /// database each, `neosimple_<cluster>_storage<N>`; SQLite files otherwise.
+    pub mysql: Option<String>,
 }
 
 impl SimpleOptions {
@@ -38,6 +41,7 @@ impl SimpleOptions {
             cluster: "neosimple".into(),
             exe,
             verbose: 0,
+            mysql: None,
         }
     }
 }
@@ -53,6 +57,12 @@ pub struct SimpleCluster {
     /// TLS files for clients and neoctl (None without TLS).
     pub client_tls: Option<TlsFiles>,
     children: Vec<(String, Child)>,
+}
+
+/// Name of the MySQL database of storage `i` of cluster `cluster` (with `--mysql`).
+pub fn mysql_database(cluster: &str, i: usize) -> String {
+    let safe: String = cluster.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    format!("neosimple_{safe}_storage{i}")
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -104,11 +114,14 @@ impl SimpleCluster {
         )?;
         writeln!(conf, "\n[admin]\nbind = {admin}\nlogfile = {}", dir.join("admin.log").display())?;
         for i in 1..=opts.storages {
+            let database = match &opts.mysql {
+                Some(server) => format!("{}/{}", server.trim_end_matches('/'), mysql_database(&opts.cluster, i)),
+                None => dir.join(format!("storage{i}.sqlite")).display().to_string(),
+            };
             writeln!(
                 conf,
-                "\n[storage{i}]\nbind = 127.0.0.1:{}\ndatabase = {}\nlogfile = {}",
+                "\n[storage{i}]\nbind = 127.0.0.1:{}\ndatabase = {database}\nlogfile = {}",
                 free_port()?,
-                dir.join(format!("storage{i}.sqlite")).display(),
                 dir.join(format!("storage{i}.log")).display()
             )?;
         }

@@ -28,6 +28,10 @@ struct Cli {
     /// Cluster name.
     #[arg(long, default_value = "neosimple")]
     cluster: String,
+    /// Put the storages on this MySQL/MariaDB server (mysql://user:password@host:port), one
+    /// database each (neosimple_<cluster>_storage<N>, kept); default: SQLite files.
+    #[arg(long)]
+    mysql: Option<String>,
     /// More logs in the node log files.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         opts.data = cli.data;
         opts.cluster = cli.cluster;
         opts.verbose = cli.verbose;
+        opts.mysql = cli.mysql;
         let mut cluster = match SimpleCluster::start(&opts) {
             Ok(c) => c,
             Err(e) => {
