@@ -31,6 +31,8 @@ struct Shared {
     pt: Option<PartitionTable>,
     /// Between StartOperation and StopOperation/master loss.
     ready: bool,
+    /// Why the node stopped itself, if it did (the process then exits with an error).
+    fatal: Option<String>,
 }
 
 pub struct Storage {
@@ -89,7 +91,7 @@ pub async fn run(
         net,
         db,
         tm: Tm::default(),
-        shared: Mutex::new(Shared { nid, pt, ready: false }),
+        shared: Mutex::new(Shared { nid, pt, ready: false, fatal: None }),
         address: address.clone(),
         shutdown: shutdown.clone(),
         cfg,
@@ -124,7 +126,10 @@ pub async fn run(
     .instrument(span)
     .await;
     st.db.clone().close().await;
-    Ok(())
+    match st.with(|s| s.fatal.take()) {
+        Some(why) => Err(StorageError::Fatal(why)),
+        None => Ok(()),
+    }
 }
 
 /// Connect to a master and serve it until the link closes. None: no master reachable.
@@ -245,7 +250,8 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
         Body::ValidateTransaction(m) => {
             let (ttid, tid) = (Tid(m.ttid), Tid(m.tid));
             info!("validating transaction {ttid:?} as {tid:?}");
-            st.db.call_durable(move |b| b.lock(ttid, tid).and_then(|_| b.unlock(ttid, tid))).await??;
+            st.db.call_durable(move |b| b.lock(ttid, tid)).await??;
+            unlock_or_stop(st, ttid, tid).await?;
             st.tm.release(ttid);
         }
         Body::AskLastIds(_) => {
@@ -290,7 +296,9 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             let ttid = Tid(m.ttid);
             match st.tm.locked_tid(ttid) {
                 Some(tid) => {
-                    st.db.call(move |b| b.unlock(ttid, tid)).await??;
+                    if let Err(e) = unlock_or_stop(st, ttid, tid).await {
+                        return Err(e);
+                    }
                     st.tm.release(ttid);
                 }
                 None => warn!("unlock of unknown transaction {ttid:?}"),
@@ -303,6 +311,30 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
         other => debug!("ignored {} from the master", proto::body_name(&other)),
     }
     Ok(None)
+}
+
+/// Make a locked transaction permanent. The commit was acknowledged: retry a few times, and if
+/// the database stays unusable stop this storage (its read locks must not be released on data
+/// that was not written; the next verification replays the unlock from the durable lock).
+async fn unlock_or_stop(st: &Storage, ttid: Tid, tid: Tid) -> Result<(), StorageError> {
+    let mut last = None;
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt.min(3))).await;
+        }
+        match st.db.call(move |b| b.unlock(ttid, tid)).await? {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                warn!("unlock of {ttid:?} failed (attempt {}): {e}", attempt + 1);
+                last = Some(e);
+            }
+        }
+    }
+    let why = format!("cannot unlock {ttid:?}: {}", last.as_ref().map(|e| e.to_string()).unwrap_or_default());
+    tracing::error!("{why}: stopping this storage (verification will finish the transaction)");
+    st.with(|s| s.fatal = Some(why));
+    st.shutdown.cancel();
+    Err(last.map(StorageError::Backend).unwrap_or(StorageError::Protocol("unlock failed".into())))
 }
 
 /// Abort a transaction that is not locked: release its locks and delete its temporary data.
@@ -635,8 +667,9 @@ async fn load(st: &Storage, m: msg::AskObject) -> Body {
         Ok(Ok(Load::NotFound)) => proto::error(ErrorCode::OidNotFound, format!("oid {oid} has no such revision")),
         Ok(Ok(Load::DoesNotExist)) => proto::error(ErrorCode::OidDoesNotExist, format!("oid {oid} does not exist")),
         Ok(Err(e)) => {
+            // NOT_READY: the client tries another readable cell.
             warn!("load of {oid:?}: {e}");
-            internal(e)
+            proto::error(ErrorCode::NotReady, format!("storage error: {e}"))
         }
         Err(e) => internal(e),
     }

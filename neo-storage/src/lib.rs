@@ -34,6 +34,8 @@ pub enum StorageError {
     Config(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("stopped: {0}")]
+    Fatal(String),
 }
 
 /// Which engine a `database` value names.

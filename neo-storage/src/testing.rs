@@ -30,9 +30,36 @@ pub fn server_sql(server: &str, database: Option<&str>, sql: &str) -> Result<(),
     .map_err(|_| "the SQL thread failed".to_string())?
 }
 
+/// `KILL` every connection using database `database` on `server` (as if the server had
+/// dropped them); returns how many were killed.
+pub fn kill_connections(server: &str, database: &str) -> Result<usize, String> {
+    let (server, database) = (server.to_string(), database.to_string());
+    std::thread::spawn(move || {
+        let opts = Opts::from_url(&server).map_err(|e| format!("invalid URL {server:?}: {e}"))?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let mut c = Conn::new(opts).await.map_err(|e| e.to_string())?;
+            let ids: Vec<u64> = c
+                .exec("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ?", (database,))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut n = 0;
+            for id in ids {
+                if c.query_drop(format!("KILL {id}")).await.is_ok() {
+                    n += 1;
+                }
+            }
+            let _ = c.disconnect().await;
+            Ok(n)
+        })
+    })
+    .join()
+    .map_err(|_| "the SQL thread failed".to_string())?
+}
+
 /// A database of its own on the test server.
 pub struct TestDatabase {
-    server: String,
+    pub server: String,
     pub name: String,
     /// `mysql://…/name`: a storage's `database` value.
     pub url: String,

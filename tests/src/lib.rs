@@ -202,6 +202,12 @@ impl Cluster {
         self.master = Some(Running { token, join });
     }
 
+    /// Kill the MySQL connections of every MySQL storage (as a server restart would); returns
+    /// how many were killed.
+    pub fn kill_mysql_connections(&self) -> usize {
+        self.mysql.iter().map(|db| neo_storage::testing::kill_connections(&db.server, &db.name).unwrap()).sum()
+    }
+
     /// The `database` value of storage `i` (a SQLite path or a MySQL URL).
     pub fn storage_db(&self, i: usize) -> &str {
         &self.databases[i]
