@@ -296,9 +296,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             let ttid = Tid(m.ttid);
             match st.tm.locked_tid(ttid) {
                 Some(tid) => {
-                    if let Err(e) = unlock_or_stop(st, ttid, tid).await {
-                        return Err(e);
-                    }
+                    unlock_or_stop(st, ttid, tid).await?;
                     st.tm.release(ttid);
                 }
                 None => warn!("unlock of unknown transaction {ttid:?}"),

@@ -20,6 +20,15 @@
 //! `innodb_flush_log_at_trx_commit = 1` (the default; checked at open, with a warning
 //! otherwise), so `sync` is a no-op. The price is one log flush per commit on this single
 //! connection: the group commit the node does with `sync` does not apply here.
+//!
+//! Lost connection (server restart, `KILL`, network cut): the call that notices it fails as
+//! before (the server rolled its transaction back) and the connection is marked broken; the next
+//! call reconnects first (same URL and session settings, schema version and cluster checked, no
+//! migration), waiting up to `RECONNECT_FOR` for a restarting server. Reads, and the writes that
+//! are idempotent by contract (`lock`, `unlock`, `abort`, `set_config`, `save_pt`,
+//! `drop_unfinished`), are retried once on a new connection; `store_data`, `vote` and
+//! `vote_data` are not (the node aborts that transaction). Nothing is kept across calls on the
+//! server side but committed rows: data ids (`held`, `released`) stay valid.
 
 use super::{Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
 use mysql_async::prelude::Queryable;
@@ -27,6 +36,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Row, Value};
 use neo_lib::pt::{Cell, PartitionTable};
 use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 /// Current schema version: the number of `MIGRATIONS` a database has applied.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -119,8 +129,51 @@ const MIN_PACKET: usize = 64 << 10;
 /// MySQL error code: unknown database.
 const ER_BAD_DB_ERROR: u16 = 1049;
 
-/// Map a driver error (the trait knows no driver, so no `From` impl).
+/// How long a call waits for the server to come back after the connection was lost.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// First and largest pause between reconnection attempts.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+
+/// How long closing a broken connection may take (COM_QUIT to a dead peer).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Server (and client library) error codes meaning that the connection is gone, or that the
+/// server cannot take it yet: ER_CON_COUNT_ERROR, ER_SERVER_SHUTDOWN, ER_ABORTING_CONNECTION,
+/// ER_NEW_ABORTING_CONNECTION, ER_CONNECTION_KILLED (MariaDB), CR_SERVER_GONE_ERROR,
+/// CR_SERVER_LOST, ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8).
+const LOST_CODES: &[u16] = &[1040, 1053, 1152, 1184, 1927, 2006, 2013, 4031];
+
+/// Whether `e` means that the connection is unusable (as opposed to an error of one statement).
+fn is_connection_lost(e: &mysql_async::Error) -> bool {
+    use mysql_async::{DriverError, Error};
+    match e {
+        Error::Io(_) => true,
+        Error::Driver(d) => matches!(
+            d,
+            DriverError::ConnectionClosed
+                | DriverError::PacketOutOfOrder
+                | DriverError::UnexpectedPacket { .. }
+                | DriverError::BadCompressedPacketHeader
+                | DriverError::PoolDisconnected
+        ),
+        Error::Server(s) => LOST_CODES.contains(&s.code),
+        Error::Other(_) | Error::Url(_) => false,
+    }
+}
+
+thread_local! {
+    /// Set by `db` when an error means the connection is lost. Errors become `BackendError`
+    /// (which knows no driver) deep inside the calls; the backend runs them with `block_on` on
+    /// its own (current-thread) runtime, thus on this thread, and reads the flag after each.
+    static LOST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Map a driver error (the trait knows no driver, so no `From` impl), noting a lost connection.
 fn db(e: mysql_async::Error) -> BackendError {
+    if is_connection_lost(&e) {
+        LOST.with(|l| l.set(true));
+    }
     BackendError::Db(e.to_string())
 }
 
@@ -320,29 +373,45 @@ pub fn parse_database(value: &str) -> std::result::Result<String, String> {
 
 /// The MySQL storage backend. Not shared between threads: the node's database thread owns it.
 pub struct MysqlBackend {
-    rt: tokio::runtime::Runtime,
-    /// Always Some until dropped.
-    conn: Option<Conn>,
-    /// Records longer than this are split into chunks of this size.
-    chunk: usize,
+    link: Link,
     /// Data rows handed out by `store_data` that no vote references yet (see `SqliteBackend`).
     held: HashMap<DataId, u32>,
     /// Rows whose last hold was released: candidates for the next prune.
     released: HashSet<DataId>,
 }
 
+/// The connection, and what is needed to open it again.
+struct Link {
+    rt: tokio::runtime::Runtime,
+    /// None when the connection was lost: the next call reconnects.
+    conn: Option<Conn>,
+    opts: Opts,
+    cluster: String,
+    /// Records longer than this are split into chunks of this size.
+    chunk: usize,
+    /// How long a reconnection may wait for the server.
+    reconnect_for: Duration,
+    /// Successful reconnections so far.
+    reconnects: u64,
+}
+
 impl std::fmt::Debug for MysqlBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MysqlBackend").field("chunk", &self.chunk).field("held", &self.held.len()).finish()
+        f.debug_struct("MysqlBackend")
+            .field("chunk", &self.link.chunk)
+            .field("connected", &self.link.conn.is_some())
+            .field("reconnects", &self.link.reconnects)
+            .field("held", &self.held.len())
+            .finish()
     }
 }
 
 impl Drop for MysqlBackend {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.link.conn.take() {
             // block_on is impossible inside a runtime: then the driver closes it on drop.
             if tokio::runtime::Handle::try_current().is_err() {
-                let _ = self.rt.block_on(conn.disconnect());
+                let _ = self.link.rt.block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, conn.disconnect()).await });
             }
         }
     }
@@ -373,35 +442,174 @@ async fn finish<T>(c: &mut Conn, r: Result<T>) -> Result<T> {
             Ok(v)
         }
         Err(e) => {
-            let _ = c.query_drop("ROLLBACK").await;
+            // A failed rollback still tells (through `db`) whether the connection is lost.
+            let _ = c.query_drop("ROLLBACK").await.map_err(db);
             Err(e)
         }
     }
 }
 
-/// Run `$body` (an async block using `$c`) in one database transaction on the backend's
-/// connection.
-macro_rules! in_tx {
-    ($self:ident, $c:ident, $body:expr) => {{
+/// Whether a failed call may be run again on a new connection (see the module documentation).
+const RETRY: bool = true;
+const NO_RETRY: bool = false;
+
+/// Run `$fut` (a future using `$c`, evaluated again for a retry) on the backend's connection,
+/// in autocommit mode: reconnect first if the connection was lost, and if the call loses it,
+/// run it once more on a new connection when `$retry`.
+macro_rules! on_conn {
+    ($self:ident, $retry:expr, $c:ident, $fut:expr) => {{
         outside_runtime()?;
-        let rt = &$self.rt;
-        let $c = $self.conn.as_mut().ok_or_else(|| BackendError::Db("connection closed".into()))?;
-        rt.block_on(async {
+        let mut retried = false;
+        loop {
+            $self.link.ensure()?;
+            let rt = &$self.link.rt;
+            let Some($c) = $self.link.conn.as_mut() else {
+                break Err(BackendError::Db("no MySQL connection".into()));
+            };
+            LOST.with(|l| l.set(false));
+            let r = rt.block_on($fut);
+            let lost = $self.link.check_lost();
+            if let Err(e) = &r
+                && lost
+                && $retry
+                && !retried
+            {
+                tracing::warn!("MySQL connection lost ({e}): reconnecting to retry");
+                retried = true;
+                continue;
+            }
+            break r;
+        }
+    }};
+}
+
+/// Run `$body` (a future using `$c`) in one database transaction on the backend's connection,
+/// as `on_conn!` does.
+macro_rules! in_tx {
+    ($self:ident, $retry:expr, $c:ident, $body:expr) => {
+        on_conn!($self, $retry, $c, async {
             begin($c).await?;
             let r = $body.await;
             finish($c, r).await
         })
-    }};
+    };
 }
 
-/// Run `$body` (an async block using `$c`) on the backend's connection, in autocommit mode.
-macro_rules! on_conn {
-    ($self:ident, $c:ident, $body:expr) => {{
-        outside_runtime()?;
-        let rt = &$self.rt;
-        let $c = $self.conn.as_mut().ok_or_else(|| BackendError::Db("connection closed".into()))?;
-        rt.block_on($body)
-    }};
+impl Link {
+    /// After a call: if it lost the connection (an error `db` classified as such, or the driver
+    /// giving the connection up), drop it so that the next call reconnects. Returns whether it
+    /// did.
+    fn check_lost(&mut self) -> bool {
+        let flagged = LOST.with(|l| l.replace(false));
+        let lost = flagged || self.conn.as_ref().is_some_and(Conn::is_disconnected);
+        if lost && let Some(conn) = self.conn.take() {
+            tracing::warn!("MySQL connection lost: the next call reconnects");
+            // Closing a dead connection fails at once; bound it for a silent peer.
+            let _ = self.rt.block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, conn.disconnect()).await });
+        }
+        lost
+    }
+
+    /// Reconnect if the connection was lost, retrying with a growing pause for at most
+    /// `reconnect_for` (a restarting server) unless the failure cannot be transient.
+    fn ensure(&mut self) -> Result<()> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.reconnect_for;
+        let mut pause = BACKOFF.0;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let left = deadline.saturating_duration_since(Instant::now()).max(BACKOFF.0);
+            LOST.with(|l| l.set(false));
+            let (opts, cluster) = (self.opts.clone(), self.cluster.as_str());
+            let r = self.rt.block_on(async {
+                match tokio::time::timeout(left, reconnect(opts, cluster)).await {
+                    Ok(r) => r,
+                    Err(_) => Err((BackendError::Db("timed out".into()), true)),
+                }
+            });
+            let (e, transient) = match r {
+                Ok((conn, chunk)) => {
+                    // A smaller max_allowed_packet after a restart: smaller chunks from now on.
+                    self.chunk = self.chunk.min(chunk);
+                    self.conn = Some(conn);
+                    self.reconnects += 1;
+                    LOST.with(|l| l.set(false));
+                    tracing::info!("MySQL connection reestablished after {attempts} attempt(s)");
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            LOST.with(|l| l.set(false));
+            let now = Instant::now();
+            if !transient || now + pause > deadline {
+                return Err(BackendError::Db(format!(
+                    "MySQL connection lost, and reconnecting failed after {attempts} attempt(s): {e}"
+                )));
+            }
+            tracing::warn!("MySQL reconnection failed ({e}), retrying");
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(BACKOFF.1);
+        }
+    }
+}
+
+/// Open a new connection for a backend already set up: session settings, then the checks that
+/// the database is still the one opened (schema version and cluster); no migration. Returns the
+/// connection and the chunk size; a failure says whether it may be transient.
+async fn reconnect(opts: Opts, cluster: &str) -> std::result::Result<(Conn, usize), (BackendError, bool)> {
+    // Transient: the server is unreachable or not ready (see `LOST_CODES`); access denied, a
+    // missing database or a replaced schema are not.
+    let transient = || LOST.with(|l| l.get());
+    let mut c = connect(opts).await.map_err(|e| (e, transient()))?;
+    let r = async {
+        let chunk = session(&mut c, false).await?;
+        let version = config_value(&mut c, "version").await?;
+        if version.as_deref() != Some(SCHEMA_VERSION.to_string().as_str()) {
+            return Err(corrupt(format!(
+                "after reconnecting: schema version {version:?}, expected {SCHEMA_VERSION} (was the database replaced?)"
+            )));
+        }
+        check_cluster(&mut c, cluster, false).await?;
+        Ok(chunk)
+    }
+    .await;
+    match r {
+        Ok(chunk) => Ok((c, chunk)),
+        Err(e) => {
+            let transient = transient();
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, c.disconnect()).await;
+            Err((e, transient))
+        }
+    }
+}
+
+/// Session settings and server checks; returns the chunk size. `warn`: log a server setting
+/// that makes commits not durable.
+async fn session(c: &mut Conn, warn: bool) -> Result<usize> {
+    // Strict types; and never drop this (idle) connection: a storage may stay idle long.
+    c.query_drop("SET SESSION sql_mode = 'TRADITIONAL', SESSION wait_timeout = 31536000").await.map_err(db)?;
+    let row: Option<Row> =
+        c.exec_first("SELECT @@max_allowed_packet, @@innodb_flush_log_at_trx_commit", ()).await.map_err(db)?;
+    let mut row = row.ok_or_else(|| BackendError::Db("server variables: no row".into()))?;
+    let what = || "server variables".to_string();
+    let packet = col_opt_int(&mut row, 0, "max_allowed_packet", &what)?.unwrap_or(0);
+    let flush = col_opt_int(&mut row, 1, "innodb_flush_log_at_trx_commit", &what)?;
+    let packet = usize::try_from(packet).unwrap_or(0);
+    if packet < MIN_PACKET {
+        return Err(BackendError::Db(format!(
+            "MySQL max_allowed_packet is {packet} bytes, at least {MIN_PACKET} are needed"
+        )));
+    }
+    if warn && flush != Some(1) {
+        tracing::warn!(
+            "MySQL innodb_flush_log_at_trx_commit is {flush:?}, not 1: commits are not durable \
+             (a crash of the MySQL host may lose recent transactions)"
+        );
+    }
+    Ok((packet / 2).min(MAX_CHUNK))
 }
 
 impl MysqlBackend {
@@ -442,33 +650,24 @@ impl MysqlBackend {
                 }
             }
         })?;
-        Ok(MysqlBackend { rt, conn: Some(conn), chunk, held: HashMap::new(), released: HashSet::new() })
+        LOST.with(|l| l.set(false));
+        let link = Link {
+            rt,
+            conn: Some(conn),
+            opts,
+            cluster: cluster.to_string(),
+            chunk,
+            reconnect_for: RECONNECT_FOR,
+            reconnects: 0,
+        };
+        Ok(MysqlBackend { link, held: HashMap::new(), released: HashSet::new() })
     }
 
     /// Session settings, server checks and schema; returns the chunk size.
     async fn setup(c: &mut Conn, cluster: &str) -> Result<usize> {
-        // Strict types; and never drop this (idle) connection: a storage may stay idle long.
-        c.query_drop("SET SESSION sql_mode = 'TRADITIONAL', SESSION wait_timeout = 31536000").await.map_err(db)?;
-        let row: Option<Row> =
-            c.exec_first("SELECT @@max_allowed_packet, @@innodb_flush_log_at_trx_commit", ()).await.map_err(db)?;
-        let mut row = row.ok_or_else(|| BackendError::Db("server variables: no row".into()))?;
-        let what = || "server variables".to_string();
-        let packet = col_opt_int(&mut row, 0, "max_allowed_packet", &what)?.unwrap_or(0);
-        let flush = col_opt_int(&mut row, 1, "innodb_flush_log_at_trx_commit", &what)?;
-        let packet = usize::try_from(packet).unwrap_or(0);
-        if packet < MIN_PACKET {
-            return Err(BackendError::Db(format!(
-                "MySQL max_allowed_packet is {packet} bytes, at least {MIN_PACKET} are needed"
-            )));
-        }
-        if flush != Some(1) {
-            tracing::warn!(
-                "MySQL innodb_flush_log_at_trx_commit is {flush:?}, not 1: commits are not durable \
-                 (a crash of the MySQL host may lose recent transactions)"
-            );
-        }
+        let chunk = session(c, true).await?;
         Self::init_schema(c, cluster).await?;
-        Ok((packet / 2).min(MAX_CHUNK))
+        Ok(chunk)
     }
 
     /// Create or upgrade the schema and check the cluster name. The version and cluster are
@@ -527,10 +726,35 @@ impl MysqlBackend {
         }
     }
 
+    /// The server's id of the current connection (test hook: `KILL` it from elsewhere).
+    #[cfg(test)]
+    pub(crate) fn connection_id(&mut self) -> Result<u64> {
+        let id = on_conn!(self, RETRY, c, first_int(c, "SELECT CONNECTION_ID()", ()))?;
+        id.and_then(|v| u64::try_from(v).ok()).ok_or_else(|| BackendError::Db("no connection id".into()))
+    }
+
+    /// Successful reconnections so far (test hook).
+    #[cfg(test)]
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.link.reconnects
+    }
+
+    /// Reconnect to another TCP port from now on (test hook: an unreachable server).
+    #[cfg(test)]
+    pub(crate) fn set_port(&mut self, port: u16) {
+        self.link.opts = OptsBuilder::from_opts(self.link.opts.clone()).tcp_port(port).into();
+    }
+
+    /// How long a reconnection may wait for the server (test hook).
+    #[cfg(test)]
+    pub(crate) fn set_reconnect_timeout(&mut self, timeout: Duration) {
+        self.link.reconnect_for = timeout;
+    }
+
     /// Chunk size used for large records (test hook: force chunking of small records).
     #[cfg(test)]
     pub(crate) fn set_chunk_size(&mut self, chunk: usize) {
-        self.chunk = chunk.max(1);
+        self.link.chunk = chunk.max(1);
     }
 }
 
@@ -780,12 +1004,12 @@ impl Backend for MysqlBackend {
     }
 
     fn get_config(&mut self, key: &str) -> Result<Option<String>> {
-        on_conn!(self, c, config_value(c, key))
+        on_conn!(self, RETRY, c, config_value(c, key))
     }
 
     fn set_config(&mut self, key: &str, value: Option<&str>) -> Result<()> {
         // Autocommitted, hence durable (see the module documentation).
-        on_conn!(self, c, async {
+        on_conn!(self, RETRY, c, async {
             match value {
                 Some(v) => set_config_row(c, key, v).await,
                 None => c.exec_drop("DELETE FROM config WHERE name = ?", (key,)).await.map_err(db),
@@ -794,11 +1018,11 @@ impl Backend for MysqlBackend {
     }
 
     fn load_pt(&mut self) -> Result<Option<PartitionTable>> {
-        in_tx!(self, c, load_pt_rows(c))
+        in_tx!(self, RETRY, c, load_pt_rows(c))
     }
 
     fn save_pt(&mut self, pt: &PartitionTable) -> Result<()> {
-        in_tx!(self, c, async {
+        in_tx!(self, RETRY, c, async {
             c.exec_drop("DELETE FROM pt", ()).await.map_err(db)?;
             let cells: Vec<(u64, i32, i32)> = pt
                 .rows()
@@ -816,7 +1040,7 @@ impl Backend for MysqlBackend {
     fn last_ids(&mut self) -> Result<(Option<Tid>, Option<Oid>)> {
         // Loose index scans: one index dive per partition (GROUP BY on the leading column of
         // the primary keys) instead of full scans. One statement, so one consistent snapshot.
-        on_conn!(self, c, async {
+        on_conn!(self, RETRY, c, async {
             let row: Option<Row> = c
                 .exec_first(
                     "SELECT
@@ -842,7 +1066,7 @@ impl Backend for MysqlBackend {
         let before = before.filter(|b| b.0 <= max).map(|b| b.0 as i64);
         let at = at.map(|a| if a.0 <= max { a.0 as i64 } else { -1 });
         let oid64 = id64(oid.0);
-        on_conn!(self, c, async {
+        on_conn!(self, RETRY, c, async {
             let row: Option<Row> = match (at, before) {
                 (None, None) => c.exec_first(format!("{LOAD_COLUMNS} ORDER BY o.tid DESC LIMIT 1"), (partition, oid64)),
                 (Some(at), None) => c.exec_first(format!("{LOAD_COLUMNS} AND o.tid = ?"), (partition, oid64, at)),
@@ -867,7 +1091,7 @@ impl Backend for MysqlBackend {
     }
 
     fn last_serial(&mut self, partition: u32, oid: Oid) -> Result<Option<Tid>> {
-        on_conn!(self, c, async {
+        on_conn!(self, RETRY, c, async {
             let row: Option<Row> = c
                 .exec_first("SELECT MAX(tid) FROM obj WHERE `partition` = ? AND oid = ?", (partition, id64(oid.0)))
                 .await
@@ -880,7 +1104,7 @@ impl Backend for MysqlBackend {
     }
 
     fn transaction(&mut self, partition: u32, tid: Tid) -> Result<Option<TxnInfo>> {
-        on_conn!(self, c, async {
+        on_conn!(self, RETRY, c, async {
             let row: Option<Row> = c
                 .exec_first(
                     "SELECT packed, oids, user, description, ext, ttid FROM trans
@@ -916,15 +1140,14 @@ impl Backend for MysqlBackend {
 
     fn store_data(&mut self, _partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
         check_data_args(checksum, compression)?;
-        let chunk = self.chunk;
-        let id = in_tx!(self, c, insert_data(c, chunk, checksum, compression, data))?;
+        let id = in_tx!(self, NO_RETRY, c, insert_data(c, self.link.chunk, checksum, compression, data))?;
         *self.held.entry(id).or_insert(0) += 1;
         self.released.remove(&id);
         Ok(id)
     }
 
     fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
-        in_tx!(self, c, write_vote(c, ttid, objects, meta))?;
+        in_tx!(self, NO_RETRY, c, write_vote(c, ttid, objects, meta))?;
         // The voted objects now reference their data rows: drop the holds of store_data.
         for (_, o) in objects {
             if let Some(id) = o.data_id
@@ -940,8 +1163,8 @@ impl Backend for MysqlBackend {
     }
 
     fn vote_data(&mut self, ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
-        let chunk = self.chunk;
-        in_tx!(self, c, async {
+        in_tx!(self, NO_RETRY, c, async {
+            let chunk = self.link.chunk;
             let mut temp = Vec::with_capacity(objects.len());
             for (partition, o) in objects {
                 let data_id = match &o.data {
@@ -963,7 +1186,7 @@ impl Backend for MysqlBackend {
     }
 
     fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
-        on_conn!(self, c, async {
+        on_conn!(self, RETRY, c, async {
             c.exec_drop(
                 "INSERT INTO ttrans (ttid, tid, meta) VALUES (?, ?, 0) ON DUPLICATE KEY UPDATE tid = VALUES(tid)",
                 (id64(ttid.0), id64(tid.0)),
@@ -975,7 +1198,7 @@ impl Backend for MysqlBackend {
 
     fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
         let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
-        in_tx!(self, c, async {
+        in_tx!(self, RETRY, c, async {
             c.exec_drop(
                 "INSERT INTO obj (`partition`, oid, tid, data_id, value_tid)
                  SELECT `partition`, oid, ?, data_id, value_tid FROM tobj WHERE tid = ?
@@ -1002,34 +1225,27 @@ impl Backend for MysqlBackend {
 
     fn abort(&mut self, ttid: Tid) -> Result<()> {
         let ttid64 = id64(ttid.0);
-        let mut candidates: Vec<DataId> = self.released.iter().copied().collect();
-        outside_runtime()?;
+        let released: Vec<DataId> = self.released.iter().copied().collect();
         let held = &self.held;
-        let rt = &self.rt;
-        let c = self.conn.as_mut().ok_or_else(|| BackendError::Db("connection closed".into()))?;
-        rt.block_on(async {
-            begin(c).await?;
-            let r = async {
-                let rows: Vec<Row> = c
-                    .exec("SELECT DISTINCT data_id FROM tobj WHERE tid = ? AND data_id IS NOT NULL", (ttid64,))
-                    .await
-                    .map_err(db)?;
-                for mut row in rows {
-                    candidates.push(col_int(&mut row, 0, "data_id", &|| format!("temporary object of {ttid}"))?);
-                }
-                c.exec_drop("DELETE FROM tobj WHERE tid = ?", (ttid64,)).await.map_err(db)?;
-                c.exec_drop("DELETE FROM ttrans WHERE ttid = ?", (ttid64,)).await.map_err(db)?;
-                prune(c, held, candidates).await
+        in_tx!(self, RETRY, c, async {
+            let mut candidates = released.clone();
+            let rows: Vec<Row> = c
+                .exec("SELECT DISTINCT data_id FROM tobj WHERE tid = ? AND data_id IS NOT NULL", (ttid64,))
+                .await
+                .map_err(db)?;
+            for mut row in rows {
+                candidates.push(col_int(&mut row, 0, "data_id", &|| format!("temporary object of {ttid}"))?);
             }
-            .await;
-            finish(c, r).await
+            c.exec_drop("DELETE FROM tobj WHERE tid = ?", (ttid64,)).await.map_err(db)?;
+            c.exec_drop("DELETE FROM ttrans WHERE ttid = ?", (ttid64,)).await.map_err(db)?;
+            prune(c, held, candidates).await
         })?;
         self.released.clear();
         Ok(())
     }
 
     fn locked_transactions(&mut self) -> Result<Vec<(Tid, Option<Tid>)>> {
-        on_conn!(self, c, async {
+        on_conn!(self, RETRY, c, async {
             let rows: Vec<Row> = c.exec("SELECT ttid, tid FROM ttrans ORDER BY ttid", ()).await.map_err(db)?;
             let mut out = Vec::with_capacity(rows.len());
             for mut row in rows {
@@ -1042,7 +1258,7 @@ impl Backend for MysqlBackend {
     }
 
     fn final_tid(&mut self, ttid: Tid) -> Result<Option<Tid>> {
-        on_conn!(self, c, async {
+        on_conn!(self, RETRY, c, async {
             let row: Option<Row> =
                 c.exec_first("SELECT tid FROM trans WHERE ttid = ? LIMIT 1", (id64(ttid.0),)).await.map_err(db)?;
             match row {
@@ -1053,7 +1269,7 @@ impl Backend for MysqlBackend {
     }
 
     fn drop_unfinished(&mut self) -> Result<()> {
-        in_tx!(self, c, async {
+        in_tx!(self, RETRY, c, async {
             c.exec_drop("DELETE FROM tobj WHERE tid IN (SELECT ttid FROM ttrans WHERE tid IS NULL)", ())
                 .await
                 .map_err(db)?;

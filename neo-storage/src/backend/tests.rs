@@ -1096,4 +1096,178 @@ mod mysql {
         drop(db.backend());
         server_sql(&db.server, Some(&db.name), "SELECT 1 FROM config").unwrap();
     }
+
+    // --- lost connections
+
+    /// KILL the backend's current connection from another one.
+    fn kill(db: &TestDb, b: &mut MysqlBackend) -> u64 {
+        let id = b.connection_id().unwrap();
+        server_sql(&db.server, None, &format!("KILL {id}")).unwrap();
+        id
+    }
+
+    /// After its connection is killed, the backend reconnects: reads and the idempotent writes
+    /// are retried, committed data is intact, and a vote interrupted by a KILL either succeeds
+    /// or fails cleanly, the backend working again on the next call in both cases.
+    #[test]
+    fn survives_a_killed_connection() {
+        use crate::backend::{NewData, NewObject};
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        commit(&mut b, 100, &[(1, Some(b"one")), (2, Some(b"two"))]);
+
+        let old = kill(&db, &mut b);
+        assert_eq!(b.get_config("name").unwrap().as_deref(), Some(CLUSTER));
+        assert_eq!(b.reconnects(), 1);
+        assert_ne!(b.connection_id().unwrap(), old, "a new connection");
+
+        // lock and unlock, each right after a KILL.
+        let o = [store(&mut b, 3, b"three")];
+        let meta = meta_for("u200", &o);
+        b.vote(Tid(199), &with_parts(&o), Some((part(199), &meta))).unwrap();
+        kill(&db, &mut b);
+        b.lock(Tid(199), Tid(200)).unwrap();
+        kill(&db, &mut b);
+        assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(199), Some(Tid(200)))]);
+        kill(&db, &mut b);
+        b.unlock(Tid(199), Tid(200)).unwrap();
+        kill(&db, &mut b);
+        b.unlock(Tid(199), Tid(200)).unwrap();
+        assert_eq!(latest(&mut b, 3).data, b"three");
+        assert_eq!(b.transaction(part(199), Tid(200)).unwrap().map(|t| t.meta), Some(meta));
+        // Previously committed data is intact.
+        assert_eq!(latest(&mut b, 1).data, b"one");
+        assert_eq!((latest(&mut b, 2).data, latest(&mut b, 2).serial), (b"two".to_vec(), Tid(100)));
+
+        // A vote right after a KILL: no retry, but no panic either.
+        let data = b"five".to_vec();
+        let objs = vec![(
+            part(5),
+            NewObject {
+                oid: Oid(5),
+                data: Some(NewData { checksum: sha1(&data), compression: 0, data: data.clone() }),
+                data_serial: None,
+            },
+        )];
+        let meta = TxnMeta { user: b"v".to_vec(), oids: vec![Oid(5)], ..Default::default() };
+        kill(&db, &mut b);
+        let before = b.reconnects();
+        match b.vote_data(Tid(299), &objs, Some((part(299), &meta))) {
+            Ok(()) => {
+                b.lock(Tid(299), Tid(300)).unwrap();
+                b.unlock(Tid(299), Tid(300)).unwrap();
+                assert_eq!(latest(&mut b, 5).data, data);
+            }
+            Err(e) => {
+                assert!(matches!(e, BackendError::Db(_)), "{e:?}");
+                b.abort(Tid(299)).unwrap();
+                assert_eq!(load(&mut b, 5, None, None), Load::DoesNotExist);
+                // The node votes again: it works.
+                b.vote_data(Tid(299), &objs, Some((part(299), &meta))).unwrap();
+            }
+        }
+        assert_eq!(b.reconnects(), before + 1);
+        // abort, drop_unfinished, set_config and save_pt, each right after a KILL.
+        kill(&db, &mut b);
+        b.abort(Tid(999)).unwrap();
+        kill(&db, &mut b);
+        b.drop_unfinished().unwrap();
+        kill(&db, &mut b);
+        b.set_config("test", Some("value")).unwrap();
+        kill(&db, &mut b);
+        let pt = PartitionTable::make(NP, 0, &[s(1)]).unwrap();
+        b.save_pt(&pt).unwrap();
+        kill(&db, &mut b);
+        assert_eq!(b.load_pt().unwrap().map(|p| sorted_pt(&p)), Some(sorted_pt(&pt)));
+        assert_eq!(b.get_config("test").unwrap().as_deref(), Some("value"));
+        assert_eq!(latest(&mut b, 1).data, b"one");
+    }
+
+    /// Reads after a KILL return the right values.
+    #[test]
+    fn reads_after_a_killed_connection() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        commit(&mut b, 100, &[(1, Some(b"a")), (7, Some(b"seven"))]);
+        commit(&mut b, 200, &[(1, Some(b"b"))]);
+        kill(&db, &mut b);
+        assert_eq!(b.last_ids().unwrap(), (Some(Tid(200)), Some(Oid(7))));
+        kill(&db, &mut b);
+        let r = found(load(&mut b, 1, Some(100), None));
+        assert_eq!((r.serial, r.next_serial, r.data), (Tid(100), Some(Tid(200)), b"a".to_vec()));
+        kill(&db, &mut b);
+        let r = found(load(&mut b, 1, None, Some(200)));
+        assert_eq!((r.serial, r.data), (Tid(100), b"a".to_vec()));
+        kill(&db, &mut b);
+        let r = latest(&mut b, 1);
+        assert_eq!((r.serial, r.next_serial, r.data), (Tid(200), None, b"b".to_vec()));
+        kill(&db, &mut b);
+        assert_eq!(load(&mut b, 8, None, None), Load::DoesNotExist);
+        kill(&db, &mut b);
+        assert_eq!(b.last_serial(part(7), Oid(7)).unwrap(), Some(Tid(100)));
+        kill(&db, &mut b);
+        assert_eq!(b.final_tid(Tid(199)).unwrap(), Some(Tid(200)));
+        kill(&db, &mut b);
+        assert_eq!(b.transaction(part(199), Tid(200)).unwrap().map(|t| t.ttid), Some(Tid(199)));
+        // Kept across reconnections: holds on data rows (the row of a release is pruned).
+        let o = store(&mut b, 9, b"held");
+        kill(&db, &mut b);
+        b.abort(Tid(300)).unwrap();
+        assert!(data_row_is(&mut b, b"held", o.data_id.unwrap()), "a held row survives abort");
+        b.release(&[o.data_id.unwrap(), o.data_id.unwrap()]);
+        kill(&db, &mut b);
+        b.abort(Tid(300)).unwrap();
+        let hash = hex(&sha1(b"held"));
+        assert_eq!(
+            db.query_int(&format!("SELECT COUNT(*) FROM data WHERE hash = x'{hash}'")),
+            0,
+            "released, then pruned"
+        );
+        assert_eq!(b.last_ids().unwrap(), (Some(Tid(200)), Some(Oid(7))));
+        assert_eq!(b.reconnects(), 10, "one reconnection per KILL");
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// A reconnection that cannot succeed returns an error at once (no 30 s wait for a
+    /// permanent failure), and the backend recovers when the cause goes away.
+    #[test]
+    fn failed_reconnection_is_an_error() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        b.set_reconnect_timeout(Duration::from_secs(5));
+        commit(&mut b, 100, &[(1, Some(b"a"))]);
+        // The database now belongs to another cluster: reconnecting must refuse it.
+        db.raw("UPDATE config SET value = 'other' WHERE name = 'name'");
+        kill(&db, &mut b);
+        let start = std::time::Instant::now();
+        let e = b.last_ids().unwrap_err();
+        assert!(matches!(e, BackendError::WrongCluster { .. } | BackendError::Db(_)), "{e:?}");
+        assert!(format!("{e}").contains("other"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(4), "a permanent failure is not retried");
+        // Every call tries again, and fails the same way.
+        assert!(b.lock(Tid(1), Tid(2)).is_err());
+        db.raw(&format!("UPDATE config SET value = '{CLUSTER}' WHERE name = 'name'"));
+        assert_eq!(b.last_ids().unwrap(), (Some(Tid(100)), Some(Oid(1))));
+        // An unreachable server is waited for, for a bounded time.
+        kill(&db, &mut b);
+        b.set_port(1);
+        b.set_reconnect_timeout(Duration::from_secs(1));
+        let start = std::time::Instant::now();
+        let e = b.last_ids().unwrap_err();
+        assert!(format!("{e}").contains("reconnecting failed"), "{e}");
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(500) && waited < Duration::from_secs(10), "{waited:?}");
+        let port = Opts::from_url(&db.url).unwrap().tcp_port();
+        b.set_port(port);
+        assert_eq!(b.last_ids().unwrap(), (Some(Tid(100)), Some(Oid(1))));
+        // A missing database is permanent too.
+        kill(&db, &mut b);
+        server_sql(&db.server, None, &format!("DROP DATABASE `{}`", db.name)).unwrap();
+        let start = std::time::Instant::now();
+        assert!(b.get_config("name").is_err());
+        assert!(start.elapsed() < Duration::from_secs(4));
+    }
 }

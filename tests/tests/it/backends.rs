@@ -45,3 +45,32 @@ async fn a_cluster_on_mysql_storages_commits_restarts_and_reads_everything_back(
 async fn a_sqlite_storage_and_a_mysql_storage_hold_replicas_of_the_same_partitions() {
     commit_and_restart(Backends::Mixed).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_connections_killed_under_load_lose_nothing_acknowledged() {
+    let Some(cluster) = Cluster::try_start(Options { backends: Backends::Mysql, ..Options::default() }).await else {
+        return;
+    };
+    let c = cluster.client().await;
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    for n in 0..60u32 {
+        if n == 20 || n == 40 {
+            assert!(cluster.kill_mysql_connections() >= 2, "each storage had a connection");
+        }
+        let oid = c.new_oid().await.unwrap();
+        let data = format!("commit {n}").into_bytes();
+        match commit(&c, oid, Tid::ZERO, &data).await {
+            Ok(tid) => acked.push((oid, tid, data)),
+            Err(_) => failed += 1,
+        }
+    }
+    // Only a transaction in flight when its connection died may fail.
+    assert!(failed <= 4, "{failed} commits failed");
+    assert_eq!(cluster.cluster_state().await, Some(neo_lib::ClusterState::Running));
+    let fresh = cluster.client().await;
+    for (oid, tid, data) in &acked {
+        assert_eq!(fresh.load(*oid).await.unwrap(), (data.clone(), *tid));
+    }
+    assert_every_storage_holds(&cluster, &acked).await;
+}
