@@ -24,6 +24,12 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// True if a MySQL server is available for tests (see `neo_storage::testing`); panics if
+/// NEO_TEST_MYSQL names one that is unreachable.
+pub fn mysql_available() -> bool {
+    neo_storage::testing::TestDatabase::new().unwrap().is_some()
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub storages: usize,

@@ -22,9 +22,8 @@ fn payload(client: usize, n: usize) -> Vec<u8> {
     format!("client {client} transaction {n} ").repeat(1 + n % 7).into_bytes()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clients_commit_1000_transactions_and_a_fresh_client_reads_them_all() {
-    let cluster = Cluster::start(Options::default()).await;
+async fn two_clients_commit_1000_transactions_and_a_fresh_client_reads_them_all(opts: Options) {
+    let cluster = Cluster::start(opts).await;
     let mut tasks = Vec::new();
     for client in 0..2 {
         let c = cluster.client().await;
@@ -61,9 +60,8 @@ async fn two_clients_commit_1000_transactions_and_a_fresh_client_reads_them_all(
     assert!(misses >= 1000 && hits >= 1000, "hits {hits} misses {misses}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clients_updating_the_same_object_one_gets_a_conflict_naming_the_oid() {
-    let cluster = Cluster::start(Options::default()).await;
+async fn two_clients_updating_the_same_object_one_gets_a_conflict_naming_the_oid(opts: Options) {
+    let cluster = Cluster::start(opts).await;
     let (a, b) = (cluster.client().await, cluster.client().await);
     let oid = a.new_oid().await.unwrap();
     let base = commit(&a, oid, Tid::ZERO, b"v0").await.unwrap();
@@ -98,9 +96,8 @@ async fn two_clients_updating_the_same_object_one_gets_a_conflict_naming_the_oid
     commit(&b, oid, serial, b"final").await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_sees_another_clients_commit_through_the_invalidation_callback() {
-    let cluster = Cluster::start(Options::default()).await;
+async fn a_client_sees_another_clients_commit_through_the_invalidation_callback(opts: Options) {
+    let cluster = Cluster::start(opts).await;
     let (a, b) = (cluster.client().await, cluster.client().await);
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     b.set_invalidation_callback(move |tid, oids| {
@@ -122,9 +119,8 @@ async fn a_client_sees_another_clients_commit_through_the_invalidation_callback(
     assert_eq!(a.last_transaction(), t2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aborted_transactions_leave_nothing_and_deleted_objects_are_not_found() {
-    let cluster = Cluster::start(Options::default()).await;
+async fn aborted_transactions_leave_nothing_and_deleted_objects_are_not_found(opts: Options) {
+    let cluster = Cluster::start(opts).await;
     let c = cluster.client().await;
     let oid = c.new_oid().await.unwrap();
     let mut t = c.tpc_begin(b"", b"", b"").await.unwrap();
@@ -150,9 +146,8 @@ async fn aborted_transactions_leave_nothing_and_deleted_objects_are_not_found() 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn neoctl_stop_lets_in_flight_transactions_finish_and_every_node_exits() {
-    let mut cluster = Cluster::start(Options::default()).await;
+async fn neoctl_stop_lets_in_flight_transactions_finish_and_every_node_exits(opts: Options) {
+    let mut cluster = Cluster::start(opts).await;
     let c = cluster.client().await;
     let other = cluster.client().await;
     let oid = c.new_oid().await.unwrap();
@@ -175,3 +170,11 @@ async fn neoctl_stop_lets_in_flight_transactions_finish_and_every_node_exits() {
     let fresh = cluster.client().await;
     assert_eq!(fresh.load(oid).await.unwrap(), (b"in flight".to_vec(), tid));
 }
+
+crate::both_backends!(
+    two_clients_commit_1000_transactions_and_a_fresh_client_reads_them_all,
+    two_clients_updating_the_same_object_one_gets_a_conflict_naming_the_oid,
+    a_client_sees_another_clients_commit_through_the_invalidation_callback,
+    aborted_transactions_leave_nothing_and_deleted_objects_are_not_found,
+    neoctl_stop_lets_in_flight_transactions_finish_and_every_node_exits
+);

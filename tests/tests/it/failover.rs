@@ -5,9 +5,8 @@ use neo_lib::{ClusterState, Oid, Tid};
 use neo_tests::{Cluster, Options};
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_a_storage_during_commits_the_cluster_stays_running_and_acknowledged_data_is_intact() {
-    let mut cluster = Cluster::start(Options::default()).await;
+async fn stop_a_storage_during_commits_the_cluster_stays_running_and_acknowledged_data_is_intact(opts: Options) {
+    let mut cluster = Cluster::start(opts).await;
     let mut writers = Vec::new();
     for w in 0..2u32 {
         let c = cluster.client().await;
@@ -46,9 +45,8 @@ async fn stop_a_storage_during_commits_the_cluster_stays_running_and_acknowledge
     commit(&fresh, oid, Tid::ZERO, b"after the loss").await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_survives_a_master_restart() {
-    let mut cluster = Cluster::start(Options::default()).await;
+async fn a_client_survives_a_master_restart(opts: Options) {
+    let mut cluster = Cluster::start(opts).await;
     let c = cluster.client().await;
     let oid = c.new_oid().await.unwrap();
     let t1 = commit(&c, oid, Tid::ZERO, b"before").await.unwrap();
@@ -61,3 +59,8 @@ async fn a_client_survives_a_master_restart() {
     assert_eq!(other.load(oid).await.unwrap(), (b"after".to_vec(), t2));
     assert!(other.new_oid().await.unwrap() > oid);
 }
+
+crate::both_backends!(
+    stop_a_storage_during_commits_the_cluster_stays_running_and_acknowledged_data_is_intact,
+    a_client_survives_a_master_restart
+);

@@ -6,9 +6,8 @@ use neo_tests::{Cluster, Options};
 use proto::msg;
 use proto::net::{connect_identified, identification};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_whole_cluster_restarts_and_everything_is_still_there() {
-    let mut cluster = Cluster::start(Options::default()).await;
+async fn the_whole_cluster_restarts_and_everything_is_still_there(opts: Options) {
+    let mut cluster = Cluster::start(opts).await;
     let c = cluster.client().await;
     let mut committed = Vec::new();
     for n in 0..200u32 {
@@ -58,9 +57,8 @@ fn unzip(data: &[u8]) -> Vec<u8> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_storage_lost_during_commits_leaves_the_cluster_running_and_data_intact() {
-    let mut cluster = Cluster::start(Options::default()).await;
+async fn a_storage_lost_during_commits_leaves_the_cluster_running_and_data_intact(opts: Options) {
+    let mut cluster = Cluster::start(opts).await;
     let c = cluster.client().await;
     let mut committed = Vec::new();
     for n in 0..20u32 {
@@ -78,3 +76,8 @@ async fn a_storage_lost_during_commits_leaves_the_cluster_running_and_data_intac
         assert_eq!(fresh.load(*oid).await.unwrap(), ((n as u32).to_be_bytes().to_vec(), *tid));
     }
 }
+
+crate::both_backends!(
+    the_whole_cluster_restarts_and_everything_is_still_there,
+    a_storage_lost_during_commits_leaves_the_cluster_running_and_data_intact
+);
