@@ -10,9 +10,8 @@ async fn nodes(c: &Cluster) -> Vec<neo_lib::NodeInfo> {
     expect_answer!(b, AnswerNodeList).unwrap().nodes.iter().map(|n| proto::convert::node_from_msg(n).unwrap()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_cluster_waits_for_neoctl_start_then_runs() {
-    let c = Cluster::start(Options { autostart: false, partitions: 6, ..Options::default() }).await;
+async fn a_new_cluster_waits_for_neoctl_start_then_runs(opts: Options) {
+    let c = Cluster::start(Options { autostart: false, partitions: 6, ..opts }).await;
     // Both storages register as PENDING and nothing starts by itself.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -64,3 +63,5 @@ async fn a_new_cluster_waits_for_neoctl_start_then_runs() {
     let b = c.admin_ask(msg::AskPrimary {}).await.unwrap();
     assert_eq!(expect_answer!(b, AnswerPrimary).unwrap().address, c.master_addr.to_string());
 }
+
+crate::both_backends!(a_new_cluster_waits_for_neoctl_start_then_runs);

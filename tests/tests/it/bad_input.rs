@@ -42,9 +42,8 @@ async fn closed_by_peer(mut s: TcpStream) {
     assert!(r.is_ok(), "connection was not closed by the node");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_whose_certificate_comes_from_another_ca_is_refused() {
-    let cluster = Cluster::start(Options::default()).await;
+async fn a_node_whose_certificate_comes_from_another_ca_is_refused(opts: Options) {
+    let cluster = Cluster::start(opts).await;
     let other = TestCa::new(cluster.dir.path(), "other-ca").unwrap();
     let intruder = other.issue("intruder").unwrap();
     let net = NetConfig { tls: Some(proto::tls::TlsContext::load(&intruder).unwrap()), max_frame: 1 << 20 };
@@ -65,10 +64,9 @@ async fn a_node_whose_certificate_comes_from_another_ca_is_refused() {
     still_serving(&cluster).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_bytes_and_oversized_frames_are_refused_while_nodes_keep_serving() {
+async fn random_bytes_and_oversized_frames_are_refused_while_nodes_keep_serving(opts: Options) {
     // Without TLS the bytes reach the frame decoder directly.
-    let cluster = Cluster::start(Options { tls: false, ..Options::default() }).await;
+    let cluster = Cluster::start(Options { tls: false, ..opts }).await;
     let mut rng = fastrand::Rng::with_seed(42);
     for addr in all_ports(&cluster) {
         // Random bytes instead of the magic.
@@ -99,9 +97,8 @@ async fn random_bytes_and_oversized_frames_are_refused_while_nodes_keep_serving(
     still_serving(&cluster).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_protocol_version_or_cluster_name_is_refused_with_an_error_code() {
-    let cluster = Cluster::start(Options::default()).await;
+async fn a_wrong_protocol_version_or_cluster_name_is_refused_with_an_error_code(opts: Options) {
+    let cluster = Cluster::start(opts).await;
     let net = cluster.net();
     for addr in [cluster.master_addr.clone()].iter().chain(cluster.storage_addrs.iter()) {
         let mut req = identification(&cluster.name, NodeType::Client, None, None);
@@ -124,3 +121,9 @@ async fn a_wrong_protocol_version_or_cluster_name_is_refused_with_an_error_code(
     assert!(proto::expect_answer!(b, AnswerLastTransaction).is_ok());
     still_serving(&cluster).await;
 }
+
+crate::both_backends!(
+    a_node_whose_certificate_comes_from_another_ca_is_refused,
+    random_bytes_and_oversized_frames_are_refused_while_nodes_keep_serving,
+    a_wrong_protocol_version_or_cluster_name_is_refused_with_an_error_code
+);
