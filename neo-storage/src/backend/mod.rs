@@ -11,6 +11,7 @@
 //! need not be durable: a lost unlock is replayed by verification from the durable lock, a lost
 //! abort by `drop_unfinished`.
 
+mod common;
 pub mod mysql;
 pub mod sqlite;
 #[cfg(test)]

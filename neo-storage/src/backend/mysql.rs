@@ -30,12 +30,14 @@
 //! `vote_data` are not (the node aborts that transaction). Nothing is kept across calls on the
 //! server side but committed rows: data ids (`held`, `released`) stay valid.
 
+use super::common::{
+    CHECKSUM_LEN, HeldData, check_data_args, compression_of, corrupt, decode_oids, encode_oids, id64, tid_of,
+};
 use super::{Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Row, Value};
 use neo_lib::pt::{Cell, PartitionTable};
 use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
-use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// Current schema version: the number of `MIGRATIONS` a database has applied.
@@ -117,9 +119,6 @@ const MIGRATIONS: &[&[&str]] = &[
 
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 
-/// Length of a SHA-1 checksum.
-const CHECKSUM_LEN: usize = 20;
-
 /// Largest chunk of a record stored in one row (NEO uses 8 MiB chunks too).
 const MAX_CHUNK: usize = 8 << 20;
 
@@ -177,15 +176,6 @@ fn db(e: mysql_async::Error) -> BackendError {
     BackendError::Db(e.to_string())
 }
 
-fn corrupt(msg: impl Into<String>) -> BackendError {
-    BackendError::Corrupt(msg.into())
-}
-
-/// Bind value of a u64 id (bit cast, as stored).
-fn id64(v: u64) -> i64 {
-    v as i64
-}
-
 // --- column readers: validate what the database returns instead of trusting it. `what` names
 // the row for error messages; it is only evaluated on error.
 
@@ -230,10 +220,6 @@ fn col_int(row: &mut Row, idx: usize, col: &str, what: &dyn Fn() -> String) -> R
     col_opt_int(row, idx, col, what)?.ok_or_else(|| corrupt(format!("{}: column {col} is NULL", what())))
 }
 
-fn tid_of(v: i64, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
-    u64::try_from(v).map(Tid).map_err(|_| corrupt(format!("{}: column {col} holds a negative TID ({v})", what())))
-}
-
 fn col_opt_tid(row: &mut Row, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<Tid>> {
     col_opt_int(row, idx, col, what)?.map(|v| tid_of(v, col, what)).transpose()
 }
@@ -249,41 +235,6 @@ fn col_blob(row: &mut Row, idx: usize, col: &str, lenient: bool, what: &dyn Fn()
         Value::NULL if lenient => Ok(Vec::new()),
         other => Err(corrupt(format!("{}: column {col} holds a {} value, expected a blob", what(), kind(&other)))),
     }
-}
-
-fn encode_oids(oids: &[Oid]) -> Vec<u8> {
-    oids.iter().flat_map(|o| o.to_bytes()).collect()
-}
-
-fn decode_oids(blob: &[u8], what: &dyn Fn() -> String) -> Result<Vec<Oid>> {
-    if !blob.len().is_multiple_of(8) {
-        return Err(corrupt(format!("{}: oid list of {} bytes is not a multiple of 8", what(), blob.len())));
-    }
-    Ok(blob
-        .chunks_exact(8)
-        .map(|c| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            Oid(u64::from_be_bytes(b))
-        })
-        .collect())
-}
-
-fn compression_of(v: i64, what: &dyn Fn() -> String) -> Result<u32> {
-    match v {
-        0 | 1 => Ok(v as u32),
-        _ => Err(corrupt(format!("{}: unknown compression {v}", what()))),
-    }
-}
-
-fn check_data_args(checksum: &[u8], compression: u32) -> Result<()> {
-    if checksum.len() != CHECKSUM_LEN {
-        return Err(BackendError::Db(format!("data: checksum of {} bytes, expected {CHECKSUM_LEN}", checksum.len())));
-    }
-    if compression > 1 {
-        return Err(BackendError::Db(format!("data: unknown compression {compression}")));
-    }
-    Ok(())
 }
 
 // --- connection string
@@ -374,10 +325,8 @@ pub fn parse_database(value: &str) -> std::result::Result<String, String> {
 /// The MySQL storage backend. Not shared between threads: the node's database thread owns it.
 pub struct MysqlBackend {
     link: Link,
-    /// Data rows handed out by `store_data` that no vote references yet (see `SqliteBackend`).
-    held: HashMap<DataId, u32>,
-    /// Rows whose last hold was released: candidates for the next prune.
-    released: HashSet<DataId>,
+    /// Data rows handed out by `store_data` and not voted yet (see `HeldData`).
+    held: HeldData,
 }
 
 /// The connection, and what is needed to open it again.
@@ -660,7 +609,7 @@ impl MysqlBackend {
             reconnect_for: RECONNECT_FOR,
             reconnects: 0,
         };
-        Ok(MysqlBackend { link, held: HashMap::new(), released: HashSet::new() })
+        Ok(MysqlBackend { link, held: HeldData::default() })
     }
 
     /// Session settings, server checks and schema; returns the chunk size.
@@ -715,15 +664,7 @@ impl MysqlBackend {
     /// Drop one hold on each of `ids` (data stored by a transaction that is aborted before it
     /// voted). Call before `abort`, which then deletes the rows nothing references.
     pub fn release(&mut self, ids: &[DataId]) {
-        for id in ids {
-            if let Some(n) = self.held.get_mut(id) {
-                *n -= 1;
-                if *n == 0 {
-                    self.held.remove(id);
-                    self.released.insert(*id);
-                }
-            }
-        }
+        self.held.release(ids);
     }
 
     /// The server's id of the current connection (test hook: `KILL` it from elsewhere).
@@ -889,9 +830,9 @@ async fn write_vote(
 }
 
 /// Delete the data rows among `ids` that are neither held nor referenced by obj or tobj.
-async fn prune(c: &mut Conn, held: &HashMap<DataId, u32>, ids: impl IntoIterator<Item = DataId>) -> Result<()> {
+async fn prune(c: &mut Conn, held: &HeldData, ids: impl IntoIterator<Item = DataId>) -> Result<()> {
     for id in ids {
-        if held.contains_key(&id) {
+        if held.is_held(id) {
             continue;
         }
         c.exec_drop(
@@ -1141,24 +1082,14 @@ impl Backend for MysqlBackend {
     fn store_data(&mut self, _partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
         check_data_args(checksum, compression)?;
         let id = in_tx!(self, NO_RETRY, c, insert_data(c, self.link.chunk, checksum, compression, data))?;
-        *self.held.entry(id).or_insert(0) += 1;
-        self.released.remove(&id);
+        self.held.hold(id);
         Ok(id)
     }
 
     fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
         in_tx!(self, NO_RETRY, c, write_vote(c, ttid, objects, meta))?;
         // The voted objects now reference their data rows: drop the holds of store_data.
-        for (_, o) in objects {
-            if let Some(id) = o.data_id
-                && let Some(n) = self.held.get_mut(&id)
-            {
-                *n -= 1;
-                if *n == 0 {
-                    self.held.remove(&id);
-                }
-            }
-        }
+        self.held.voted(objects.iter().filter_map(|(_, o)| o.data_id));
         Ok(())
     }
 
@@ -1225,7 +1156,7 @@ impl Backend for MysqlBackend {
 
     fn abort(&mut self, ttid: Tid) -> Result<()> {
         let ttid64 = id64(ttid.0);
-        let released: Vec<DataId> = self.released.iter().copied().collect();
+        let released = self.held.released();
         let held = &self.held;
         in_tx!(self, RETRY, c, async {
             let mut candidates = released.clone();
@@ -1240,7 +1171,7 @@ impl Backend for MysqlBackend {
             c.exec_drop("DELETE FROM ttrans WHERE ttid = ?", (ttid64,)).await.map_err(db)?;
             prune(c, held, candidates).await
         })?;
-        self.released.clear();
+        self.held.clear_released();
         Ok(())
     }
 
@@ -1290,7 +1221,6 @@ impl Backend for MysqlBackend {
                 .map_err(db)
         })?;
         self.held.clear();
-        self.released.clear();
         Ok(())
     }
 

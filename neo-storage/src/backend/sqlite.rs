@@ -15,12 +15,14 @@
 //! `lock` rely on the caller's `sync` (group commit); `unlock` is never synced: the next
 //! verification replays it from the durable `lock` if a crash loses it.
 
+use super::common::{
+    CHECKSUM_LEN, HeldData, check_data_args, compression_of, corrupt, decode_oids, encode_oids, id64, tid_of,
+};
 use super::{Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
 use neo_lib::pt::{Cell, PartitionTable};
 use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, Row, params};
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -95,21 +97,9 @@ const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 /// How long a statement waits for a lock held by another connection before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Length of a SHA-1 checksum.
-const CHECKSUM_LEN: usize = 20;
-
 /// Map a driver error (the trait knows no driver, so no `From` impl).
 fn db(e: rusqlite::Error) -> BackendError {
     BackendError::Db(e.to_string())
-}
-
-fn corrupt(msg: impl Into<String>) -> BackendError {
-    BackendError::Corrupt(msg.into())
-}
-
-/// Bind value of a u64 id (bit cast, as stored).
-fn id64(v: u64) -> i64 {
-    v as i64
 }
 
 // --- column readers: validate what the database returns instead of trusting it. `what` names
@@ -127,10 +117,6 @@ fn col_opt_int(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) 
 
 fn col_int(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<i64> {
     col_opt_int(row, idx, col, what)?.ok_or_else(|| corrupt(format!("{}: column {col} is NULL", what())))
-}
-
-fn tid_of(v: i64, col: &str, what: &dyn Fn() -> String) -> Result<Tid> {
-    u64::try_from(v).map(Tid).map_err(|_| corrupt(format!("{}: column {col} holds a negative TID ({v})", what())))
 }
 
 fn col_opt_tid(row: &Row<'_>, idx: usize, col: &str, what: &dyn Fn() -> String) -> Result<Option<Tid>> {
@@ -151,47 +137,13 @@ fn col_blob(row: &Row<'_>, idx: usize, col: &str, lenient: bool, what: &dyn Fn()
     }
 }
 
-fn encode_oids(oids: &[Oid]) -> Vec<u8> {
-    oids.iter().flat_map(|o| o.to_bytes()).collect()
-}
-
-fn decode_oids(blob: &[u8], what: &dyn Fn() -> String) -> Result<Vec<Oid>> {
-    if !blob.len().is_multiple_of(8) {
-        return Err(corrupt(format!("{}: oid list of {} bytes is not a multiple of 8", what(), blob.len())));
-    }
-    Ok(blob
-        .chunks_exact(8)
-        .map(|c| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            Oid(u64::from_be_bytes(b))
-        })
-        .collect())
-}
-
-fn compression_of(v: i64, what: &dyn Fn() -> String) -> Result<u32> {
-    match v {
-        0 | 1 => Ok(v as u32),
-        _ => Err(corrupt(format!("{}: unknown compression {v}", what()))),
-    }
-}
-
 /// The SQLite storage backend. Not shared between threads: the node's database thread owns it.
 pub struct SqliteBackend {
     conn: Connection,
     /// The write-ahead log, fsynced after the commits that must be durable (None in memory).
     wal: Option<std::path::PathBuf>,
-    /// Data rows handed out by `store_data` that no vote references yet, with how many times
-    /// each was handed out (two transactions may store identical data and get the same
-    /// deduplicated row). Pruning never deletes a held row, so the data of a transaction that
-    /// is still being stored survives the abort of another transaction sharing it. `vote`
-    /// drops one hold per voted object; the node calls `release` for the data of a transaction
-    /// aborted before it voted, then `abort`, which prunes the released rows if nothing else
-    /// uses them. `drop_unfinished` (no transaction in flight) clears everything. Data ids
-    /// come from AUTOINCREMENT and are never reused, so a stale hold cannot protect a new row.
-    held: HashMap<DataId, u32>,
-    /// Rows whose last hold was released: candidates for the next prune.
-    released: HashSet<DataId>,
+    /// Data rows handed out by `store_data` and not voted yet (see `HeldData`).
+    held: HeldData,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -241,7 +193,7 @@ impl SqliteBackend {
     fn abort_rows(&mut self, ttid: Tid) -> Result<()> {
         let ttid64 = id64(ttid.0);
         let tx = self.conn.transaction().map_err(db)?;
-        let mut candidates: Vec<DataId> = self.released.iter().copied().collect();
+        let mut candidates = self.held.released();
         {
             let mut stmt = tx
                 .prepare_cached("SELECT DISTINCT data_id FROM tobj WHERE tid = ?1 AND data_id IS NOT NULL")
@@ -255,7 +207,7 @@ impl SqliteBackend {
         tx.prepare_cached("DELETE FROM ttrans WHERE ttid = ?1").map_err(db)?.execute([ttid64]).map_err(db)?;
         Self::prune(&tx, &self.held, candidates)?;
         tx.commit().map_err(db)?;
-        self.released.clear();
+        self.held.clear_released();
         Ok(())
     }
 
@@ -301,7 +253,7 @@ impl SqliteBackend {
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db)?;
         Self::init_schema(&mut conn, cluster)?;
         let wal = if memory { None } else { Some(wal_path(path)) };
-        Ok(SqliteBackend { conn, wal, held: HashMap::new(), released: HashSet::new() })
+        Ok(SqliteBackend { conn, wal, held: HeldData::default() })
     }
 
     /// Create or upgrade the schema and check the cluster name, in one transaction (rolled back
@@ -351,19 +303,11 @@ impl SqliteBackend {
     /// Drop one hold on each of `ids` (data stored by a transaction that is aborted before it
     /// voted). Call before `abort`, which then deletes the rows nothing references.
     pub fn release(&mut self, ids: &[DataId]) {
-        for id in ids {
-            if let Some(n) = self.held.get_mut(id) {
-                *n -= 1;
-                if *n == 0 {
-                    self.held.remove(id);
-                    self.released.insert(*id);
-                }
-            }
-        }
+        self.held.release(ids);
     }
 
     /// Delete the data rows among `ids` that are neither held nor referenced by obj or tobj.
-    fn prune(tx: &Connection, held: &HashMap<DataId, u32>, ids: impl IntoIterator<Item = DataId>) -> Result<()> {
+    fn prune(tx: &Connection, held: &HeldData, ids: impl IntoIterator<Item = DataId>) -> Result<()> {
         let mut stmt = tx
             .prepare_cached(
                 "DELETE FROM data WHERE id = ?1
@@ -372,7 +316,7 @@ impl SqliteBackend {
             )
             .map_err(db)?;
         for id in ids {
-            if !held.contains_key(&id) {
+            if !held.is_held(id) {
                 stmt.execute([id]).map_err(db)?;
             }
         }
@@ -633,8 +577,7 @@ impl Backend for SqliteBackend {
         check_data_args(checksum, compression)?;
         // Durable with the following vote.
         let id = insert_data(&self.conn, checksum, compression, data)?;
-        *self.held.entry(id).or_insert(0) += 1;
-        self.released.remove(&id);
+        self.held.hold(id);
         Ok(id)
     }
 
@@ -643,16 +586,7 @@ impl Backend for SqliteBackend {
         write_vote(&tx, ttid, objects, meta)?;
         tx.commit().map_err(db)?;
         // The voted objects now reference their data rows: drop the holds of store_data.
-        for (_, o) in objects {
-            if let Some(id) = o.data_id
-                && let Some(n) = self.held.get_mut(&id)
-            {
-                *n -= 1;
-                if *n == 0 {
-                    self.held.remove(&id);
-                }
-            }
-        }
+        self.held.voted(objects.iter().filter_map(|(_, o)| o.data_id));
         Ok(())
     }
 
@@ -734,7 +668,6 @@ impl Backend for SqliteBackend {
         .map_err(db)?;
         tx.commit().map_err(db)?;
         self.held.clear();
-        self.released.clear();
         self.sync_wal()
     }
 
@@ -762,16 +695,6 @@ fn wal_path(path: &Path) -> std::path::PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push("-wal");
     std::path::PathBuf::from(p)
-}
-
-fn check_data_args(checksum: &[u8], compression: u32) -> Result<()> {
-    if checksum.len() != CHECKSUM_LEN {
-        return Err(BackendError::Db(format!("data: checksum of {} bytes, expected {CHECKSUM_LEN}", checksum.len())));
-    }
-    if compression > 1 {
-        return Err(BackendError::Db(format!("data: unknown compression {compression}")));
-    }
-    Ok(())
 }
 
 /// Insert a data row, or return the id of an identical one (same checksum and compression).

@@ -866,21 +866,7 @@ mod mysql {
 
     const DEFAULT_SERVER: &str = "mysql://root@127.0.0.1:3306";
 
-    /// Run `sql` (statements separated by `;`) on `server`, in database `database` if given.
-    fn server_sql(server: &str, database: Option<&str>, sql: &str) -> std::result::Result<(), String> {
-        let opts = Opts::from_url(server).map_err(|e| format!("invalid URL {server:?}: {e}"))?;
-        let opts: Opts = OptsBuilder::from_opts(opts).db_name(database).into();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let mut c = tokio::time::timeout(Duration::from_secs(10), Conn::new(opts))
-                .await
-                .map_err(|_| "connection timed out".to_string())?
-                .map_err(|e| e.to_string())?;
-            let r = c.query_drop(sql).await.map_err(|e| e.to_string());
-            let _ = c.disconnect().await;
-            r
-        })
-    }
+    use crate::testing::server_sql;
 
     /// A private database on the test server, dropped with this value.
     struct TestDb {
