@@ -6,7 +6,7 @@ use neo_lib::pt::PartitionTable;
 use neo_lib::{CellState, ClusterState, ErrorCode, Nid, NodeInfo, NodeState, NodeType, Oid, Ptid, Tid};
 use proto::net::{NetConfig, connect_identified, identification};
 use proto::{Body, Incoming, Link, LinkError, expect_answer, msg};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +22,27 @@ const OID_BATCH: u32 = 100;
 const ZERO_HASH: [u8; 20] = [0; 20];
 
 type Callback = Arc<dyn Fn(Tid, &[Oid]) + Send + Sync>;
+/// Called with the TID of a commit of this client, in order with the invalidations of others.
+pub type FinishCallback = Box<dyn FnOnce(Tid) + Send>;
+
+/// Deadlock-avoidance state of a transaction, shared with the storage pumps (which receive
+/// `NotifyDeadlock` and relock).
+#[derive(Default)]
+struct Relocks {
+    /// The vote succeeded: notifications are ignored from then on (the storages wait for our
+    /// commit, which waits for nobody).
+    finishing: bool,
+    /// Relock requests sent and not answered yet.
+    pending: usize,
+    /// Storages where a relock happened since the last vote round (to vote again).
+    relocked: BTreeSet<Nid>,
+}
+
+#[derive(Default)]
+struct TxnShared {
+    relocks: Mutex<Relocks>,
+    changed: tokio::sync::Notify,
+}
 
 struct MasterConn {
     link: Link,
@@ -42,6 +63,10 @@ struct State {
     oids: VecDeque<Oid>,
     /// Loads in flight: oid -> (count, tid of an invalidation received meanwhile).
     loading: HashMap<Oid, (u32, Option<Tid>)>,
+    /// Transactions between begin and vote, by ttid (for deadlock notifications).
+    txns: HashMap<Tid, Arc<TxnShared>>,
+    /// tpc_finish callbacks by ttid, called by the master pump with our own invalidation.
+    finish_callbacks: HashMap<Tid, FinishCallback>,
 }
 
 struct Inner {
@@ -69,6 +94,31 @@ struct StoreOutcome {
     result: std::result::Result<msg::AnswerStoreObject, LinkError>,
 }
 
+/// A conflict found by `tpc_vote`: the caller may resolve it (store new data based on
+/// `committed`) and vote again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConflictInfo {
+    pub oid: Oid,
+    /// Serial the transaction based its change (or its read) on.
+    pub serial: Tid,
+    /// Serial currently committed.
+    pub committed: Tid,
+    /// The object was only checked (checkCurrentSerialInTransaction): a read conflict.
+    pub read: bool,
+    /// The data this transaction stored (None for a deletion or a check).
+    pub data: Option<Arc<Vec<u8>>>,
+}
+
+impl ConflictInfo {
+    fn error(&self) -> ClientError {
+        if self.read {
+            ClientError::ReadConflict { oid: self.oid, serial: self.serial, committed: self.committed }
+        } else {
+            ClientError::Conflict { oid: self.oid, serial: self.serial, committed: self.committed, locked_by: None }
+        }
+    }
+}
+
 /// A transaction in two-phase commit (from `tpc_begin` to `tpc_finish`/`tpc_abort`).
 pub struct Transaction {
     ttid: Tid,
@@ -89,6 +139,13 @@ pub struct Transaction {
     failed: BTreeSet<Nid>,
     /// Number of cells that locked each object.
     locked: HashMap<Oid, usize>,
+    /// Objects checked by `check_current_serial` (not modified): oid -> serial read.
+    checked: BTreeMap<Oid, Tid>,
+    /// Storages whose last vote succeeded and that received no store since.
+    voted_on: BTreeSet<Nid>,
+    /// Conflicts found by the last `tpc_vote`.
+    conflicts: Vec<ConflictInfo>,
+    shared: Arc<TxnShared>,
     voted: bool,
     /// Finished or aborted: nothing to clean up on drop.
     done: bool,
@@ -99,11 +156,26 @@ impl Transaction {
     pub fn ttid(&self) -> Tid {
         self.ttid
     }
+
+    /// Conflicts found by the last `tpc_vote` (empty if it succeeded).
+    pub fn conflicts(&self) -> &[ConflictInfo] {
+        &self.conflicts
+    }
+
+    /// Oids stored (modified, created or deleted) so far.
+    pub fn oids(&self) -> Vec<Oid> {
+        self.objects.iter().map(|(o, _)| *o).collect()
+    }
 }
 
 impl Drop for Transaction {
     fn drop(&mut self) {
         self.stores.abort_all();
+        {
+            let mut s = lock(&self.client.0.state);
+            s.txns.remove(&self.ttid);
+            s.finish_callbacks.remove(&self.ttid);
+        }
         if !self.done {
             // Dropped without tpc_finish/tpc_abort (error path, cancelled call): release the
             // storages' locks and the master's record in the background.
@@ -117,8 +189,12 @@ impl Drop for Transaction {
 
 use neo_lib::lock;
 
+mod history;
+pub use history::{DataRecord, HistoryEntry, TransactionRecord, TxnInfo, TxnIterator, UndoPlan};
+
 fn remote(e: LinkError) -> ClientError {
     match e {
+        LinkError::Remote { code: ErrorCode::UndoPackError, message } => ClientError::Undo(message),
         LinkError::Remote { code, message } => ClientError::Remote { code, message },
         other => ClientError::Remote { code: ErrorCode::ProtocolError, message: other.to_string() },
     }
@@ -223,6 +299,16 @@ impl Drop for LoadingGuard<'_> {
             Self::unregister(self.inner, self.oid);
         }
     }
+}
+
+/// A revision as stored.
+struct Record {
+    /// None for a deletion (or an undone creation).
+    data: Option<Vec<u8>>,
+    serial: Tid,
+    next_serial: Option<Tid>,
+    /// The revision whose data this one reuses (undo).
+    data_serial: Option<Tid>,
 }
 
 /// A loaded revision.
@@ -441,7 +527,7 @@ impl Client {
             proto::net::NetError::Link { err, .. } => err,
             other => LinkError::Closed(other.to_string()),
         })?;
-        tokio::spawn(storage_pump(link.clone(), incoming));
+        tokio::spawn(storage_pump(Arc::downgrade(&self.0), nid, link.clone(), incoming));
         let mut s = lock(&self.0.state);
         match s.storages.get(&nid) {
             Some(l) if !l.is_closed() => {
@@ -461,10 +547,19 @@ impl Client {
 
     /// Readable cells of partition(`oid`) on running storages, failed ones last.
     fn read_candidates(&self, oid: Oid) -> Vec<Nid> {
+        let p = match &lock(&self.0.state).pt {
+            Some(pt) => pt.partition_of(oid.0),
+            None => return vec![],
+        };
+        self.partition_candidates(p)
+    }
+
+    /// Readable cells of `partition` on running storages, failed ones last.
+    fn partition_candidates(&self, partition: u32) -> Vec<Nid> {
         let s = lock(&self.0.state);
         let Some(pt) = &s.pt else { return vec![] };
         let mut v: Vec<(Option<Instant>, u64, Nid)> = pt
-            .readable_cells(pt.partition_of(oid.0))
+            .readable_cells(partition)
             .filter(|c| s.nodes.get(&c.nid).is_some_and(|n| n.state == NodeState::Running))
             .map(|c| {
                 let failed = s.failed.get(&c.nid).copied().filter(|t| t.elapsed() < FAILURE_PENALTY);
@@ -489,6 +584,17 @@ impl Client {
     }
 
     async fn load_from_storages(&self, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Option<Loaded>> {
+        match self.load_record(oid, at, before).await? {
+            None => Ok(None),
+            Some(Record { data: None, .. }) => Err(ClientError::NotFound(oid)),
+            Some(Record { data: Some(data), serial, next_serial, .. }) => {
+                Ok(Some(Loaded { data: Arc::new(data), serial, next_serial }))
+            }
+        }
+    }
+
+    /// A revision as stored (data None for a deletion), bypassing the cache.
+    async fn load_record(&self, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Option<Record>> {
         let mut last_err = String::from("no readable cell");
         for attempt in 0..2 {
             if attempt > 0 {
@@ -507,8 +613,10 @@ impl Client {
                 let req = msg::AskObject { oid: oid.0, at: at.map(|t| t.0), before: before.map(|t| t.0) };
                 match link.ask(req).await.and_then(|b| expect_answer!(b, AnswerObject)) {
                     Ok(a) => {
+                        let (serial, next_serial, data_serial) =
+                            (Tid(a.serial), a.next_serial.map(Tid), a.data_serial.map(Tid));
                         if a.deleted {
-                            return Err(ClientError::NotFound(oid));
+                            return Ok(Some(Record { data: None, serial, next_serial, data_serial }));
                         }
                         if a.checksum.len() != 20 || sha1(&a.data)[..] != a.checksum[..] {
                             warn!("wrong checksum for {oid:?} from {nid}");
@@ -517,11 +625,7 @@ impl Client {
                             continue;
                         }
                         let data = decompress(oid, a.compression, a.data)?;
-                        return Ok(Some(Loaded {
-                            data: Arc::new(data),
-                            serial: Tid(a.serial),
-                            next_serial: a.next_serial.map(Tid),
-                        }));
+                        return Ok(Some(Record { data: Some(data), serial, next_serial, data_serial }));
                     }
                     Err(LinkError::Remote { code: ErrorCode::OidDoesNotExist, .. }) => {
                         return Err(ClientError::NotFound(oid));
@@ -632,6 +736,8 @@ impl Client {
         }
         let a = self.ask_master(msg::AskBeginTransaction { tid: tid.map(|t| t.0) }.into()).await?;
         let a = expect_answer!(a, AnswerBeginTransaction).map_err(remote)?;
+        let shared = Arc::new(TxnShared::default());
+        lock(&self.0.state).txns.insert(Tid(a.ttid), shared.clone());
         Ok(Transaction {
             ttid: Tid(a.ttid),
             user: user.to_vec(),
@@ -644,6 +750,10 @@ impl Client {
             contacted: BTreeSet::new(),
             failed: BTreeSet::new(),
             locked: HashMap::new(),
+            checked: BTreeMap::new(),
+            voted_on: BTreeSet::new(),
+            conflicts: Vec::new(),
+            shared,
             voted: false,
             done: false,
             client: self.clone(),
@@ -663,7 +773,21 @@ impl Client {
     /// Store a new revision of `oid` based on `serial` (zero for a new object). Conflicts are
     /// reported by `tpc_vote`.
     pub fn store(&self, txn: &mut Transaction, oid: Oid, serial: Tid, data: &[u8]) -> Result<()> {
+        self.store_with(txn, oid, serial, Some(data), None)
+    }
+
+    /// `store` of data copied from revision `data_serial` of the same object (undo): the storage
+    /// records the back-pointer. `data` None deletes the object (undo of its creation).
+    pub fn store_with(
+        &self,
+        txn: &mut Transaction,
+        oid: Oid,
+        serial: Tid,
+        data: Option<&[u8]>,
+        data_serial: Option<Tid>,
+    ) -> Result<()> {
         self.check_txn(txn)?;
+        let Some(data) = data else { return self.delete_object(txn, oid, serial) };
         let (compression, stored) = compress(data, self.0.cfg.compress);
         let checksum = sha1(&stored).to_vec();
         let m = msg::AskStoreObject {
@@ -672,11 +796,35 @@ impl Client {
             compression,
             checksum,
             data: stored,
+            data_serial: data_serial.map(|t| t.0),
+            ttid: txn.ttid.0,
+            deleted: false,
+            check_only: false,
+        };
+        self.send_store(txn, oid, serial, m, Some(Arc::new(data.to_vec())))
+    }
+
+    /// ZODB `checkCurrentSerialInTransaction`: `oid` must still be at `serial` when the
+    /// transaction commits; it stays locked until then. A change is reported by `tpc_vote` as
+    /// a read conflict.
+    pub fn check_current_serial(&self, txn: &mut Transaction, oid: Oid, serial: Tid) -> Result<()> {
+        self.check_txn(txn)?;
+        if txn.objects.iter().any(|(o, _)| *o == oid) {
+            return Ok(()); // stored: its serial is checked anyway
+        }
+        let m = msg::AskStoreObject {
+            oid: oid.0,
+            serial: serial.0,
+            compression: 0,
+            checksum: ZERO_HASH.to_vec(),
+            data: vec![],
             data_serial: None,
             ttid: txn.ttid.0,
             deleted: false,
+            check_only: true,
         };
-        self.send_store(txn, oid, serial, m, Some(Arc::new(data.to_vec())))
+        txn.checked.insert(oid, serial);
+        self.send_request_to_cells(txn, oid, serial, m)
     }
 
     /// Delete `oid` (ZODB IExternalGC `deleteObject`).
@@ -691,6 +839,7 @@ impl Client {
             data_serial: None,
             ttid: txn.ttid.0,
             deleted: true,
+            check_only: false,
         };
         self.send_store(txn, oid, serial, m, None)
     }
@@ -703,14 +852,26 @@ impl Client {
         m: msg::AskStoreObject,
         data: Option<Arc<Vec<u8>>>,
     ) -> Result<()> {
+        txn.objects.retain(|(o, _)| *o != oid);
+        txn.objects.push((oid, data));
+        txn.checked.remove(&oid);
+        self.send_request_to_cells(txn, oid, serial, m)
+    }
+
+    fn send_request_to_cells(
+        &self,
+        txn: &mut Transaction,
+        oid: Oid,
+        serial: Tid,
+        m: msg::AskStoreObject,
+    ) -> Result<()> {
         let (_, cells) = self.write_cells(oid.0);
         if cells.is_empty() {
             return Err(ClientError::NoStorage(format!("oid {oid}: no writable cell")));
         }
-        txn.objects.retain(|(o, _)| *o != oid);
-        txn.objects.push((oid, data));
         for nid in cells {
             txn.contacted.insert(nid);
+            txn.voted_on.remove(&nid);
             let (client, m) = (self.clone(), m.clone());
             let (queued_tx, queued_rx) = tokio::sync::oneshot::channel();
             txn.queued.push(queued_rx);
@@ -736,8 +897,98 @@ impl Client {
     /// The votes are queued right behind the stores (each storage votes once the stores it
     /// received are done), so stores and votes cost one round trip. After success,
     /// `tpc_finish` cannot fail because of a conflict.
+    ///
+    /// On conflicts, the error is the first one and `txn.conflicts()` lists them all; the
+    /// transaction stays open: store resolved data (based on the committed serial) and vote
+    /// again, or abort. A storage that asked to relock (deadlock avoidance) is voted again.
     pub async fn tpc_vote(&self, txn: &mut Transaction) -> Result<()> {
         self.check_txn(txn)?;
+        txn.conflicts.clear();
+        let mut fatal = None;
+        loop {
+            self.vote_round(txn, &mut fatal).await;
+            // Relocks requested meanwhile: wait for them, then vote again where they happened.
+            let relocked = loop {
+                let changed = txn.shared.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                {
+                    let mut r = lock(&txn.shared.relocks);
+                    if r.pending == 0 {
+                        let relocked = std::mem::take(&mut r.relocked);
+                        if relocked.is_empty() && fatal.is_none() && txn.conflicts.is_empty() {
+                            // From now on, deadlock notifications are ignored: we are finishing.
+                            r.finishing = true;
+                        }
+                        break relocked;
+                    }
+                }
+                changed.await;
+            };
+            for nid in &relocked {
+                txn.voted_on.remove(nid);
+            }
+            if relocked.is_empty() || fatal.is_some() {
+                break;
+            }
+            debug!("{:?} relocked on {relocked:?}: voting again", txn.ttid);
+        }
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        if let Some(c) = txn.conflicts.first() {
+            return Err(c.error());
+        }
+        for nid in &txn.failed {
+            txn.involved.remove(nid);
+        }
+        for (oid, _) in &txn.objects {
+            if txn.locked.get(oid).copied().unwrap_or(0) == 0 {
+                return Err(ClientError::NoStorage(format!("oid {oid}: no storage accepted the store")));
+            }
+        }
+        let (_, meta_cells) = self.write_cells(txn.ttid.0);
+        if !meta_cells.iter().any(|n| txn.voted_on.contains(n)) {
+            return Err(ClientError::NoStorage(format!("transaction {:?}: no storage took its metadata", txn.ttid)));
+        }
+        txn.voted = true;
+        lock(&self.0.state).txns.remove(&txn.ttid);
+        Ok(())
+    }
+
+    /// `tpc_vote`, resolving conflicts with `resolve(oid, committed serial, old serial, our
+    /// data)`, which returns the merged data or None to give up. Returns the resolved oids.
+    pub async fn tpc_vote_resolving(
+        &self,
+        txn: &mut Transaction,
+        resolve: impl Fn(Oid, Tid, Tid, &[u8]) -> Option<Vec<u8>>,
+    ) -> Result<Vec<Oid>> {
+        let mut resolved = Vec::new();
+        loop {
+            match self.tpc_vote(txn).await {
+                Ok(()) => return Ok(resolved),
+                Err(e @ (ClientError::Conflict { .. } | ClientError::ReadConflict { .. })) => {
+                    for c in txn.conflicts.clone() {
+                        let new = match (&c.data, c.read) {
+                            (Some(d), false) => resolve(c.oid, c.committed, c.serial, d),
+                            _ => None,
+                        };
+                        let Some(new) = new else { return Err(c.error()) };
+                        self.store(txn, c.oid, c.committed, &new)?;
+                        resolved.push(c.oid);
+                    }
+                    if txn.conflicts.is_empty() {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One round of votes: to every storage contacted (and the cells of partition(ttid)) that
+    /// has not voted since its last store; collects store answers, conflicts and failures.
+    async fn vote_round(&self, txn: &mut Transaction, fatal: &mut Option<ClientError>) {
         for q in txn.queued.drain(..) {
             let _ = q.await; // an error means the store failed before sending: seen below
         }
@@ -745,7 +996,7 @@ impl Client {
         let (_, meta_cells) = self.write_cells(txn.ttid.0);
         let oids: Vec<u64> = txn.objects.iter().map(|(o, _)| o.0).collect();
         let mut votes = JoinSet::new();
-        for nid in meta_cells.iter().copied() {
+        for nid in meta_cells.iter().copied().filter(|n| !txn.voted_on.contains(n) && !txn.failed.contains(n)) {
             txn.contacted.insert(nid);
             let m = msg::AskStoreTransaction {
                 ttid: txn.ttid.0,
@@ -762,10 +1013,16 @@ impl Client {
                     }
                     Err(e) => Err(e),
                 };
-                (nid, true, r)
+                (nid, r)
             });
         }
-        for nid in txn.contacted.iter().copied().filter(|n| !meta_cells.contains(n)) {
+        let others: Vec<Nid> = txn
+            .contacted
+            .iter()
+            .copied()
+            .filter(|n| !meta_cells.contains(n) && !txn.voted_on.contains(n) && !txn.failed.contains(n))
+            .collect();
+        for nid in others {
             let (client, ttid) = (self.clone(), txn.ttid.0);
             votes.spawn(async move {
                 let r = match client.storage_link(nid).await {
@@ -776,11 +1033,9 @@ impl Client {
                         .map(|a| a.conflicts),
                     Err(e) => Err(e),
                 };
-                (nid, false, r)
+                (nid, r)
             });
         }
-        let mut conflict = None;
-        let mut fatal = None;
         while let Some(r) = txn.stores.join_next().await {
             let Ok(o) = r else { continue };
             match o.result {
@@ -790,12 +1045,8 @@ impl Client {
                     // get the data.
                     Some(0) => {}
                     Some(c) => {
-                        conflict.get_or_insert(ClientError::Conflict {
-                            oid: o.oid,
-                            serial: o.serial,
-                            committed: Tid(c),
-                            locked_by: a.locked_by.map(Tid),
-                        });
+                        let read = txn.checked.contains_key(&o.oid);
+                        add_conflict(txn, o.oid, o.serial, Tid(c), read);
                     }
                 },
                 Err(e) if is_storage_failure(&e) => {
@@ -808,25 +1059,20 @@ impl Client {
                 }
             }
         }
-        let mut meta_ok = 0;
         while let Some(r) = votes.join_next().await {
-            let Ok((nid, meta, r)) = r else { continue };
+            let Ok((nid, r)) = r else { continue };
             match r {
                 Ok(conflicts) if !conflicts.is_empty() => {
-                    // The storage persisted nothing: the transaction must be aborted.
-                    let c = &conflicts[0];
-                    conflict.get_or_insert(ClientError::Conflict {
-                        oid: Oid(c.oid),
-                        serial: Tid(c.serial),
-                        committed: Tid(c.committed),
-                        locked_by: None,
-                    });
+                    // The storage persisted nothing: resolve and vote again, or abort.
+                    for c in conflicts {
+                        let (oid, serial) = (Oid(c.oid), Tid(c.serial));
+                        let read = txn.checked.contains_key(&oid);
+                        add_conflict(txn, oid, serial, Tid(c.committed), read);
+                    }
                 }
                 Ok(_) => {
                     txn.involved.insert(nid);
-                    if meta {
-                        meta_ok += 1;
-                    }
+                    txn.voted_on.insert(nid);
                 }
                 Err(e) if is_storage_failure(&e) => {
                     warn!("vote on {nid} failed: {e}");
@@ -838,33 +1084,22 @@ impl Client {
                 }
             }
         }
-        if let Some(e) = fatal {
-            return Err(e);
-        }
-        if let Some(c) = conflict {
-            return Err(c);
-        }
-        for nid in &txn.failed {
-            txn.involved.remove(nid);
-        }
-        for (oid, _) in &txn.objects {
-            if txn.locked.get(oid).copied().unwrap_or(0) == 0 {
-                return Err(ClientError::NoStorage(format!("oid {oid}: no storage accepted the store")));
-            }
-        }
-        if meta_ok == 0 {
-            return Err(ClientError::NoStorage(format!("transaction {:?}: no storage took its metadata", txn.ttid)));
-        }
-        txn.voted = true;
-        Ok(())
     }
 
     /// Commit: returns the TID. Invalidations of earlier commits are processed first.
-    pub async fn tpc_finish(&self, mut txn: Transaction) -> Result<Tid> {
+    pub async fn tpc_finish(&self, txn: Transaction) -> Result<Tid> {
+        self.tpc_finish_with(txn, Box::new(|_| {})).await
+    }
+
+    /// `tpc_finish`, calling `f(tid)` in order with the invalidations of other clients' commits
+    /// and before `last_transaction` reports `tid` (ZODB's tpc_finish callback). `f` runs on a
+    /// runtime thread and must not call back into this client.
+    pub async fn tpc_finish_with(&self, mut txn: Transaction, f: FinishCallback) -> Result<Tid> {
         if !txn.voted {
             return Err(ClientError::Transaction("tpc_finish before tpc_vote".into()));
         }
         txn.done = true;
+        lock(&self.0.state).finish_callbacks.insert(txn.ttid, f);
         let m = msg::AskFinishTransaction {
             ttid: txn.ttid.0,
             oids: txn.objects.iter().map(|(o, _)| o.0).collect(),
@@ -874,24 +1109,38 @@ impl Client {
         let link = self.master().await?;
         let tid = match link.ask(m).await.and_then(|b| expect_answer!(b, AnswerTransactionFinished)) {
             Ok(a) => {
-                // Our own invalidation was sent just before the answer: once it is processed,
-                // the cache is in order with every other commit.
+                // Our own invalidation was sent just before the answer: once it is processed
+                // (and the callback called), the cache is in order with every other commit.
                 self.barrier(&link).await;
                 Tid(a.tid)
             }
             Err(LinkError::Closed(_)) => {
                 // The outcome is unknown: ask, never guess (a retry would commit twice).
-                let tid = self.recover_final_tid(txn.ttid).await?;
-                let mut cache = lock(&self.0.cache);
-                for (oid, _) in &txn.objects {
-                    cache.invalidate(*oid, tid);
+                let tid = match self.recover_final_tid(txn.ttid).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        lock(&self.0.state).finish_callbacks.remove(&txn.ttid);
+                        return Err(e);
+                    }
+                };
+                {
+                    let mut cache = lock(&self.0.cache);
+                    for (oid, _) in &txn.objects {
+                        cache.invalidate(*oid, tid);
+                    }
                 }
+                self.run_finish_callback(txn.ttid, tid);
                 let mut s = lock(&self.0.state);
                 s.last_tid = s.last_tid.max(tid);
                 return Ok(tid);
             }
-            Err(e) => return Err(remote(e)),
+            Err(e) => {
+                lock(&self.0.state).finish_callbacks.remove(&txn.ttid);
+                return Err(remote(e));
+            }
         };
+        // Normally called by the master pump already.
+        self.run_finish_callback(txn.ttid, tid);
         let mut cache = lock(&self.0.cache);
         let mut s = lock(&self.0.state);
         // Cache the new revisions as current unless a later commit was already processed.
@@ -904,6 +1153,13 @@ impl Client {
         }
         s.last_tid = s.last_tid.max(tid);
         Ok(tid)
+    }
+
+    fn run_finish_callback(&self, ttid: Tid, tid: Tid) {
+        let f = lock(&self.0.state).finish_callbacks.remove(&ttid);
+        if let Some(f) = f {
+            f(tid);
+        }
     }
 
     /// After losing the master during tpc_finish: the final TID if `ttid` committed.
@@ -963,6 +1219,15 @@ impl Client {
             .map(|p| p.row(partition).iter().map(|c| (c.nid, c.state)).collect())
             .unwrap_or_default()
     }
+}
+
+/// Record a conflict (once per oid) with the data the transaction stored for that oid.
+fn add_conflict(txn: &mut Transaction, oid: Oid, serial: Tid, committed: Tid, read: bool) {
+    if txn.conflicts.iter().any(|c| c.oid == oid) {
+        return;
+    }
+    let data = txn.objects.iter().find(|(o, _)| *o == oid).and_then(|(_, d)| d.clone());
+    txn.conflicts.push(ConflictInfo { oid, serial, committed, read, data });
 }
 
 /// Process the master's notifications in order.
@@ -1055,6 +1320,11 @@ async fn handle_master_message(inner: &Inner, link: &Link, req: proto::Request) 
                 if let Some(cb) = cb {
                     cb(tid, &oids);
                 }
+            } else if let Some(ttid) = m.ttid {
+                let f = lock(&inner.state).finish_callbacks.remove(&Tid(ttid));
+                if let Some(f) = f {
+                    f(tid);
+                }
             }
             let mut s = lock(&inner.state);
             s.last_tid = s.last_tid.max(tid);
@@ -1068,13 +1338,49 @@ async fn handle_master_message(inner: &Inner, link: &Link, req: proto::Request) 
     false
 }
 
-async fn storage_pump(link: Link, mut incoming: Incoming) {
+async fn storage_pump(inner: std::sync::Weak<Inner>, nid: Nid, link: Link, mut incoming: Incoming) {
     while let Some(req) = incoming.recv().await {
-        if let Body::Ping(_) = req.body {
-            let _ = link.answer(req.id, msg::Pong {}).await;
+        match req.body {
+            Body::Ping(_) => {
+                let _ = link.answer(req.id, msg::Pong {}).await;
+            }
+            Body::NotifyDeadlock(m) => {
+                let Some(inner) = inner.upgrade() else { break };
+                let shared = lock(&inner.state).txns.get(&Tid(m.ttid)).cloned();
+                if let Some(shared) = shared {
+                    relock(shared, nid, link.clone(), m);
+                }
+            }
+            other => debug!("ignored {} from storage {nid}", proto::body_name(&other)),
         }
     }
     link.abort();
+}
+
+/// An older transaction waits for a lock we hold on that storage: unless we are finishing,
+/// let it pass and take the lock back (the vote waits for this and votes again there).
+fn relock(shared: Arc<TxnShared>, nid: Nid, link: Link, m: msg::NotifyDeadlock) {
+    {
+        let mut r = lock(&shared.relocks);
+        if r.finishing {
+            return;
+        }
+        r.pending += 1;
+    }
+    debug!("relocking {:?} of {:?} on {nid}", Oid(m.oid), Tid(m.ttid));
+    tokio::spawn(async move {
+        let r = link.ask(msg::AskRelockObject { ttid: m.ttid, oid: m.oid }).await;
+        if let Err(e) = r.and_then(|b| expect_answer!(b, AnswerRelockObject)) {
+            // The vote on that storage fails and reports it.
+            warn!("relock on {nid} failed: {e}");
+        }
+        {
+            let mut r = lock(&shared.relocks);
+            r.pending -= 1;
+            r.relocked.insert(nid);
+        }
+        shared.changed.notify_waiters();
+    });
 }
 
 #[cfg(test)]

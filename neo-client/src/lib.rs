@@ -8,7 +8,10 @@
 pub mod cache;
 mod client;
 
-pub use client::{Client, Transaction};
+pub use client::{
+    Client, ConflictInfo, DataRecord, FinishCallback, HistoryEntry, Transaction, TransactionRecord, TxnInfo,
+    TxnIterator, UndoPlan,
+};
 
 use neo_lib::config::{Address, TlsFiles};
 use neo_lib::{ErrorCode, Oid, Tid};
@@ -47,6 +50,15 @@ pub enum ClientError {
     /// A store found the object changed since `serial` (ZODB `ConflictError`).
     #[error("{}", conflict_message(*.oid, *.serial, *.committed, *.locked_by))]
     Conflict { oid: Oid, serial: Tid, committed: Tid, locked_by: Option<Tid> },
+    /// An object read by the transaction (checkCurrentSerialInTransaction) changed since
+    /// `serial` (ZODB `ReadConflictError`).
+    #[error(
+        "database read conflict error (oid 0x{oid}, serial this txn read 0x{serial}, serial currently committed 0x{committed})"
+    )]
+    ReadConflict { oid: Oid, serial: Tid, committed: Tid },
+    /// An undo that cannot be done (ZODB `UndoError`).
+    #[error("undo error: {0}")]
+    Undo(String),
     /// No such object or revision (ZODB `POSKeyError`).
     #[error("object {0} not found")]
     NotFound(Oid),

@@ -472,6 +472,7 @@ impl Master {
                 None => self.answer(conn, id, proto::error(ErrorCode::NotReady, "no partition table yet")).await,
             },
             Body::SetClusterState(m) if node_type == NodeType::Admin => self.handle_set_state(conn, id, m).await,
+            Body::AskPack(m) if node_type == NodeType::Client => self.handle_pack(conn, id, m).await,
             other => {
                 let name = proto::body_name(&other);
                 debug!("unexpected {name} from {nid}");
@@ -479,6 +480,43 @@ impl Master {
                     .await
             }
         }
+    }
+
+    /// Pack: every running storage packs its readable partitions at min(tid, last tid); the
+    /// client is answered once all of them are done. Runs in a task (a pack may be long).
+    async fn handle_pack(&mut self, conn: ConnId, id: u32, m: msg::AskPack) {
+        if self.state != ClusterState::Running {
+            let e = proto::error(ErrorCode::NotReady, format!("cluster is {}", self.state));
+            return self.answer(conn, id, e).await;
+        }
+        let Some(client) = self.conns.get(&conn).map(|c| c.link.clone()) else { return };
+        let tid = m.tid.min(self.tm.last_tid.0);
+        let links: Vec<(Nid, Link)> = self
+            .running_storages()
+            .into_iter()
+            .filter_map(|n| self.conn_of_node(n).and_then(|c| self.conns.get(&c)).map(|c| (n, c.link.clone())))
+            .collect();
+        info!("pack at {:?} on {} storage(s)", neo_lib::Tid(tid), links.len());
+        tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (nid, link) in links {
+                tasks.spawn(async move {
+                    (nid, link.ask(msg::AskPack { tid }).await.and_then(|b| proto::expect_answer!(b, AnswerPack)))
+                });
+            }
+            let mut failure = None;
+            while let Some(r) = tasks.join_next().await {
+                if let Ok((nid, Err(e))) = r {
+                    warn!("pack failed on {nid}: {e}");
+                    failure.get_or_insert(format!("pack failed on {nid}: {e}"));
+                }
+            }
+            let answer: Body = match failure {
+                None => msg::AnswerPack { tid }.into(),
+                Some(e) => proto::error(ErrorCode::ProtocolError, e),
+            };
+            let _ = client.answer(id, answer).await;
+        });
     }
 
     async fn handle_set_state(&mut self, conn: ConnId, id: u32, m: msg::SetClusterState) {

@@ -269,10 +269,11 @@ impl Master {
             // Invalidations go to every client, the committer included (flagged, just before
             // its answer), without waiting: a client that does not read is disconnected rather
             // than stalling every commit.
-            let mut inval = msg::InvalidateObjects { tid: tid.0, oids: f.oids, committer: false };
+            let mut inval = msg::InvalidateObjects { tid: tid.0, oids: f.oids, committer: false, ttid: None };
             for c in self.conns_of(&[NodeType::Client]) {
                 if let Some(cl) = self.conns.get(&c) {
                     inval.committer = c == txn.conn;
+                    inval.ttid = inval.committer.then_some(ttid.0);
                     let _ = cl.link.try_notify(inval.clone());
                 }
             }

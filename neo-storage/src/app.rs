@@ -4,6 +4,8 @@
 use crate::StorageError;
 use crate::backend::{Load, NewData, NewObject, TxnMeta};
 use crate::db::Db;
+use std::collections::HashMap;
+mod history;
 use crate::tm::{LockAttempt, Stored, Tm};
 use neo_lib::config::{Address, NodeConfig};
 use neo_lib::pt::PartitionTable;
@@ -41,6 +43,8 @@ pub struct Storage {
     db: Db,
     tm: Tm,
     shared: Mutex<Shared>,
+    /// Links of the connected clients, by connection id (to notify deadlocks).
+    clients: Mutex<HashMap<u64, Link>>,
     address: Address,
     shutdown: CancellationToken,
 }
@@ -69,6 +73,25 @@ impl Storage {
     fn np(&self) -> u32 {
         self.with(|s| s.pt.as_ref().map(|p| p.np()).unwrap_or(1))
     }
+
+    /// Partitions of which this node has a readable cell.
+    fn readable_partitions(&self) -> Vec<u32> {
+        self.with(|s| match (&s.pt, s.nid) {
+            (Some(pt), Some(nid)) => {
+                (0..pt.np()).filter(|p| pt.cell(*p, nid).is_some_and(|c| c.is_readable())).collect()
+            }
+            _ => Vec::new(),
+        })
+    }
+
+    /// Check that every partition of a request is readable here.
+    fn check_readable(&self, partitions: &[u32]) -> Result<(), Body> {
+        let readable = self.readable_partitions();
+        match partitions.iter().find(|p| !readable.contains(p)) {
+            Some(p) => Err(proto::error(ErrorCode::NonReadableCell, format!("partition {p} is not readable here"))),
+            None => Ok(()),
+        }
+    }
 }
 
 pub async fn run(
@@ -92,6 +115,7 @@ pub async fn run(
         db,
         tm: Tm::default(),
         shared: Mutex::new(Shared { nid, pt, ready: false, fatal: None }),
+        clients: Mutex::new(HashMap::new()),
         address: address.clone(),
         shutdown: shutdown.clone(),
         cfg,
@@ -303,6 +327,15 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             }
         }
         Body::AbortTransaction(m) => abort(st, Tid(m.ttid)).await,
+        Body::AskPack(m) => {
+            // In a task: a pack may be long. The database thread runs jobs in order, so every
+            // unlock received before this request is done before the pack.
+            let (st2, link2) = (st.clone(), link.clone());
+            tokio::spawn(async move {
+                let ans = history::pack(&st2, Tid(m.tid)).await;
+                let _ = link2.answer(id, ans).await;
+            });
+        }
         Body::Ping(_) => {
             let _ = link.answer(id, msg::Pong {}).await;
         }
@@ -400,6 +433,7 @@ async fn serve_peer(st: Arc<Storage>, link: Link, mut incoming: Incoming, token:
         return;
     }
     let conn = link.conn_id();
+    neo_lib::lock(&st.clients).insert(conn, link.clone());
     loop {
         let req = tokio::select! {
             _ = token.cancelled() => break,
@@ -407,6 +441,7 @@ async fn serve_peer(st: Arc<Storage>, link: Link, mut incoming: Incoming, token:
         };
         handle_client(&st, &link, req).await;
     }
+    neo_lib::lock(&st.clients).remove(&conn);
     link.close().await;
     for ttid in st.tm.unvoted_of_conn(conn) {
         abort(&st, ttid).await;
@@ -457,6 +492,41 @@ async fn handle_client(st: &Arc<Storage>, link: &Link, req: Request) {
             });
         }
         Body::AbortTransaction(m) => abort(st, Tid(m.ttid)).await,
+        Body::AskRelockObject(m) => {
+            // Counted like a store: a vote that follows waits until the lock is taken back.
+            let ttid = Tid(m.ttid);
+            st.tm.store_started(ttid);
+            tokio::spawn(async move {
+                let ans = relock(&st2, ttid, Oid(m.oid)).await;
+                st2.tm.store_done(ttid);
+                let _ = link2.answer(id, ans).await;
+            });
+        }
+        Body::AskObjectHistory(m) => {
+            tokio::spawn(async move {
+                let _ = link2.answer(id, history::history(&st2, m).await).await;
+            });
+        }
+        Body::AskTids(m) => {
+            tokio::spawn(async move {
+                let _ = link2.answer(id, history::tids(&st2, m).await).await;
+            });
+        }
+        Body::AskTidsFrom(m) => {
+            tokio::spawn(async move {
+                let _ = link2.answer(id, history::tids_from(&st2, m).await).await;
+            });
+        }
+        Body::AskTransactionInformation(m) => {
+            tokio::spawn(async move {
+                let _ = link2.answer(id, history::transaction_information(&st2, m).await).await;
+            });
+        }
+        Body::AskObjectUndoSerial(m) => {
+            tokio::spawn(async move {
+                let _ = link2.answer(id, history::undo_serial(&st2, m).await).await;
+            });
+        }
         Body::AskFinalTid(m) => {
             tokio::spawn(async move {
                 let ttid = Tid(m.ttid);
@@ -495,7 +565,7 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
     if ttid > Tid::MAX || m.serial > Tid::MAX.0 || oid.0 > Tid::MAX.0 || m.data_serial.is_some_and(|t| t > Tid::MAX.0) {
         return proto::error(ErrorCode::ProtocolError, "ids out of range");
     }
-    if !m.deleted {
+    if !m.deleted && !m.check_only {
         if m.compression > 1 {
             return proto::error(ErrorCode::ProtocolError, format!("invalid compression {}", m.compression));
         }
@@ -519,6 +589,17 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
     if !lockless && let Some(answer) = take_write_lock(st, ttid, oid, partition).await {
         return answer;
     }
+    if m.check_only {
+        // checkCurrentSerialInTransaction: the write lock is held until the transaction ends,
+        // and the serial is checked at vote.
+        if lockless {
+            return msg::AnswerStoreObject { conflict: Some(0), locked_by: None }.into();
+        }
+        if !st.tm.add_checked(ttid, oid, partition, Tid(m.serial)) {
+            return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
+        }
+        return msg::AnswerStoreObject { conflict: None, locked_by: None }.into();
+    }
     let data = if m.deleted {
         None
     } else {
@@ -535,9 +616,10 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
     msg::AnswerStoreObject { conflict, locked_by: None }.into()
 }
 
-/// Take the write lock of `oid` for `ttid`, waiting for older transactions. Returns the answer
-/// to send instead of going on (conflict with a younger transaction, abort, shutdown).
-async fn take_write_lock(st: &Storage, ttid: Tid, oid: Oid, partition: u32) -> Option<Body> {
+/// Take the write lock of `oid` for `ttid`, waiting for older transactions (and for younger
+/// ones, whose client is told to relock). Returns the answer to send instead of going on
+/// (abort, shutdown).
+async fn take_write_lock(st: &Storage, ttid: Tid, oid: Oid, _partition: u32) -> Option<Body> {
     loop {
         let changed = st.tm.changed();
         let notified = changed.notified();
@@ -548,21 +630,40 @@ async fn take_write_lock(st: &Storage, ttid: Tid, oid: Oid, partition: u32) -> O
             LockAttempt::Gone => {
                 return Some(proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted")));
             }
-            LockAttempt::Conflict(holder) => {
-                let current = match st.db.call(move |b| b.last_serial(partition, oid)).await {
-                    Ok(Ok(s)) => s.unwrap_or(Tid::ZERO),
-                    Ok(Err(e)) => return Some(internal(e)),
-                    Err(e) => return Some(internal(e)),
-                };
-                return Some(msg::AnswerStoreObject { conflict: Some(current.0), locked_by: Some(holder.0) }.into());
-            }
-            LockAttempt::Wait => {
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = st.shutdown.cancelled() => return Some(proto::error(ErrorCode::NotReady, "storage is stopping")),
+            LockAttempt::Deadlock(holder) => {
+                let link = st.tm.conn_of(holder).and_then(|c| neo_lib::lock(&st.clients).get(&c).cloned());
+                if let Some(link) = link {
+                    debug!("{ttid:?} waits for {holder:?} on {oid:?}: asking it to relock");
+                    if link.try_notify(msg::NotifyDeadlock { ttid: holder.0, oid: oid.0 }).is_err() {
+                        // Its client does not read: it is disconnected, which aborts it.
+                        link.abort();
+                    }
                 }
+                continue;
+            }
+            LockAttempt::Wait => {}
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = st.shutdown.cancelled() => {
+                st.tm.stop_waiting(ttid, oid);
+                return Some(proto::error(ErrorCode::NotReady, "storage is stopping"));
             }
         }
+    }
+}
+
+/// AskRelockObject: hand the lock of `oid` to the older transaction waiting for it, then take
+/// it back (the transaction must vote again here).
+async fn relock(st: &Storage, ttid: Tid, oid: Oid) -> Body {
+    if !st.tm.relock(ttid, oid) {
+        // Unknown (aborted) or already at its commit point: nothing to give back.
+        return msg::AnswerRelockObject {}.into();
+    }
+    let partition = st.cell_of(oid.0).map(|(p, _)| p).unwrap_or(0);
+    match take_write_lock(st, ttid, oid, partition).await {
+        Some(answer) => answer,
+        None => msg::AnswerRelockObject {}.into(),
     }
 }
 
@@ -585,15 +686,16 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
         }
     }
     st.tm.register(ttid, conn);
-    let objects = st
+    let (objects, checked, generation) = st
         .tm
         .objects_to_vote(ttid)
         .ok_or_else(|| proto::error(ErrorCode::ProtocolError, format!("unknown transaction {ttid:?}")))?;
     let meta_partition = ttid.partition(st.np());
     // One database job and transaction: the data rows, the temporary objects and the
     // metadata, with one durable commit.
-    let checks: Vec<(u32, Oid, Tid)> =
+    let mut checks: Vec<(u32, Oid, Tid)> =
         objects.iter().filter_map(|(oid, s)| s.base_serial.map(|b| (s.partition, *oid, b))).collect();
+    checks.extend(checked);
     let objects: Vec<(u32, NewObject)> = objects
         .into_iter()
         .map(|(oid, s)| {
@@ -619,7 +721,7 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
         .await;
     let conflicts = result.map_err(internal)?.map_err(internal)?;
     if conflicts.is_empty() {
-        st.tm.set_voted(ttid);
+        st.tm.set_voted(ttid, generation);
     }
     Ok(conflicts)
 }

@@ -2,9 +2,13 @@
 //! locks (taken at store, released at unlock/abort), and read locks between lock and unlock
 //! (loads of those objects wait so nobody reads a revision older than an acknowledged commit).
 //!
-//! Deadlock freedom (until NEO's relock protocol lands): a younger transaction waits for an
-//! older lock holder; an older one finding a lock held by a younger, not yet voted transaction
-//! gets a conflict instead of waiting, so waits always go from young to old and never cycle.
+//! Deadlock avoidance (NEO's relock protocol): a younger transaction waits for an older lock
+//! holder. An older one finding a lock held by a younger transaction that has not reached its
+//! commit point also waits, but the younger one's client is notified (`NotifyDeadlock`); unless
+//! it is already finishing, it asks to relock (`AskRelockObject`): the lock goes to the oldest
+//! waiter, the younger transaction queues for it again and must vote again on this storage
+//! (its base serial is checked anew). Waits that remain go from young to old, or towards a
+//! transaction that is finishing and waits for nobody, so they never cycle.
 
 use crate::backend::NewData;
 use neo_lib::{Oid, Tid};
@@ -32,6 +36,11 @@ pub struct TxnState {
     pub objects: BTreeMap<Oid, Stored>,
     pub voted: bool,
     pub locked: Option<Tid>,
+    /// Bumped by each relock: a vote started before a relock does not count.
+    pub generation: u64,
+    /// Objects only checked (checkCurrentSerialInTransaction): locked and checked at vote, not
+    /// written.
+    pub checked: BTreeMap<Oid, (u32, Tid)>,
 }
 
 /// Result of trying to take a write lock.
@@ -41,8 +50,9 @@ pub enum LockAttempt {
     Acquired,
     /// Held by an older or voted transaction: wait and retry.
     Wait,
-    /// Held by this younger transaction that has not voted: give up with a conflict.
-    Conflict(Tid),
+    /// Held by this younger transaction that has not reached its commit point: wait, and have
+    /// its client told (once per transaction and object) that it should relock.
+    Deadlock(Tid),
     /// The transaction was aborted meanwhile.
     Gone,
 }
@@ -59,6 +69,21 @@ struct Inner {
     aborted_order: std::collections::VecDeque<Tid>,
     write_locks: HashMap<Oid, Tid>,
     read_locks: HashMap<Oid, Tid>,
+    /// Transactions waiting for the write lock of an object.
+    waiters: HashMap<Oid, std::collections::BTreeSet<Tid>>,
+    /// (holder, oid) pairs whose holder's client was told about a deadlock.
+    deadlock_notified: std::collections::HashSet<(Tid, Oid)>,
+}
+
+impl Inner {
+    fn remove_waiter(&mut self, oid: Oid, ttid: Tid) {
+        if let Some(w) = self.waiters.get_mut(&oid) {
+            w.remove(&ttid);
+            if w.is_empty() {
+                self.waiters.remove(&oid);
+            }
+        }
+    }
 }
 
 /// Shared handle; critical sections are short and never span an `.await`.
@@ -90,6 +115,8 @@ impl Tm {
                 objects: BTreeMap::new(),
                 voted: false,
                 locked: None,
+                generation: 0,
+                checked: BTreeMap::new(),
             });
             t.locked.is_none()
         })
@@ -126,9 +153,10 @@ impl Tm {
     pub fn try_lock(&self, ttid: Tid, oid: Oid) -> LockAttempt {
         self.with(|s| {
             if !s.txns.contains_key(&ttid) {
+                s.remove_waiter(oid, ttid);
                 return LockAttempt::Gone;
             }
-            match s.write_locks.get(&oid).copied() {
+            let attempt = match s.write_locks.get(&oid).copied() {
                 None => {
                     s.write_locks.insert(oid, ttid);
                     LockAttempt::Acquired
@@ -136,11 +164,62 @@ impl Tm {
                 Some(h) if h == ttid => LockAttempt::Acquired,
                 Some(h) if h < ttid => LockAttempt::Wait,
                 Some(h) => {
-                    let voted = s.txns.get(&h).is_some_and(|t| t.voted || t.locked.is_some());
-                    if voted { LockAttempt::Wait } else { LockAttempt::Conflict(h) }
+                    let finishing = s.txns.get(&h).is_none_or(|t| t.locked.is_some());
+                    if finishing || !s.deadlock_notified.insert((h, oid)) {
+                        LockAttempt::Wait
+                    } else {
+                        LockAttempt::Deadlock(h)
+                    }
+                }
+            };
+            if attempt == LockAttempt::Acquired {
+                s.remove_waiter(oid, ttid);
+            } else {
+                s.waiters.entry(oid).or_default().insert(ttid);
+            }
+            attempt
+        })
+    }
+
+    /// Stop waiting for the lock of `oid` (the waiting request was cancelled).
+    pub fn stop_waiting(&self, ttid: Tid, oid: Oid) {
+        self.with(|s| s.remove_waiter(oid, ttid));
+    }
+
+    /// Client link of a transaction (to send it a `NotifyDeadlock`).
+    pub fn conn_of(&self, ttid: Tid) -> Option<u64> {
+        self.with(|s| s.txns.get(&ttid).map(|t| t.conn))
+    }
+
+    /// Relock: if `ttid` holds the lock of `oid` and has not reached its commit point, give the
+    /// lock to the oldest older transaction waiting for it, and make `ttid` vote again. Returns
+    /// false if the transaction is unknown or already locked (nothing to do then).
+    pub fn relock(&self, ttid: Tid, oid: Oid) -> bool {
+        let done = self.with(|s| {
+            let Some(t) = s.txns.get_mut(&ttid) else { return false };
+            if t.locked.is_some() {
+                return false;
+            }
+            t.voted = false;
+            t.generation += 1;
+            s.deadlock_notified.remove(&(ttid, oid));
+            if s.write_locks.get(&oid) != Some(&ttid) {
+                return true;
+            }
+            let older =
+                s.waiters.get(&oid).and_then(|w| w.iter().copied().find(|w| *w < ttid && s.txns.contains_key(w)));
+            match older {
+                Some(o) => {
+                    s.write_locks.insert(oid, o);
+                }
+                None => {
+                    s.write_locks.remove(&oid);
                 }
             }
-        })
+            true
+        });
+        self.changed.notify_waiters();
+        done
     }
 
     /// Record a stored object. Returns false if the transaction is gone.
@@ -154,14 +233,38 @@ impl Tm {
         })
     }
 
-    /// Objects to vote.
-    pub fn objects_to_vote(&self, ttid: Tid) -> Option<Vec<(Oid, Stored)>> {
-        self.with(|s| s.txns.get_mut(&ttid).map(|t| t.objects.iter().map(|(o, st)| (*o, st.clone())).collect()))
+    /// Record an object checked by checkCurrentSerialInTransaction. Returns false if the
+    /// transaction is gone.
+    pub fn add_checked(&self, ttid: Tid, oid: Oid, partition: u32, serial: Tid) -> bool {
+        self.with(|s| match s.txns.get_mut(&ttid) {
+            Some(t) => {
+                t.checked.insert(oid, (partition, serial));
+                true
+            }
+            None => false,
+        })
     }
 
-    pub fn set_voted(&self, ttid: Tid) {
+    /// What to vote: the stored objects, the checked ones (partition, oid, serial), and the
+    /// generation to pass to `set_voted`.
+    #[allow(clippy::type_complexity)]
+    pub fn objects_to_vote(&self, ttid: Tid) -> Option<(Vec<(Oid, Stored)>, Vec<(u32, Oid, Tid)>, u64)> {
         self.with(|s| {
-            if let Some(t) = s.txns.get_mut(&ttid) {
+            s.txns.get_mut(&ttid).map(|t| {
+                let objects = t.objects.iter().map(|(o, st)| (*o, st.clone())).collect();
+                let checked =
+                    t.checked.iter().filter(|(o, _)| !t.objects.contains_key(o)).map(|(o, (p, t))| (*p, *o, *t));
+                (objects, checked.collect(), t.generation)
+            })
+        })
+    }
+
+    /// The vote started at `generation` succeeded; it counts unless a relock came meanwhile.
+    pub fn set_voted(&self, ttid: Tid, generation: u64) {
+        self.with(|s| {
+            if let Some(t) = s.txns.get_mut(&ttid)
+                && t.generation == generation
+            {
                 t.voted = true;
             }
         });
@@ -184,6 +287,13 @@ impl Tm {
         self.with(|s| s.txns.get(&ttid).and_then(|t| t.locked))
     }
 
+    /// True if a transaction with final tid <= `tid` reached its commit point here and is not
+    /// unlocked yet (listings up to `tid` wait for it, so they never miss an acknowledged
+    /// commit).
+    pub fn is_committing_upto(&self, tid: Tid) -> bool {
+        self.with(|s| s.txns.values().any(|t| t.locked.is_some_and(|l| l <= tid)))
+    }
+
     /// True if a load of `oid` must wait for a commit in progress.
     pub fn is_read_locked(&self, oid: Oid) -> bool {
         self.with(|s| s.read_locks.contains_key(&oid))
@@ -195,6 +305,11 @@ impl Tm {
             let known = s.txns.remove(&ttid).is_some();
             s.write_locks.retain(|_, h| *h != ttid);
             s.read_locks.retain(|_, h| *h != ttid);
+            s.deadlock_notified.retain(|(h, _)| *h != ttid);
+            s.waiters.retain(|_, w| {
+                w.remove(&ttid);
+                !w.is_empty()
+            });
             known
         });
         self.changed.notify_waiters();
@@ -222,6 +337,8 @@ impl Tm {
             s.txns.clear();
             s.write_locks.clear();
             s.read_locks.clear();
+            s.waiters.clear();
+            s.deadlock_notified.clear();
         });
         self.changed.notify_waiters();
     }
@@ -252,15 +369,26 @@ mod tests {
         tm.register(old, 1);
         tm.register(young, 2);
         assert_eq!(tm.try_lock(young, Oid(1)), LockAttempt::Acquired);
-        // The older transaction finds a lock of a younger one that did not vote: conflict.
-        assert_eq!(tm.try_lock(old, Oid(1)), LockAttempt::Conflict(young));
-        tm.set_voted(young);
+        // The older transaction finds a lock of a younger one before its commit point: it waits
+        // and the younger one's client is told, once.
+        assert_eq!(tm.try_lock(old, Oid(1)), LockAttempt::Deadlock(young));
         assert_eq!(tm.try_lock(old, Oid(1)), LockAttempt::Wait);
+        tm.set_voted(young, 0);
+        assert!(tm.is_voted(young));
+        // Relock: the lock goes to the older waiter, the younger must vote again and waits.
+        assert!(tm.relock(young, Oid(1)));
+        assert!(!tm.is_voted(young));
+        assert_eq!(tm.try_lock(young, Oid(1)), LockAttempt::Wait);
+        assert_eq!(tm.try_lock(old, Oid(1)), LockAttempt::Acquired);
+        // A vote started before the relock does not count.
+        tm.set_voted(young, 0);
+        assert!(!tm.is_voted(young));
         assert_eq!(tm.try_lock(old, Oid(2)), LockAttempt::Acquired);
         // The younger waits for the older one.
         assert_eq!(tm.try_lock(young, Oid(2)), LockAttempt::Wait);
         assert!(tm.release(old));
         assert_eq!(tm.try_lock(young, Oid(2)), LockAttempt::Acquired);
+        assert_eq!(tm.try_lock(young, Oid(1)), LockAttempt::Acquired);
         assert_eq!(tm.try_lock(old, Oid(3)), LockAttempt::Gone);
         // An aborted transaction cannot be revived by a late store.
         tm.abort(young);

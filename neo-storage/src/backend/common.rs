@@ -124,3 +124,130 @@ impl HeldData {
         self.released.clear();
     }
 }
+
+// --- history, undo and pack
+
+/// `partitions` sorted, without duplicates.
+pub(crate) fn distinct_partitions(partitions: &[u32]) -> Vec<u32> {
+    let mut p = partitions.to_vec();
+    p.sort_unstable();
+    p.dedup();
+    p
+}
+
+/// `partitions` as an SQL list for `IN (...)` ("0, 3, 5": sorted, without duplicates), None if
+/// empty. The numbers are written into the statement (they are integers, nothing to escape):
+/// the list has no length limit, unlike bound parameters.
+pub(crate) fn partition_list(partitions: &[u32]) -> Option<String> {
+    let p = distinct_partitions(partitions);
+    if p.is_empty() {
+        return None;
+    }
+    Some(p.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+}
+
+/// `tids` and `tids_from` read each partition in TID order along its primary key, at most this
+/// many rows (enough for the `offset`/`length` window of the union), and `merge_tids` the lists:
+/// a few index rows per partition instead of sorting every transaction of the partitions.
+pub(crate) fn window_end(offset: u32, length: u32) -> u64 {
+    u64::from(offset) + u64::from(length)
+}
+
+/// The `offset`/`length` window of the union of per-partition TID lists (see `window_end`):
+/// newest first for the undo log, oldest first for the iterator.
+pub(crate) fn merge_tids(mut tids: Vec<Tid>, newest_first: bool, offset: u32, length: u32) -> Vec<Tid> {
+    if newest_first {
+        tids.sort_unstable_by(|a, b| b.cmp(a));
+    } else {
+        tids.sort_unstable();
+    }
+    tids.into_iter().skip(offset as usize).take(length as usize).collect()
+}
+
+/// Bind value of an inclusive upper TID bound: TIDs above the largest storable one include
+/// every stored TID.
+pub(crate) fn tid_upper(tid: Tid) -> i64 {
+    id64(tid.0.min(Tid::MAX.0))
+}
+
+/// The inclusive `(min, max)` bind values of `min <= tid <= max`, None if no stored TID can
+/// match.
+pub(crate) fn tid_range(min: Tid, max: Tid) -> Option<(i64, i64)> {
+    if min > max || min > Tid::MAX {
+        return None;
+    }
+    Some((id64(min.0), tid_upper(max)))
+}
+
+/// Bind value of the inclusive upper bound of "current" for `undo_info`: `tid < before`, or
+/// every TID when `before` is None; None if no TID is below `before`.
+pub(crate) fn undo_current_max(before: Option<Tid>) -> Option<i64> {
+    match before {
+        None => Some(tid_upper(Tid::MAX)),
+        Some(b) => b.0.checked_sub(1).map(|m| tid_upper(Tid(m))),
+    }
+}
+
+/// A stored size (`LENGTH(value)`, `value_size`) as a history size.
+pub(crate) fn size_of(v: i64, what: &dyn Fn() -> String) -> Result<u64> {
+    u64::try_from(v).map_err(|_| corrupt(format!("{}: negative data size {v}", what())))
+}
+
+/// One revision as `undo_info` sees it: its serial and its back-pointer (`value_tid`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Revision {
+    pub(crate) tid: Tid,
+    pub(crate) value_tid: Option<Tid>,
+}
+
+impl Revision {
+    /// The serial whose data this revision has: its back-pointer if any, else itself (a
+    /// deletion without back-pointer resolves to itself too).
+    fn data_serial(self) -> Tid {
+        self.value_tid.unwrap_or(self.tid)
+    }
+}
+
+/// Which revision a row of an engine's `undo_info` query is (its first column).
+pub(crate) const UNDO_CURRENT: i64 = 0;
+pub(crate) const UNDO_UNDONE: i64 = 1;
+pub(crate) const UNDO_PREVIOUS: i64 = 2;
+
+/// The revisions `undo_info` looks at, filled from the rows of an engine's query.
+#[derive(Debug, Default)]
+pub(crate) struct UndoRevisions {
+    /// Newest revision before the snapshot.
+    pub(crate) current: Option<Revision>,
+    /// The undone revision.
+    pub(crate) undone: Option<Revision>,
+    /// The revision just before the undone one.
+    pub(crate) previous: Option<Revision>,
+}
+
+impl UndoRevisions {
+    /// Record a row tagged `kind` (`UNDO_CURRENT`, ...).
+    pub(crate) fn set(&mut self, kind: i64, rev: Revision, what: &dyn Fn() -> String) -> Result<()> {
+        let slot = match kind {
+            UNDO_CURRENT => &mut self.current,
+            UNDO_UNDONE => &mut self.undone,
+            UNDO_PREVIOUS => &mut self.previous,
+            _ => return Err(BackendError::Db(format!("{}: unexpected row kind {kind}", what()))),
+        };
+        *slot = Some(rev);
+        Ok(())
+    }
+
+    /// NEO's `findUndoTID`: None without a current or an undone revision. The data the undo
+    /// goes back to is that of the previous revision, through its back-pointer (if the previous
+    /// revision is a deletion, its own serial: the undo restores a deleted state); None if the
+    /// undone revision created the object. The undo is "current" if the current revision has
+    /// the same data as the undone one.
+    pub(crate) fn info(self) -> Option<super::UndoInfo> {
+        let (current, undone) = (self.current?, self.undone?);
+        Some(super::UndoInfo {
+            current: current.tid,
+            undo_serial: self.previous.map(Revision::data_serial),
+            is_current: current.data_serial() == undone.data_serial(),
+        })
+    }
+}

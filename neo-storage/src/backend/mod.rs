@@ -108,6 +108,20 @@ pub struct TxnInfo {
     pub meta: TxnMeta,
 }
 
+/// What undoing a revision needs to know about one object (NEO's `findUndoTID`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UndoInfo {
+    /// Serial of the newest revision of the object before the snapshot.
+    pub current: Tid,
+    /// Serial whose data the object goes back to (the revision before the undone one, following
+    /// its back-pointer to the revision that really holds the data); None when the undone
+    /// revision created the object (undoing it deletes the object).
+    pub undo_serial: Option<Tid>,
+    /// True if the current revision has the same data as the undone one (the current revision
+    /// is the undone one, or a back-pointer to its data): the undo needs no conflict resolution.
+    pub is_current: bool,
+}
+
 /// The interface every storage engine implements.
 pub trait Backend: Send {
     /// Engine name for logs ("SQLite").
@@ -134,6 +148,27 @@ pub trait Backend: Send {
     fn last_serial(&mut self, partition: u32, oid: Oid) -> Result<Option<Tid>>;
     /// Committed transaction metadata by final tid.
     fn transaction(&mut self, partition: u32, tid: Tid) -> Result<Option<TxnInfo>>;
+    /// Committed revisions of `oid` (partition `partition`), newest first, skipping the first
+    /// `offset` and returning at most `length`: (serial, size in bytes of the data as stored;
+    /// 0 for a deletion). Empty if the object does not exist.
+    fn object_history(&mut self, partition: u32, oid: Oid, offset: u32, length: u32) -> Result<Vec<(Tid, u64)>>;
+    /// Committed transactions whose metadata is in one of `partitions` and that were not packed,
+    /// newest first, skipping `offset`, at most `length` (the undo log).
+    fn tids(&mut self, partitions: &[u32], offset: u32, length: u32) -> Result<Vec<Tid>>;
+    /// Committed transactions whose metadata is in one of `partitions`, packed or not, with
+    /// `min <= tid <= max`, oldest first, at most `length` (the iterator).
+    fn tids_from(&mut self, partitions: &[u32], min: Tid, max: Tid, length: u32) -> Result<Vec<Tid>>;
+    /// Undo information for `oid` and the revision `undone` (see `UndoInfo`), with "current"
+    /// meaning the newest revision with serial < `before` (newest of all if None). None if the
+    /// object has no revision `undone` (not part of that transaction, or packed away) or no
+    /// revision before `before`.
+    fn undo_info(&mut self, partition: u32, oid: Oid, undone: Tid, before: Option<Tid>) -> Result<Option<UndoInfo>>;
+    /// Pack `partitions` at `tid`: for every object, delete the revisions older than its newest
+    /// revision with serial <= `tid`, and that revision too if it is a deletion (the object is
+    /// then gone); mark the metadata of transactions <= `tid` as packed (kept, hidden from
+    /// `tids`); delete data rows nothing references any more (neither committed nor temporary
+    /// objects, nor held data). Idempotent; durable on return. Never touches temporary data.
+    fn pack(&mut self, partitions: &[u32], tid: Tid) -> Result<()>;
 
     // --- commit path
     /// Insert a data row (or reuse an identical one: same checksum and compression) for an

@@ -26,14 +26,18 @@
 //! call reconnects first (same URL and session settings, schema version and cluster checked, no
 //! migration), waiting up to `RECONNECT_FOR` for a restarting server. Reads, and the writes that
 //! are idempotent by contract (`lock`, `unlock`, `abort`, `set_config`, `save_pt`,
-//! `drop_unfinished`), are retried once on a new connection; `store_data`, `vote` and
+//! `drop_unfinished`, `pack`), are retried once on a new connection; `store_data`, `vote` and
 //! `vote_data` are not (the node aborts that transaction). Nothing is kept across calls on the
 //! server side but committed rows: data ids (`held`, `released`) stay valid.
 
 use super::common::{
-    CHECKSUM_LEN, HeldData, check_data_args, compression_of, corrupt, decode_oids, encode_oids, id64, tid_of,
+    CHECKSUM_LEN, HeldData, Revision, UndoRevisions, check_data_args, compression_of, corrupt, decode_oids,
+    distinct_partitions, encode_oids, id64, merge_tids, partition_list, size_of, tid_of, tid_range, tid_upper,
+    undo_current_max, window_end,
 };
-use super::{Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
+use super::{
+    Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta, UndoInfo,
+};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Row, Value};
 use neo_lib::pt::{Cell, PartitionTable};
@@ -829,25 +833,75 @@ async fn write_vote(
     }
 }
 
-/// Delete the data rows among `ids` that are neither held nor referenced by obj or tobj.
+/// Delete the data rows among `ids` that are neither held nor referenced by obj or tobj, and
+/// their chunks; a few statements of `BATCHES` rows each (in id order).
 async fn prune(c: &mut Conn, held: &HeldData, ids: impl IntoIterator<Item = DataId>) -> Result<()> {
-    for id in ids {
-        if held.is_held(id) {
-            continue;
-        }
+    let mut ids: Vec<DataId> = ids.into_iter().filter(|id| !held.is_held(*id)).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut rest = ids.as_slice();
+    while !rest.is_empty() {
+        let n = BATCHES.iter().copied().find(|b| *b <= rest.len()).unwrap_or(1);
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        let marks = vec!["?"; n].join(", ");
+        let params: Vec<Value> = batch.iter().map(|id| Value::from(*id)).collect();
         c.exec_drop(
-            "DELETE FROM data WHERE id = ?
-               AND NOT EXISTS (SELECT 1 FROM obj WHERE data_id = ?)
-               AND NOT EXISTS (SELECT 1 FROM tobj WHERE data_id = ?)",
-            (id, id, id),
+            format!(
+                "DELETE FROM data WHERE id IN ({marks})
+                   AND NOT EXISTS (SELECT 1 FROM obj WHERE obj.data_id = data.id)
+                   AND NOT EXISTS (SELECT 1 FROM tobj WHERE tobj.data_id = data.id)"
+            ),
+            params.clone(),
         )
         .await
         .map_err(db)?;
         if c.affected_rows() > 0 {
-            c.exec_drop("DELETE FROM bigdata WHERE data_id = ?", (id,)).await.map_err(db)?;
+            c.exec_drop(
+                format!(
+                    "DELETE FROM bigdata WHERE data_id IN ({marks})
+                       AND NOT EXISTS (SELECT 1 FROM data WHERE data.id = bigdata.data_id)"
+                ),
+                params,
+            )
+            .await
+            .map_err(db)?;
         }
     }
     Ok(())
+}
+
+/// The revisions `undo_info` needs, tagged with their kind (`UNDO_CURRENT`, ...). Parameters:
+/// partition, oid, upper bound of current (inclusive); partition, oid, undone; partition, oid,
+/// undone.
+const UNDO_REVISIONS: &str = "SELECT 0, c.tid, c.value_tid FROM
+       (SELECT tid, value_tid FROM obj WHERE `partition` = ? AND oid = ? AND tid <= ?
+        ORDER BY tid DESC LIMIT 1) c
+     UNION ALL
+     SELECT 1, tid, value_tid FROM obj WHERE `partition` = ? AND oid = ? AND tid = ?
+     UNION ALL
+     SELECT 2, p.tid, p.value_tid FROM
+       (SELECT tid, value_tid FROM obj WHERE `partition` = ? AND oid = ? AND tid < ?
+        ORDER BY tid DESC LIMIT 1) p";
+
+const _: () = assert!(super::common::UNDO_CURRENT == 0);
+const _: () = assert!(super::common::UNDO_UNDONE == 1);
+const _: () = assert!(super::common::UNDO_PREVIOUS == 2);
+
+/// `UNION ALL` of the statement `select` makes for each of `partitions` (None if empty). Text
+/// protocol, every value in the statement (integers): a prepared statement per partition list
+/// would churn the connection's statement cache.
+fn union_per_partition(partitions: &[u32], select: impl Fn(u32) -> String) -> Option<String> {
+    let parts = distinct_partitions(partitions);
+    if parts.is_empty() {
+        return None;
+    }
+    Some(parts.into_iter().map(|p| format!("({})", select(p))).collect::<Vec<_>>().join(" UNION ALL "))
+}
+
+/// The TIDs in the first column of `rows`.
+fn read_tids(rows: Vec<Row>) -> Result<Vec<Tid>> {
+    rows.into_iter().map(|mut row| col_tid(&mut row, 0, "tid", &|| "transaction".to_string())).collect()
 }
 
 /// Load statements: `tid` condition none / `= at` / `< before` / both.
@@ -1076,6 +1130,137 @@ impl Backend for MysqlBackend {
                     oids,
                 },
             }))
+        })
+    }
+
+    fn object_history(&mut self, partition: u32, oid: Oid, offset: u32, length: u32) -> Result<Vec<(Tid, u64)>> {
+        on_conn!(self, RETRY, c, async {
+            let rows: Vec<Row> = c
+                .exec(
+                    "SELECT o.tid, o.data_id, d.id, d.value_size
+                     FROM obj o LEFT JOIN data d ON d.id = o.data_id
+                     WHERE o.`partition` = ? AND o.oid = ?
+                     ORDER BY o.tid DESC LIMIT ? OFFSET ?",
+                    (partition, id64(oid.0), length, offset),
+                )
+                .await
+                .map_err(db)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for mut row in rows {
+                let row = &mut row;
+                let serial = col_tid(row, 0, "tid", &|| format!("object {oid}"))?;
+                let what = || format!("object {oid} revision {serial}");
+                let size = match col_opt_int(row, 1, "data_id", &what)? {
+                    None => 0,
+                    Some(id) => {
+                        if col_opt_int(row, 2, "data.id", &what)?.is_none() {
+                            return Err(corrupt(format!("{}: data row {id} does not exist", what())));
+                        }
+                        let what = || format!("object {oid} revision {serial} (data row {id})");
+                        size_of(col_int(row, 3, "value_size", &what)?, &what)?
+                    }
+                };
+                out.push((serial, size));
+            }
+            Ok(out)
+        })
+    }
+
+    fn tids(&mut self, partitions: &[u32], offset: u32, length: u32) -> Result<Vec<Tid>> {
+        // Each partition newest first along the primary key (see `window_end`), in one
+        // statement. Packed transactions are the oldest: the scan meets the others first.
+        let limit = window_end(offset, length);
+        let Some(sql) = union_per_partition(partitions, |p| {
+            format!("SELECT tid FROM trans WHERE `partition` = {p} AND packed = 0 ORDER BY tid DESC LIMIT {limit}")
+        }) else {
+            return Ok(Vec::new());
+        };
+        let all = on_conn!(self, RETRY, c, async { read_tids(c.query(sql.as_str()).await.map_err(db)?) })?;
+        Ok(merge_tids(all, true, offset, length))
+    }
+
+    fn tids_from(&mut self, partitions: &[u32], min: Tid, max: Tid, length: u32) -> Result<Vec<Tid>> {
+        let Some((min, max)) = tid_range(min, max) else {
+            return Ok(Vec::new());
+        };
+        let Some(sql) = union_per_partition(partitions, |p| {
+            format!(
+                "SELECT tid FROM trans WHERE `partition` = {p} AND tid >= {min} AND tid <= {max}
+                 ORDER BY tid LIMIT {length}"
+            )
+        }) else {
+            return Ok(Vec::new());
+        };
+        let all = on_conn!(self, RETRY, c, async { read_tids(c.query(sql.as_str()).await.map_err(db)?) })?;
+        Ok(merge_tids(all, false, 0, length))
+    }
+
+    fn undo_info(&mut self, partition: u32, oid: Oid, undone: Tid, before: Option<Tid>) -> Result<Option<UndoInfo>> {
+        let Some(current_max) = undo_current_max(before) else {
+            return Ok(None);
+        };
+        if undone > Tid::MAX {
+            return Ok(None);
+        }
+        let (oid64, undone64) = (id64(oid.0), id64(undone.0));
+        let params: Vec<Value> = [(partition, current_max), (partition, undone64), (partition, undone64)]
+            .iter()
+            .flat_map(|&(p, t)| [Value::from(p), Value::from(oid64), Value::from(t)])
+            .collect();
+        // One statement, so one snapshot: current, undone and previous revisions.
+        on_conn!(self, RETRY, c, async {
+            let rows: Vec<Row> = c.exec(UNDO_REVISIONS, params.clone()).await.map_err(db)?;
+            let mut revs = UndoRevisions::default();
+            for mut row in rows {
+                let row = &mut row;
+                let what = || format!("object {oid} (undo of {undone})");
+                let kind = col_int(row, 0, "kind", &what)?;
+                let tid = col_tid(row, 1, "tid", &what)?;
+                let value_tid = col_opt_tid(row, 2, "value_tid", &|| format!("object {oid} revision {tid}"))?;
+                revs.set(kind, Revision { tid, value_tid }, &what)?;
+            }
+            Ok(revs.info())
+        })
+    }
+
+    fn pack(&mut self, partitions: &[u32], tid: Tid) -> Result<()> {
+        let Some(list) = partition_list(partitions) else {
+            return Ok(());
+        };
+        let tid64 = tid_upper(tid);
+        // Revisions older than the newest one <= tid of their object. The grouped derived table
+        // (the newest revision <= tid per object: a loose index scan of the primary key, one
+        // dive per object, as NEO forces too) is materialized, so obj may be deleted from
+        // through it (MySQL refuses a DELETE whose subquery reads the same table).
+        let older = format!(
+            "FROM obj o JOIN (SELECT `partition`, oid, MAX(tid) AS m FROM obj FORCE INDEX (PRIMARY)
+                              WHERE `partition` IN ({list}) AND tid <= {tid64}
+                              GROUP BY `partition`, oid) t
+               ON o.`partition` = t.`partition` AND o.oid = t.oid
+             WHERE o.tid < t.m"
+        );
+        let held = &self.held;
+        // Text protocol (values in the statements), as for `tids`. Durable on commit.
+        in_tx!(self, RETRY, c, async {
+            let rows: Vec<Row> =
+                c.query(format!("SELECT DISTINCT o.data_id {older} AND o.data_id IS NOT NULL")).await.map_err(db)?;
+            let mut candidates = Vec::with_capacity(rows.len());
+            for mut row in rows {
+                candidates.push(col_int(&mut row, 0, "data_id", &|| format!("revision packed at {tid}"))?);
+            }
+            c.query_drop(format!("DELETE o {older}")).await.map_err(db)?;
+            // What remains <= tid is the newest revision of each object: a deletion goes too.
+            c.query_drop(format!(
+                "DELETE FROM obj WHERE `partition` IN ({list}) AND tid <= {tid64} AND data_id IS NULL"
+            ))
+            .await
+            .map_err(db)?;
+            c.query_drop(format!(
+                "UPDATE trans SET packed = 1 WHERE `partition` IN ({list}) AND tid <= {tid64} AND packed = 0"
+            ))
+            .await
+            .map_err(db)?;
+            prune(c, held, candidates).await
         })
     }
 

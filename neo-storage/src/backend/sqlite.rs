@@ -11,14 +11,18 @@
 //!
 //! Durability: the connection runs with `synchronous=NORMAL` in WAL mode (commits append to the
 //! log without fsync); `sync` fdatasyncs the log, making every commit so far durable.
-//! `set_config`, `save_pt` and `drop_unfinished` sync themselves; `vote`, `vote_data` and
+//! `set_config`, `save_pt`, `drop_unfinished` and `pack` sync themselves; `vote`, `vote_data` and
 //! `lock` rely on the caller's `sync` (group commit); `unlock` is never synced: the next
 //! verification replays it from the durable `lock` if a crash loses it.
 
 use super::common::{
-    CHECKSUM_LEN, HeldData, check_data_args, compression_of, corrupt, decode_oids, encode_oids, id64, tid_of,
+    CHECKSUM_LEN, HeldData, Revision, UndoRevisions, check_data_args, compression_of, corrupt, decode_oids,
+    distinct_partitions, encode_oids, id64, merge_tids, partition_list, size_of, tid_of, tid_range, tid_upper,
+    undo_current_max, window_end,
 };
-use super::{Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
+use super::{
+    Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta, UndoInfo,
+};
 use neo_lib::pt::{Cell, PartitionTable};
 use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
 use rusqlite::types::ValueRef;
@@ -573,6 +577,140 @@ impl Backend for SqliteBackend {
         }))
     }
 
+    fn object_history(&mut self, partition: u32, oid: Oid, offset: u32, length: u32) -> Result<Vec<(Tid, u64)>> {
+        // LENGTH and typeof read the size of a blob from the record header, not the blob.
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT o.tid, o.data_id, d.id, typeof(d.value), LENGTH(d.value)
+                 FROM obj o LEFT JOIN data d ON d.id = o.data_id
+                 WHERE o.partition = ?1 AND o.oid = ?2
+                 ORDER BY o.tid DESC LIMIT ?3 OFFSET ?4",
+            )
+            .map_err(db)?;
+        let mut q =
+            stmt.query(params![i64::from(partition), id64(oid.0), i64::from(length), i64::from(offset)]).map_err(db)?;
+        let mut out = Vec::new();
+        while let Some(row) = q.next().map_err(db)? {
+            let serial = col_tid(row, 0, "tid", &|| format!("object {oid}"))?;
+            let what = || format!("object {oid} revision {serial}");
+            let size = match col_opt_int(row, 1, "data_id", &what)? {
+                None => 0,
+                Some(id) => {
+                    if col_opt_int(row, 2, "data.id", &what)?.is_none() {
+                        return Err(corrupt(format!("{}: data row {id} does not exist", what())));
+                    }
+                    let what = || format!("object {oid} revision {serial} (data row {id})");
+                    let kind: String = row.get(3).map_err(db)?;
+                    if kind != "blob" {
+                        return Err(corrupt(format!("{}: column value holds a {kind} value, expected a blob", what())));
+                    }
+                    size_of(col_int(row, 4, "length of value", &what)?, &what)?
+                }
+            };
+            out.push((serial, size));
+        }
+        Ok(out)
+    }
+
+    fn tids(&mut self, partitions: &[u32], offset: u32, length: u32) -> Result<Vec<Tid>> {
+        // Each partition newest first along the primary key (see `window_end`). Packed
+        // transactions are the oldest: the scan meets the others first.
+        let limit = window_end(offset, length) as i64;
+        let tx = self.conn.transaction().map_err(db)?;
+        let mut all = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare_cached("SELECT tid FROM trans WHERE partition = ?1 AND packed = 0 ORDER BY tid DESC LIMIT ?2")
+                .map_err(db)?;
+            for p in distinct_partitions(partitions) {
+                read_tids(stmt.query(params![i64::from(p), limit]).map_err(db)?, &mut all)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(merge_tids(all, true, offset, length))
+    }
+
+    fn tids_from(&mut self, partitions: &[u32], min: Tid, max: Tid, length: u32) -> Result<Vec<Tid>> {
+        let Some((min, max)) = tid_range(min, max) else {
+            return Ok(Vec::new());
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        let mut all = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT tid FROM trans WHERE partition = ?1 AND tid >= ?2 AND tid <= ?3 ORDER BY tid LIMIT ?4",
+                )
+                .map_err(db)?;
+            for p in distinct_partitions(partitions) {
+                read_tids(stmt.query(params![i64::from(p), min, max, i64::from(length)]).map_err(db)?, &mut all)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(merge_tids(all, false, 0, length))
+    }
+
+    fn undo_info(&mut self, partition: u32, oid: Oid, undone: Tid, before: Option<Tid>) -> Result<Option<UndoInfo>> {
+        let Some(current_max) = undo_current_max(before) else {
+            return Ok(None);
+        };
+        if undone > Tid::MAX {
+            return Ok(None);
+        }
+        // One statement, so one snapshot: current, undone and previous revisions.
+        let mut stmt = self.conn.prepare_cached(UNDO_REVISIONS).map_err(db)?;
+        let mut q = stmt.query(params![i64::from(partition), id64(oid.0), current_max, id64(undone.0)]).map_err(db)?;
+        let mut revs = UndoRevisions::default();
+        while let Some(row) = q.next().map_err(db)? {
+            let what = || format!("object {oid} (undo of {undone})");
+            let kind = col_int(row, 0, "kind", &what)?;
+            let tid = col_tid(row, 1, "tid", &what)?;
+            let value_tid = col_opt_tid(row, 2, "value_tid", &|| format!("object {oid} revision {tid}"))?;
+            revs.set(kind, Revision { tid, value_tid }, &what)?;
+        }
+        Ok(revs.info())
+    }
+
+    fn pack(&mut self, partitions: &[u32], tid: Tid) -> Result<()> {
+        let Some(list) = partition_list(partitions) else {
+            return Ok(());
+        };
+        let tid64 = tid_upper(tid);
+        // Revisions with a newer revision <= tid: all but the newest one <= tid, per object.
+        // The outer scan uses the (partition, tid, oid) index, the subquery one seek of the
+        // primary key per row.
+        let older = format!(
+            "partition IN ({list}) AND tid <= ?1
+             AND EXISTS (SELECT 1 FROM obj n WHERE n.partition = obj.partition AND n.oid = obj.oid
+                         AND n.tid > obj.tid AND n.tid <= ?1)"
+        );
+        let tx = self.conn.transaction().map_err(db)?;
+        let mut candidates = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare(&format!("SELECT DISTINCT data_id FROM obj WHERE {older} AND data_id IS NOT NULL"))
+                .map_err(db)?;
+            let mut q = stmt.query([tid64]).map_err(db)?;
+            while let Some(row) = q.next().map_err(db)? {
+                candidates.push(col_int(row, 0, "data_id", &|| format!("revision packed at {tid}"))?);
+            }
+        }
+        tx.prepare(&format!("DELETE FROM obj WHERE {older}")).map_err(db)?.execute([tid64]).map_err(db)?;
+        // What remains <= tid is the newest revision of each object: a deletion goes too.
+        tx.prepare(&format!("DELETE FROM obj WHERE partition IN ({list}) AND tid <= ?1 AND data_id IS NULL"))
+            .map_err(db)?
+            .execute([tid64])
+            .map_err(db)?;
+        tx.prepare(&format!("UPDATE trans SET packed = 1 WHERE partition IN ({list}) AND tid <= ?1 AND packed = 0"))
+            .map_err(db)?
+            .execute([tid64])
+            .map_err(db)?;
+        Self::prune(&tx, &self.held, candidates)?;
+        tx.commit().map_err(db)?;
+        self.sync_wal()
+    }
+
     fn store_data(&mut self, _partition: u32, checksum: &[u8], compression: u32, data: &[u8]) -> Result<DataId> {
         check_data_args(checksum, compression)?;
         // Durable with the following vote.
@@ -688,6 +826,30 @@ impl Backend for SqliteBackend {
         tx.commit().map_err(db)?;
         Ok(())
     }
+}
+
+/// The revisions `undo_info` needs, tagged with their kind (`UNDO_CURRENT`, ...): the newest
+/// with tid <= ?3, the one at ?4, the newest before ?4.
+const UNDO_REVISIONS: &str = "SELECT 0, tid, value_tid FROM
+       (SELECT tid, value_tid FROM obj WHERE partition = ?1 AND oid = ?2 AND tid <= ?3
+        ORDER BY tid DESC LIMIT 1)
+     UNION ALL
+     SELECT 1, tid, value_tid FROM obj WHERE partition = ?1 AND oid = ?2 AND tid = ?4
+     UNION ALL
+     SELECT 2, tid, value_tid FROM
+       (SELECT tid, value_tid FROM obj WHERE partition = ?1 AND oid = ?2 AND tid < ?4
+        ORDER BY tid DESC LIMIT 1)";
+
+const _: () = assert!(super::common::UNDO_CURRENT == 0);
+const _: () = assert!(super::common::UNDO_UNDONE == 1);
+const _: () = assert!(super::common::UNDO_PREVIOUS == 2);
+
+/// Append the TIDs in the first column of `q` to `out`.
+fn read_tids(mut q: rusqlite::Rows<'_>, out: &mut Vec<Tid>) -> Result<()> {
+    while let Some(row) = q.next().map_err(db)? {
+        out.push(col_tid(row, 0, "tid", &|| "transaction".to_string())?);
+    }
+    Ok(())
 }
 
 /// Path of the write-ahead log of the database at `path`.

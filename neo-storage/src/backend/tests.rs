@@ -7,7 +7,7 @@
 //! own wrappers calling the same functions.
 #![allow(clippy::unwrap_used)]
 
-use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta};
+use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta, UndoInfo};
 use neo_lib::pt::{Cell, CellChange, PartitionTable};
 use neo_lib::{CellState, Nid, NodeType, Oid, Ptid, Tid};
 
@@ -581,6 +581,340 @@ pub(crate) fn record_sizes(b: &mut dyn Backend) {
     assert_eq!((r.compression, r.data.as_slice()), (1, &z[..]));
 }
 
+// --- history, undo log, iterator, undo, pack
+
+/// Every partition of the suite.
+const ALL: [u32; NP as usize] = [0, 1, 2, 3];
+
+fn history(b: &mut dyn Backend, oid: u64, offset: u32, length: u32) -> Vec<(u64, u64)> {
+    b.object_history(part(oid), Oid(oid), offset, length).unwrap().into_iter().map(|(t, n)| (t.0, n)).collect()
+}
+
+fn tids(b: &mut dyn Backend, partitions: &[u32], offset: u32, length: u32) -> Vec<u64> {
+    b.tids(partitions, offset, length).unwrap().into_iter().map(|t| t.0).collect()
+}
+
+fn tids_from(b: &mut dyn Backend, partitions: &[u32], min: u64, max: u64, length: u32) -> Vec<u64> {
+    b.tids_from(partitions, Tid(min), Tid(max), length).unwrap().into_iter().map(|t| t.0).collect()
+}
+
+/// undo_info as (current, undo_serial, is_current).
+fn undo(b: &mut dyn Backend, oid: u64, undone: u64, before: Option<u64>) -> Option<(u64, Option<u64>, bool)> {
+    b.undo_info(part(oid), Oid(oid), Tid(undone), before.map(Tid))
+        .unwrap()
+        .map(|u| (u.current.0, u.undo_serial.map(|t| t.0), u.is_current))
+}
+
+/// A revision of `oid` reusing the data of revision `serial` (an undo): same data, back-pointer.
+fn back_pointer(b: &mut dyn Backend, oid: u64, data: &[u8], serial: u64) -> TempObject {
+    TempObject { data_serial: Some(Tid(serial)), ..store(b, oid, data) }
+}
+
+fn packed(b: &mut dyn Backend, tid: u64) -> bool {
+    b.transaction(part(tid - 1), Tid(tid)).unwrap().unwrap().packed
+}
+
+/// object_history: committed revisions newest first, offset and length, sizes as stored (0 for
+/// a deletion).
+pub(crate) fn object_history(b: &mut dyn Backend) {
+    commit(b, 100, &[(1, Some(b"a")), (2, Some(b"two"))]);
+    commit(b, 200, &[(1, Some(b"bbbb"))]);
+    commit(b, 300, &[(1, None)]);
+    commit(b, 400, &[(1, Some(b"cc"))]);
+    // A compressed record: the size of its stored (compressed) bytes.
+    let z = b"x\x9c\x03\x00\x00\x00\x00\x01";
+    let id = b.store_data(part(1), &sha1(z), 1, z).unwrap();
+    commit_objects(b, 500, &[TempObject { oid: Oid(1), data_id: Some(id), data_serial: None }]);
+    // An undo: the size of the data it reuses.
+    let u = back_pointer(b, 1, b"bbbb", 200);
+    commit_objects(b, 600, &[u]);
+
+    let all = vec![(600, 4), (500, 8), (400, 2), (300, 0), (200, 4), (100, 1)];
+    assert_eq!(history(b, 1, 0, 100), all);
+    assert_eq!(history(b, 1, 0, u32::MAX), all);
+    assert_eq!(history(b, 1, 0, 6), all);
+    assert_eq!(history(b, 1, 0, 1), [(600, 4)]);
+    assert_eq!(history(b, 1, 1, 2), [(500, 8), (400, 2)]);
+    assert_eq!(history(b, 1, 3, 1), [(300, 0)]);
+    assert_eq!(history(b, 1, 5, 10), [(100, 1)]);
+    assert!(history(b, 1, 6, 10).is_empty());
+    assert!(history(b, 1, u32::MAX, u32::MAX).is_empty());
+    assert!(history(b, 1, 0, 0).is_empty());
+    assert_eq!(history(b, 2, 0, 10), [(100, 3)]);
+    // Unknown object; known object asked in the wrong partition.
+    assert!(history(b, 9, 0, 10).is_empty());
+    assert!(b.object_history(part(1) + 1, Oid(1), 0, 10).unwrap().is_empty());
+    // Voted and locked: not yet a revision.
+    let o = [store(b, 2, b"voted")];
+    b.vote(Tid(700), &with_parts(&o), None).unwrap();
+    b.lock(Tid(700), Tid(710)).unwrap();
+    assert_eq!(history(b, 2, 0, 10), [(100, 3)]);
+    b.unlock(Tid(700), Tid(710)).unwrap();
+    assert_eq!(history(b, 2, 0, 10), [(710, 5), (100, 3)]);
+}
+
+/// tids (undo log): newest first, offset and length, packed ones hidden; tids_from (iterator):
+/// oldest first within inclusive bounds, packed ones included. Both only see transactions whose
+/// metadata is in the given partitions.
+pub(crate) fn tids_and_tids_from(b: &mut dyn Backend) {
+    // Metadata in partition(ttid = tid - 1): 101 → 0, 202 → 1, 303 → 2, 404 → 3, 505 → 0, 606 → 1.
+    for (i, tid) in [101u64, 202, 303, 404, 505, 606].into_iter().enumerate() {
+        commit(b, tid, &[(i as u64 + 1, Some(format!("v{tid}").as_bytes()))]);
+    }
+    // Objects without metadata on this node: not one of its transactions.
+    let o = [store(b, 9, b"nine")];
+    b.vote(Tid(700), &with_parts(&o), None).unwrap();
+    b.lock(Tid(700), Tid(707)).unwrap();
+    b.unlock(Tid(700), Tid(707)).unwrap();
+    // Locked, not unlocked: not committed yet (metadata in partition 3).
+    let o = [store(b, 10, b"ten")];
+    b.vote(Tid(807), &with_parts(&o), Some((part(807), &meta_for("locked", &o)))).unwrap();
+    b.lock(Tid(807), Tid(808)).unwrap();
+
+    assert_eq!(tids(b, &ALL, 0, 100), [606, 505, 404, 303, 202, 101]);
+    assert_eq!(tids(b, &ALL, 0, u32::MAX), [606, 505, 404, 303, 202, 101]);
+    assert_eq!(tids(b, &ALL, 2, 2), [404, 303]);
+    assert_eq!(tids(b, &ALL, 5, 10), [101]);
+    assert!(tids(b, &ALL, 6, 10).is_empty());
+    assert!(tids(b, &ALL, u32::MAX, 10).is_empty());
+    assert!(tids(b, &ALL, 0, 0).is_empty());
+    assert_eq!(tids(b, &[0], 0, 10), [505, 101]);
+    assert_eq!(tids(b, &[3, 1, 1], 0, 10), [606, 404, 202]);
+    assert_eq!(tids(b, &[1], 1, 1), [202]);
+    assert!(tids(b, &[7], 0, 10).is_empty());
+    assert!(tids(b, &[], 0, 10).is_empty());
+
+    assert_eq!(tids_from(b, &ALL, 0, u64::MAX, 100), [101, 202, 303, 404, 505, 606]);
+    assert_eq!(tids_from(b, &ALL, 0, u64::MAX, u32::MAX), [101, 202, 303, 404, 505, 606]);
+    assert_eq!(tids_from(b, &ALL, 202, 505, 100), [202, 303, 404, 505]);
+    assert_eq!(tids_from(b, &ALL, 203, 504, 100), [303, 404]);
+    assert_eq!(tids_from(b, &ALL, 202, 505, 2), [202, 303]);
+    assert_eq!(tids_from(b, &ALL, 303, 303, 10), [303]);
+    assert_eq!(tids_from(b, &ALL, 304, 404, 1), [404]);
+    assert!(tids_from(b, &ALL, 505, 202, 10).is_empty());
+    assert!(tids_from(b, &ALL, 0, u64::MAX, 0).is_empty());
+    assert!(tids_from(b, &ALL, 607, u64::MAX, 10).is_empty());
+    assert!(tids_from(b, &ALL, u64::MAX, u64::MAX, 10).is_empty());
+    assert_eq!(tids_from(b, &[1], 0, u64::MAX, 10), [202, 606]);
+    assert_eq!(tids_from(b, &[2, 0, 2], 200, u64::MAX, 10), [303, 505]);
+    assert!(tids_from(b, &[], 0, u64::MAX, 10).is_empty());
+
+    // The largest storable TID.
+    b.unlock(Tid(807), Tid(808)).unwrap();
+    commit(b, Tid::MAX.0, &[(11, Some(b"max"))]);
+    let max = Tid::MAX.0;
+    assert_eq!(tids(b, &ALL, 0, 3), [max, 808, 606]);
+    assert_eq!(tids_from(b, &ALL, 700, u64::MAX, 10), [808, max]);
+    assert_eq!(tids_from(b, &ALL, max, max, 10), [max]);
+    assert_eq!(tids_from(b, &ALL, max, u64::MAX, 10), [max]);
+    assert_eq!(tids_from(b, &ALL, 0, max - 1, 10), [101, 202, 303, 404, 505, 606, 808]);
+
+    // Packed transactions leave the undo log, not the iterator; only the packed partitions.
+    b.pack(&[0, 1, 2], Tid(505)).unwrap();
+    assert!(packed(b, 101) && packed(b, 202) && packed(b, 303) && packed(b, 505));
+    assert!(!packed(b, 404) && !packed(b, 606) && !packed(b, 808));
+    assert_eq!(tids(b, &ALL, 0, 100), [max, 808, 606, 404]);
+    assert_eq!(tids(b, &ALL, 1, 2), [808, 606]);
+    assert!(tids(b, &[0], 0, 100).is_empty());
+    assert_eq!(tids(b, &[3], 0, 100), [808, 404]);
+    assert_eq!(tids_from(b, &ALL, 0, u64::MAX, 100), [101, 202, 303, 404, 505, 606, 808, max]);
+    assert_eq!(tids_from(b, &[0], 0, u64::MAX, 100), [101, 505]);
+    b.pack(&ALL, Tid(max)).unwrap();
+    assert!(tids(b, &ALL, 0, 100).is_empty());
+    assert_eq!(tids_from(b, &ALL, 0, u64::MAX, 100), [101, 202, 303, 404, 505, 606, 808, max]);
+}
+
+/// undo_info: current revision, the data to go back to (through back-pointers) and whether the
+/// undone data is current, as NEO's findUndoTID.
+pub(crate) fn undo_info(b: &mut dyn Backend) {
+    commit(b, 100, &[(1, Some(b"v1"))]);
+    commit(b, 200, &[(1, Some(b"v2"))]);
+    commit(b, 300, &[(1, Some(b"v3"))]);
+    // Undo of the latest revision: it is current, back to the previous one.
+    assert_eq!(
+        b.undo_info(part(1), Oid(1), Tid(300), None).unwrap(),
+        Some(UndoInfo { current: Tid(300), undo_serial: Some(Tid(200)), is_current: true })
+    );
+    // Undo of an older revision, changed since: not current.
+    assert_eq!(undo(b, 1, 200, None), Some((300, Some(100), false)));
+    // Undo of the creation: nothing to go back to.
+    assert_eq!(undo(b, 1, 100, None), Some((300, None, false)));
+    // `before` bounds the current revision (exclusive).
+    assert_eq!(undo(b, 1, 200, Some(300)), Some((200, Some(100), true)));
+    assert_eq!(undo(b, 1, 200, Some(201)), Some((200, Some(100), true)));
+    assert_eq!(undo(b, 1, 200, Some(200)), Some((100, Some(100), false)));
+    assert_eq!(undo(b, 1, 100, Some(101)), Some((100, None, true)));
+    assert_eq!(undo(b, 1, 300, Some(u64::MAX)), Some((300, Some(200), true)));
+    // No revision before the snapshot.
+    assert_eq!(undo(b, 1, 100, Some(100)), None);
+    assert_eq!(undo(b, 1, 100, Some(0)), None);
+
+    // 300 undone by 400: a back-pointer to the data of 200.
+    let u = back_pointer(b, 1, b"v2", 200);
+    commit_objects(b, 400, &[u]);
+    // Undoing the undo goes back to 300...
+    assert_eq!(undo(b, 1, 400, None), Some((400, Some(300), true)));
+    // ...300 is not current any more, but 200 is, through the back-pointer.
+    assert_eq!(undo(b, 1, 300, None), Some((400, Some(200), false)));
+    assert_eq!(undo(b, 1, 200, None), Some((400, Some(100), true)));
+    // 400 undone by 500 (a redo): a back-pointer to the data of 300.
+    let r = back_pointer(b, 1, b"v3", 300);
+    commit_objects(b, 500, &[r]);
+    // Undoing the redo goes back to the data of 400, that is of 200 (resolved back-pointer).
+    assert_eq!(undo(b, 1, 500, None), Some((500, Some(200), true)));
+    assert_eq!(undo(b, 1, 400, None), Some((500, Some(300), false)));
+    assert_eq!(undo(b, 1, 300, None), Some((500, Some(200), true)));
+    assert_eq!(undo(b, 1, 300, Some(500)), Some((400, Some(200), false)));
+
+    // Deletions.
+    commit(b, 600, &[(2, Some(b"x"))]);
+    commit(b, 700, &[(2, None)]);
+    assert_eq!(undo(b, 2, 700, None), Some((700, Some(600), true)));
+    commit(b, 800, &[(2, Some(b"y"))]);
+    // The revision before 800 is a deletion: undoing 800 goes back to it (deleted).
+    assert_eq!(undo(b, 2, 800, None), Some((800, Some(700), true)));
+    assert_eq!(undo(b, 2, 700, None), Some((800, Some(600), false)));
+    assert_eq!(undo(b, 2, 600, None), Some((800, None, false)));
+
+    // Unknown: object, revision, partition; the largest TIDs; a revision not committed yet.
+    assert_eq!(undo(b, 9, 100, None), None);
+    assert_eq!(undo(b, 1, 150, None), None);
+    assert_eq!(undo(b, 1, 600, None), None);
+    assert_eq!(undo(b, 1, u64::MAX, None), None);
+    assert_eq!(undo(b, 1, Tid::MAX.0, None), None);
+    assert_eq!(b.undo_info(part(1) + 1, Oid(1), Tid(100), None).unwrap(), None);
+    let o = [store(b, 1, b"voted")];
+    b.vote(Tid(900), &with_parts(&o), None).unwrap();
+    b.lock(Tid(900), Tid(910)).unwrap();
+    assert_eq!(undo(b, 1, 910, None), None);
+    b.unlock(Tid(900), Tid(910)).unwrap();
+    assert_eq!(undo(b, 1, 910, None), Some((910, Some(300), true)));
+    assert_eq!(undo(b, 1, 910, Some(910)), Some((500, Some(300), false)));
+}
+
+/// pack: per object, the revisions older than the newest one <= the pack TID go, and that one
+/// too if it is a deletion; metadata is marked packed; data rows nothing references any more
+/// go, those still used by other objects, temporary objects or held by a store are kept; only
+/// the given partitions; idempotent.
+pub(crate) fn pack(b: &mut dyn Backend) {
+    // Metadata in partition(tid - 1): 101 → 0, 202 → 1, 204 → 3, 303 → 2, 404 → 3, 505 → 0.
+    // Objects of partitions 0, 1, 2 (packed), and 3 (not packed): oid 3.
+    let a1 = store(b, 1, b"a1");
+    let a2 = store(b, 1, b"a2");
+    let a3 = store(b, 1, b"a3");
+    let b1 = store(b, 2, b"b1");
+    let c1 = store(b, 5, b"c1");
+    let shared = store(b, 4, b"shared");
+    let p3 = store(b, 3, b"p3-old");
+    let id = |o: &TempObject| o.data_id.unwrap();
+    let (id_a1, id_a2, id_a3, id_b1, id_c1, id_shared, id_p3) =
+        (id(&a1), id(&a2), id(&a3), id(&b1), id(&c1), id(&shared), id(&p3));
+    let mut v101 = vec![a1, b1, c1, shared, p3];
+    v101.push(store(b, 8, b"shared"));
+    v101.push(store(b, 6, b"t-old"));
+    v101.push(store(b, 9, b"h-old"));
+    v101.push(store(b, 12, b"x"));
+    commit_objects(b, 101, &v101);
+    let v202 = [a2, deletion(2), store(b, 4, b"d2"), store(b, 6, b"t-new"), store(b, 9, b"h-new")];
+    commit_objects(b, 202, &v202);
+    commit(b, 204, &[(3, Some(b"p3-new"))]);
+    commit_objects(b, 303, &[a3, deletion(5)]);
+    commit(b, 404, &[(1, Some(b"a4")), (13, Some(b"new"))]);
+    commit(b, 505, &[(5, Some(b"c2")), (12, Some(b"y"))]);
+    // Voted, not committed: references the data of oid 6 at 101.
+    let t = [store(b, 10, b"t-old")];
+    b.vote(Tid(350), &with_parts(&t), None).unwrap();
+    // Stored, not voted yet: holds the data of oid 9 at 101.
+    let held = store(b, 9, b"h-old");
+
+    let check = |b: &mut dyn Backend| {
+        // Old revisions are gone, the newest one <= 303 and the newer ones are kept.
+        assert_eq!(history(b, 1, 0, 10), [(404, 2), (303, 2)]);
+        assert_eq!(load(b, 1, Some(101), None), Load::NotFound);
+        assert_eq!(load(b, 1, Some(202), None), Load::NotFound);
+        assert_eq!(load(b, 1, None, Some(303)), Load::NotFound);
+        let r = found(load(b, 1, Some(303), None));
+        assert_eq!((r.data.as_slice(), r.next_serial), (&b"a3"[..], Some(Tid(404))));
+        assert_eq!(latest(b, 1).data, b"a4");
+        // Deleted at 202 <= 303: gone.
+        assert_eq!(load(b, 2, None, None), Load::DoesNotExist);
+        assert_eq!(load(b, 2, Some(101), None), Load::DoesNotExist);
+        assert!(history(b, 2, 0, 10).is_empty());
+        assert_eq!(b.last_serial(part(2), Oid(2)).unwrap(), None);
+        // Deleted at 303, created again at 505: only 505.
+        assert_eq!(history(b, 5, 0, 10), [(505, 2)]);
+        assert_eq!(load(b, 5, Some(303), None), Load::NotFound);
+        assert_eq!(load(b, 5, None, Some(505)), Load::NotFound);
+        assert_eq!(latest(b, 5).data, b"c2");
+        // Newest revision <= 303 far older than 303: kept.
+        assert_eq!(history(b, 12, 0, 10), [(505, 1), (101, 1)]);
+        assert_eq!(found(load(b, 12, Some(101), None)).data, b"x");
+        // Created after 303: untouched.
+        assert_eq!(history(b, 13, 0, 10), [(404, 3)]);
+        // Data shared with a kept revision of another object.
+        assert_eq!(history(b, 4, 0, 10), [(202, 2)]);
+        assert_eq!(latest(b, 8).data, b"shared");
+        assert_eq!(history(b, 6, 0, 10), [(202, 5)]);
+        assert_eq!(history(b, 9, 0, 10), [(202, 5)]);
+        // Partition 3 is not packed.
+        assert_eq!(history(b, 3, 0, 10), [(204, 6), (101, 6)]);
+        assert_eq!(found(load(b, 3, Some(101), None)).data, b"p3-old");
+        // Metadata: kept, marked packed up to 303 in the packed partitions.
+        assert!(packed(b, 101) && packed(b, 202) && packed(b, 303));
+        assert!(!packed(b, 204) && !packed(b, 404) && !packed(b, 505));
+        assert_eq!(b.transaction(part(100), Tid(101)).unwrap().unwrap().meta.user, b"user101");
+        assert_eq!(tids(b, &ALL, 0, 10), [505, 404, 204]);
+        assert_eq!(tids_from(b, &ALL, 0, u64::MAX, 10), [101, 202, 204, 303, 404, 505]);
+        // Packed revisions cannot be undone.
+        assert_eq!(undo(b, 1, 202, None), None);
+        assert_eq!(undo(b, 1, 404, None), Some((404, Some(303), true)));
+        // The oldest revision left looks like a creation.
+        assert_eq!(undo(b, 1, 303, None), Some((404, None, false)));
+        // Temporary data is untouched.
+        assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(350), None)]);
+        assert_eq!(b.last_ids().unwrap(), (Some(Tid(505)), Some(Oid(13))));
+    };
+    b.pack(&[0, 1, 2], Tid(303)).unwrap();
+    check(b);
+    // Idempotent, also at an older TID; no partition: nothing.
+    b.pack(&[2, 1, 0], Tid(303)).unwrap();
+    check(b);
+    b.pack(&[0, 1, 2], Tid(202)).unwrap();
+    check(b);
+    b.pack(&[], Tid(505)).unwrap();
+    check(b);
+
+    // Data referenced by a temporary object or held by a store survived.
+    b.lock(Tid(350), Tid(606)).unwrap();
+    b.unlock(Tid(350), Tid(606)).unwrap();
+    assert_eq!(latest(b, 10).data, b"t-old");
+    commit_objects(b, 707, &[held]);
+    assert_eq!(latest(b, 9).data, b"h-old");
+    // Unreferenced data rows were deleted (store_data makes a new row), the others kept.
+    assert!(!data_row_is(b, b"a1", id_a1));
+    assert!(!data_row_is(b, b"a2", id_a2));
+    assert!(!data_row_is(b, b"b1", id_b1));
+    assert!(!data_row_is(b, b"c1", id_c1));
+    assert!(data_row_is(b, b"a3", id_a3));
+    assert!(data_row_is(b, b"shared", id_shared));
+    assert!(data_row_is(b, b"p3-old", id_p3));
+    b.drop_unfinished().unwrap();
+
+    // Everything, up to the last transaction.
+    b.pack(&ALL, Tid(u64::MAX)).unwrap();
+    assert_eq!(history(b, 1, 0, 10), [(404, 2)]);
+    assert_eq!(history(b, 3, 0, 10), [(204, 6)]);
+    assert_eq!(history(b, 4, 0, 10), [(202, 2)]);
+    assert_eq!(history(b, 9, 0, 10), [(707, 5)]);
+    assert_eq!(latest(b, 8).data, b"shared");
+    assert!(!data_row_is(b, b"a3", id_a3));
+    assert!(!data_row_is(b, b"p3-old", id_p3));
+    assert!(data_row_is(b, b"shared", id_shared));
+    assert!(tids(b, &ALL, 0, 10).is_empty());
+    // 606 has no metadata here.
+    assert_eq!(tids_from(b, &ALL, 0, u64::MAX, 10), [101, 202, 204, 303, 404, 505, 707]);
+}
+
 // --- checks that reopen the database
 
 /// Everything committed or locked survives closing and reopening the database.
@@ -689,6 +1023,24 @@ pub(crate) fn corrupt_rows(open: Open<'_>, raw: RawSql<'_>) {
     assert_corrupt(b.locked_transactions(), &Tid(500).to_string());
 }
 
+/// Garbage read by history, the undo log and undo is `Corrupt` too.
+pub(crate) fn corrupt_history_rows(open: Open<'_>, raw: RawSql<'_>) {
+    let mut b = open(CLUSTER).unwrap();
+    let b = &mut *b;
+    commit(b, 100, &[(1, Some(b"d1")), (2, Some(b"d2")), (3, Some(b"d3"))]);
+    commit(b, 200, &[(1, Some(b"e1")), (2, Some(b"e2")), (3, Some(b"e3"))]);
+    raw("UPDATE obj SET data_id = 987654321 WHERE oid = 1 AND tid = 100");
+    assert_corrupt(b.object_history(part(1), Oid(1), 0, 10), &Oid(1).to_string());
+    assert_eq!(history(b, 1, 0, 1), [(200, 2)]);
+    raw("UPDATE obj SET value_tid = -5 WHERE oid = 2 AND tid = 100");
+    assert_corrupt(b.undo_info(part(2), Oid(2), Tid(200), None), &Oid(2).to_string());
+    raw("UPDATE obj SET tid = -7 WHERE oid = 3 AND tid = 100");
+    assert_corrupt(b.object_history(part(3), Oid(3), 0, 10), &Oid(3).to_string());
+    raw("UPDATE trans SET tid = -3 WHERE tid = 100");
+    assert_corrupt(b.tids(&ALL, 0, 10), "tid");
+    assert_eq!(tids(b, &ALL, 0, 1), [200]);
+}
+
 // --- SQLite
 
 mod sqlite {
@@ -756,6 +1108,10 @@ mod sqlite {
         last_ids,
         config,
         record_sizes,
+        object_history,
+        tids_and_tids_from,
+        undo_info,
+        pack,
     );
 
     #[test]
@@ -780,6 +1136,12 @@ mod sqlite {
     fn corrupt_rows() {
         let db = FileDb::new();
         super::corrupt_rows(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    #[test]
+    fn corrupt_history_rows() {
+        let db = FileDb::new();
+        super::corrupt_history_rows(&|c| db.open(c), &|sql| db.raw(sql));
     }
 
     // --- SQLite specifics
@@ -815,6 +1177,18 @@ mod sqlite {
         db.raw("UPDATE trans SET packed = 3");
         assert_corrupt(b.transaction(part(99), Tid(100)), "packed");
         assert_eq!(latest(&mut *b, 3).data, b"c");
+    }
+
+    /// A data value of the wrong SQL type is corruption for history too.
+    #[test]
+    fn history_of_a_wrong_type_is_corrupt() {
+        let db = FileDb::new();
+        let mut b = db.backend();
+        commit(&mut *b, 100, &[(1, Some(b"a"))]);
+        commit(&mut *b, 200, &[(1, Some(b"b"))]);
+        db.raw("UPDATE data SET value = 'text' WHERE id = (SELECT data_id FROM obj WHERE oid = 1 AND tid = 100)");
+        assert_corrupt(b.object_history(part(1), Oid(1), 0, 10), &Oid(1).to_string());
+        assert_eq!(history(&mut *b, 1, 0, 1), [(200, 1)]);
     }
 
     /// A second process (connection) cannot use a database a storage has open.
@@ -993,6 +1367,10 @@ mod mysql {
         last_ids,
         config,
         record_sizes,
+        object_history,
+        tids_and_tids_from,
+        undo_info,
+        pack,
     );
 
     #[test]
@@ -1017,6 +1395,12 @@ mod mysql {
     fn corrupt_rows() {
         let Some(db) = TestDb::new() else { return };
         super::corrupt_rows(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    #[test]
+    fn corrupt_history_rows() {
+        let Some(db) = TestDb::new() else { return };
+        super::corrupt_history_rows(&|c| db.open(c), &|sql| db.raw(sql));
     }
 
     // --- MySQL specifics
@@ -1048,6 +1432,28 @@ mod mysql {
         db.raw("DELETE FROM bigdata WHERE n = 2");
         assert_corrupt(b.load(part(17), Oid(17), None, None), &Oid(17).to_string());
         b.drop_unfinished().unwrap();
+    }
+
+    /// History reports the whole size of a chunked record; pack deletes the chunks of the data
+    /// rows it prunes, and keeps those of rows still referenced.
+    #[test]
+    fn pack_prunes_chunks() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        b.set_chunk_size(100);
+        let big = |n: usize, k: u8| -> Vec<u8> { (0..n).map(|i| (i as u8).wrapping_mul(k)).collect() };
+        commit(&mut b, 100, &[(1, Some(&big(250, 3))), (2, Some(&big(150, 5)))]);
+        commit(&mut b, 200, &[(1, Some(&big(120, 7))), (3, Some(&big(150, 5)))]);
+        commit(&mut b, 300, &[(2, Some(b"small"))]);
+        assert_eq!(history(&mut b, 1, 0, 10), [(200, 120), (100, 250)]);
+        // 250: 2 chunks, 150: 1, 120: 1.
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM bigdata"), 4);
+        b.pack(&ALL, Tid(300)).unwrap();
+        // The 250-byte record is gone with its chunks; the 150-byte one is still used by oid 3.
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM bigdata"), 2);
+        assert_eq!(latest(&mut b, 3).data, big(150, 5));
+        assert_eq!(latest(&mut b, 1).data, big(120, 7));
+        assert_eq!(history(&mut b, 2, 0, 10), [(300, 5)]);
     }
 
     /// The largest record (64 MiB: four times a MEDIUMBLOB, and more than the server's default

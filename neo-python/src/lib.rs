@@ -1,0 +1,499 @@
+//! `neo_rs._neo`: the Python binding of neo-client. It exposes a low-level `Client` whose
+//! methods take and return ZODB's 8-byte oids and tids; the ZODB storage class built on it is
+//! the pure-Python `neo_rs.Storage` (python/neo_rs/__init__.py), which maps errors to ZODB's
+//! exceptions and runs conflict resolution.
+//!
+//! Each `Client` owns a small multi-threaded tokio runtime. Every call that waits on the
+//! network releases the GIL (`Python::detach`) while the runtime works; callbacks into Python
+//! (invalidations, the tpc_finish callback) run on runtime threads and take the GIL then.
+
+use neo_client::{Client as RsClient, ClientConfig, ClientError, Transaction, TxnIterator};
+use neo_lib::config::{Address, TlsFiles};
+use neo_lib::{Oid, Tid};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::runtime::Runtime;
+
+create_exception!(
+    _neo,
+    NeoError,
+    PyException,
+    "Error of the neo-rs client: args are (kind, message, oid, serial, committed)."
+);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The Python exception for a client error: kind is one of conflict, read_conflict,
+/// not_found, read_only, transaction, undo, storage; oid and serials are ints or None.
+fn error(e: ClientError) -> PyErr {
+    let msg = e.to_string();
+    let (kind, oid, serial, committed) = match e {
+        ClientError::Conflict { oid, serial, committed, .. } => {
+            ("conflict", Some(oid.0), Some(serial.0), Some(committed.0))
+        }
+        ClientError::ReadConflict { oid, serial, committed } => {
+            ("read_conflict", Some(oid.0), Some(serial.0), Some(committed.0))
+        }
+        ClientError::NotFound(oid) => ("not_found", Some(oid.0), None, None),
+        ClientError::ReadOnly => ("read_only", None, None, None),
+        ClientError::Transaction(_) => ("transaction", None, None, None),
+        ClientError::Undo(_) => ("undo", None, None, None),
+        _ => ("storage", None, None, None),
+    };
+    NeoError::new_err((kind, msg, oid, serial, committed))
+}
+
+fn id8(b: &[u8], what: &str) -> PyResult<u64> {
+    let a: [u8; 8] =
+        b.try_into().map_err(|_| PyValueError::new_err(format!("{what} must be 8 bytes, not {}", b.len())))?;
+    Ok(u64::from_be_bytes(a))
+}
+
+fn oid(b: &[u8]) -> PyResult<Oid> {
+    id8(b, "oid").map(Oid)
+}
+
+fn tid(b: &[u8]) -> PyResult<Tid> {
+    id8(b, "tid").map(Tid)
+}
+
+fn b8<'py>(py: Python<'py>, v: u64) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &v.to_be_bytes())
+}
+
+fn opt_bytes<'py>(py: Python<'py>, d: Option<&[u8]>) -> Bound<'py, PyAny> {
+    match d {
+        Some(d) => PyBytes::new(py, d).into_any(),
+        None => py.None().into_bound(py),
+    }
+}
+
+fn opt_b8<'py>(py: Python<'py>, t: Option<Tid>) -> Bound<'py, PyAny> {
+    match t {
+        Some(t) => b8(py, t.0).into_any(),
+        None => py.None().into_bound(py),
+    }
+}
+
+/// A transaction in two-phase commit (opaque to Python).
+#[pyclass(module = "neo_rs._neo")]
+struct Txn {
+    rt: Arc<Runtime>,
+    inner: Mutex<Option<Transaction>>,
+}
+
+impl Drop for Txn {
+    fn drop(&mut self) {
+        // Dropping an unfinished transaction aborts it in the background: on the runtime.
+        let _guard = self.rt.enter();
+        lock(&self.inner).take();
+    }
+}
+
+/// An iterator over transactions (see `Client.iterator`).
+#[pyclass(module = "neo_rs._neo")]
+struct TxnIter {
+    rt: Arc<Runtime>,
+    inner: Mutex<TxnIterator>,
+}
+
+#[pymethods]
+impl TxnIter {
+    /// The next transaction as (tid, packed, user, description, extension,
+    /// [(oid, data or None, data_txn or None)]), or None at the end.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let rt = self.rt.clone();
+        let r = py.detach(|| {
+            let mut it = lock(&self.inner);
+            rt.block_on(it.next())
+        });
+        let Some(t) = r.map_err(error)? else { return Ok(None) };
+        let records = t
+            .records
+            .iter()
+            .map(|r| {
+                PyTuple::new(py, [b8(py, r.oid.0).into_any(), opt_bytes(py, r.data.as_deref()), opt_b8(py, r.data_txn)])
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let items: Vec<Bound<'py, PyAny>> = vec![
+            b8(py, t.info.tid.0).into_any(),
+            t.info.packed.into_pyobject(py)?.to_owned().into_any(),
+            PyBytes::new(py, &t.info.user).into_any(),
+            PyBytes::new(py, &t.info.description).into_any(),
+            PyBytes::new(py, &t.info.extension).into_any(),
+            records.into_pyobject(py)?.into_any(),
+        ];
+        Ok(Some(PyTuple::new(py, items)?))
+    }
+}
+
+/// A connection to a neo-rs cluster.
+#[pyclass(module = "neo_rs._neo")]
+struct Client {
+    rt: Arc<Runtime>,
+    client: RsClient,
+}
+
+impl Client {
+    fn block<'py, T: Send>(
+        &self,
+        py: Python<'py>,
+        f: impl std::future::Future<Output = neo_client::Result<T>> + Send,
+    ) -> PyResult<T> {
+        let rt = self.rt.clone();
+        py.detach(move || rt.block_on(f)).map_err(error)
+    }
+
+    fn with_txn<R>(&self, txn: &Txn, f: impl FnOnce(&mut Transaction) -> PyResult<R>) -> PyResult<R> {
+        let mut g = lock(&txn.inner);
+        match g.as_mut() {
+            Some(t) => f(t),
+            None => Err(error(ClientError::Transaction("transaction already finished or aborted".into()))),
+        }
+    }
+}
+
+#[pymethods]
+impl Client {
+    /// Connect to the cluster `name` through `masters` ("host:port host:port", spaces or commas).
+    #[new]
+    #[pyo3(signature = (masters, name, read_only=false, ca=None, cert=None, key=None, cache_size=None, compress=true, connect_timeout=60.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        masters: &str,
+        name: &str,
+        read_only: bool,
+        ca: Option<String>,
+        cert: Option<String>,
+        key: Option<String>,
+        cache_size: Option<usize>,
+        compress: bool,
+        connect_timeout: f64,
+    ) -> PyResult<Client> {
+        let masters = masters
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|s| !s.is_empty())
+            .map(|s| Address::parse(s, None).map_err(|e| PyValueError::new_err(format!("master_nodes: {e}"))))
+            .collect::<PyResult<Vec<_>>>()?;
+        if masters.is_empty() {
+            return Err(PyValueError::new_err("master_nodes: no address"));
+        }
+        let mut cfg = ClientConfig::new(masters, name);
+        cfg.read_only = read_only;
+        cfg.compress = compress;
+        if let Some(c) = cache_size {
+            cfg.cache_size = c;
+        }
+        if !connect_timeout.is_finite() || connect_timeout < 0.0 {
+            return Err(PyValueError::new_err("connect_timeout must be a positive number of seconds"));
+        }
+        cfg.connect_timeout = Duration::from_secs_f64(connect_timeout);
+        cfg.tls = match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca: ca.into(), cert: cert.into(), key: key.into() }),
+            (None, None, None) => None,
+            _ => return Err(PyValueError::new_err("ca, cert and key go together")),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("neo-client")
+            .enable_all()
+            .build()
+            .map_err(|e| PyValueError::new_err(format!("cannot start the client runtime: {e}")))?;
+        let rt = Arc::new(rt);
+        let rt2 = rt.clone();
+        let client = py.detach(move || rt2.block_on(RsClient::connect(cfg))).map_err(error)?;
+        Ok(Client { rt, client })
+    }
+
+    fn close(&self, py: Python<'_>) {
+        let (rt, c) = (self.rt.clone(), self.client.clone());
+        py.detach(move || rt.block_on(c.close()));
+    }
+
+    /// Call `f(tid: bytes, oids: list[bytes])` for every commit of other clients, in order.
+    fn set_invalidation_callback(&self, f: Py<PyAny>) {
+        self.client.set_invalidation_callback(move |t, oids| {
+            Python::attach(|py| {
+                let oids: Vec<Bound<'_, PyBytes>> = oids.iter().map(|o| b8(py, o.0)).collect();
+                if let Err(e) = f.call1(py, (b8(py, t.0), oids)) {
+                    e.print(py);
+                }
+            })
+        });
+    }
+
+    fn last_transaction<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        b8(py, self.client.last_transaction().0)
+    }
+
+    fn sync(&self, py: Python<'_>) -> PyResult<()> {
+        let c = self.client.clone();
+        self.block(py, async move { c.sync().await })
+    }
+
+    fn new_oid<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let c = self.client.clone();
+        let o = self.block(py, async move { c.new_oid().await })?;
+        Ok(b8(py, o.0))
+    }
+
+    /// (data, serial, next serial or None), or None if the object was created later.
+    fn load_before<'py>(&self, py: Python<'py>, oid_: &[u8], before: &[u8]) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let (o, b, c) = (oid(oid_)?, tid(before)?, self.client.clone());
+        let r = self.block(py, async move { c.load_before(o, b).await })?;
+        match r {
+            None => Ok(None),
+            Some((d, s, n)) => {
+                Ok(Some(PyTuple::new(py, [PyBytes::new(py, &d).into_any(), b8(py, s.0).into_any(), opt_b8(py, n)])?))
+            }
+        }
+    }
+
+    fn load_serial<'py>(&self, py: Python<'py>, oid_: &[u8], serial: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let (o, s, c) = (oid(oid_)?, tid(serial)?, self.client.clone());
+        let d = self.block(py, async move { c.load_serial(o, s).await })?;
+        Ok(PyBytes::new(py, &d))
+    }
+
+    /// A revision as stored: (data or None for a deletion, data_txn or None), or None.
+    fn load_revision<'py>(&self, py: Python<'py>, oid_: &[u8], serial: &[u8]) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let (o, s, c) = (oid(oid_)?, tid(serial)?, self.client.clone());
+        let r = self.block(py, async move { c.load_revision(o, s).await })?;
+        match r {
+            None => Ok(None),
+            Some((d, t)) => Ok(Some(PyTuple::new(py, [opt_bytes(py, d.as_deref()), opt_b8(py, t)])?)),
+        }
+    }
+
+    /// [(serial, size, user, description, extension)], newest first.
+    fn history<'py>(&self, py: Python<'py>, oid_: &[u8], size: u32) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let (o, c) = (oid(oid_)?, self.client.clone());
+        let h = self.block(py, async move { c.history(o, size).await })?;
+        h.iter()
+            .map(|e| {
+                PyTuple::new(
+                    py,
+                    [
+                        b8(py, e.serial.0).into_any(),
+                        e.size.into_pyobject(py)?.into_any(),
+                        PyBytes::new(py, &e.user).into_any(),
+                        PyBytes::new(py, &e.description).into_any(),
+                        PyBytes::new(py, &e.extension).into_any(),
+                    ],
+                )
+            })
+            .collect()
+    }
+
+    /// Undoable transactions, newest first.
+    fn undoable_tids<'py>(&self, py: Python<'py>, offset: u32, length: u32) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let c = self.client.clone();
+        let t = self.block(py, async move { c.undoable_tids(offset, length).await })?;
+        Ok(t.iter().map(|t| b8(py, t.0)).collect())
+    }
+
+    /// (tid, user, description, extension, packed, [oids]).
+    fn transaction_info<'py>(&self, py: Python<'py>, tid_: &[u8]) -> PyResult<Bound<'py, PyTuple>> {
+        let (t, c) = (tid(tid_)?, self.client.clone());
+        let i = self.block(py, async move { c.transaction_info(t).await })?;
+        let oids: Vec<Bound<'py, PyBytes>> = i.oids.iter().map(|o| b8(py, o.0)).collect();
+        let items: Vec<Bound<'py, PyAny>> = vec![
+            b8(py, i.tid.0).into_any(),
+            PyBytes::new(py, &i.user).into_any(),
+            PyBytes::new(py, &i.description).into_any(),
+            PyBytes::new(py, &i.extension).into_any(),
+            i.packed.into_pyobject(py)?.to_owned().into_any(),
+            oids.into_pyobject(py)?.into_any(),
+        ];
+        PyTuple::new(py, items)
+    }
+
+    #[pyo3(signature = (start=None, stop=None))]
+    fn iterator(&self, start: Option<&[u8]>, stop: Option<&[u8]>) -> PyResult<TxnIter> {
+        let start = start.map(tid).transpose()?;
+        let stop = stop.map(tid).transpose()?;
+        Ok(TxnIter { rt: self.rt.clone(), inner: Mutex::new(self.client.iterator(start, stop)) })
+    }
+
+    /// [(oid, current serial, undo serial or None, is_current)] for undoing `tid`.
+    fn undo_plan<'py>(&self, py: Python<'py>, tid_: &[u8]) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let (t, c) = (tid(tid_)?, self.client.clone());
+        let plan = self.block(py, async move { c.undo_plan(t).await })?;
+        plan.iter()
+            .map(|p| {
+                PyTuple::new(
+                    py,
+                    [
+                        b8(py, p.oid.0).into_any(),
+                        b8(py, p.current.0).into_any(),
+                        opt_b8(py, p.undo_serial),
+                        p.is_current.into_pyobject(py)?.to_owned().into_any(),
+                    ],
+                )
+            })
+            .collect()
+    }
+
+    /// Pack at `tid`; returns the tid actually used.
+    fn pack<'py>(&self, py: Python<'py>, tid_: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let (t, c) = (tid(tid_)?, self.client.clone());
+        let r = self.block(py, async move { c.pack(t).await })?;
+        Ok(b8(py, r.0))
+    }
+
+    #[pyo3(signature = (user, description, extension, tid_=None))]
+    fn tpc_begin(
+        &self,
+        py: Python<'_>,
+        user: &[u8],
+        description: &[u8],
+        extension: &[u8],
+        tid_: Option<&[u8]>,
+    ) -> PyResult<Txn> {
+        let t = tid_.map(tid).transpose()?;
+        let (c, u, d, e) = (self.client.clone(), user.to_vec(), description.to_vec(), extension.to_vec());
+        let txn = self.block(py, async move {
+            match t {
+                Some(t) => c.tpc_begin_with_tid(t, &u, &d, &e).await,
+                None => c.tpc_begin(&u, &d, &e).await,
+            }
+        })?;
+        Ok(Txn { rt: self.rt.clone(), inner: Mutex::new(Some(txn)) })
+    }
+
+    /// Store `data` (None: delete) based on `serial`, optionally copied from `data_serial`.
+    #[pyo3(signature = (txn, oid_, serial, data, data_serial=None))]
+    fn store(
+        &self,
+        txn: &Txn,
+        oid_: &[u8],
+        serial: &[u8],
+        data: Option<&[u8]>,
+        data_serial: Option<&[u8]>,
+    ) -> PyResult<()> {
+        let (o, s) = (oid(oid_)?, tid(serial)?);
+        let ds = data_serial.map(tid).transpose()?;
+        let _guard = self.rt.enter();
+        self.with_txn(txn, |t| self.client.store_with(t, o, s, data, ds).map_err(error))
+    }
+
+    fn check_current_serial(&self, txn: &Txn, oid_: &[u8], serial: &[u8]) -> PyResult<()> {
+        let (o, s) = (oid(oid_)?, tid(serial)?);
+        let _guard = self.rt.enter();
+        self.with_txn(txn, |t| self.client.check_current_serial(t, o, s).map_err(error))
+    }
+
+    /// Store the undo of `oid` (its current revision is the undone one).
+    fn store_undo(
+        &self,
+        py: Python<'_>,
+        txn: &Txn,
+        oid_: &[u8],
+        current: &[u8],
+        undo_serial: Option<&[u8]>,
+    ) -> PyResult<()> {
+        let (o, cur) = (oid(oid_)?, tid(current)?);
+        let u = undo_serial.map(tid).transpose()?;
+        let c = self.client.clone();
+        self.with_txn(txn, |t| self.block(py, async move { c.store_undo(t, o, cur, u).await }))
+    }
+
+    /// Vote. Returns the conflicts as [(oid, serial, committed, read, data or None)]; the
+    /// transaction is voted only when the list is empty.
+    fn tpc_vote<'py>(&self, py: Python<'py>, txn: &Txn) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let c = self.client.clone();
+        self.with_txn(txn, |t| {
+            let r = {
+                let rt = self.rt.clone();
+                let t2 = &mut *t;
+                py.detach(move || rt.block_on(c.tpc_vote(t2)))
+            };
+            match r {
+                Ok(()) => Ok(Vec::new()),
+                Err(ClientError::Conflict { .. } | ClientError::ReadConflict { .. }) if !t.conflicts().is_empty() => t
+                    .conflicts()
+                    .iter()
+                    .map(|c| {
+                        PyTuple::new(
+                            py,
+                            [
+                                b8(py, c.oid.0).into_any(),
+                                b8(py, c.serial.0).into_any(),
+                                b8(py, c.committed.0).into_any(),
+                                c.read.into_pyobject(py)?.to_owned().into_any(),
+                                opt_bytes(py, c.data.as_deref().map(|d| d.as_slice())),
+                            ],
+                        )
+                    })
+                    .collect(),
+                Err(e) => Err(error(e)),
+            }
+        })
+    }
+
+    /// Commit; `callback(tid)` is called in order with other clients' invalidations, before
+    /// `last_transaction` reports the new tid. Returns the tid.
+    #[pyo3(signature = (txn, callback=None))]
+    fn tpc_finish<'py>(
+        &self,
+        py: Python<'py>,
+        txn: &Txn,
+        callback: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let t = lock(&txn.inner).take();
+        let Some(t) = t else {
+            return Err(error(ClientError::Transaction("transaction already finished or aborted".into())));
+        };
+        let failure: Arc<Mutex<Option<PyErr>>> = Arc::new(Mutex::new(None));
+        let f2 = failure.clone();
+        let cb: neo_client::FinishCallback = Box::new(move |tid| {
+            if let Some(f) = callback {
+                Python::attach(|py| {
+                    if let Err(e) = f.call1(py, (b8(py, tid.0),)) {
+                        *lock(&f2) = Some(e);
+                    }
+                });
+            }
+        });
+        let c = self.client.clone();
+        let tid = self.block(py, async move { c.tpc_finish_with(t, cb).await })?;
+        if let Some(e) = lock(&failure).take() {
+            return Err(e);
+        }
+        Ok(b8(py, tid.0))
+    }
+
+    fn tpc_abort(&self, py: Python<'_>, txn: &Txn) -> PyResult<()> {
+        let t = lock(&txn.inner).take();
+        if let Some(t) = t {
+            let c = self.client.clone();
+            self.block(py, async move { c.tpc_abort(t).await })?;
+        }
+        Ok(())
+    }
+
+    /// (hits, misses, bytes cached).
+    fn cache_stats(&self) -> (u64, u64, usize) {
+        self.client.cache_stats()
+    }
+
+    fn clear_cache(&self) {
+        self.client.clear_cache();
+    }
+}
+
+#[pymodule]
+fn _neo(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Client>()?;
+    m.add_class::<Txn>()?;
+    m.add_class::<TxnIter>()?;
+    m.add("NeoError", m.py().get_type::<NeoError>())?;
+    Ok(())
+}
