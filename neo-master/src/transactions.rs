@@ -57,7 +57,8 @@ impl Transactions {
     pub fn recovered(&mut self, last_tid: Tid, next_oid: Oid) {
         self.last_tid = last_tid;
         self.last_allocated = self.last_allocated.max(last_tid);
-        self.next_oid = self.next_oid.max(next_oid);
+        // Oid 0 is ZODB's root object: created explicitly, never handed out by new_oid.
+        self.next_oid = self.next_oid.max(next_oid).max(Oid(1));
         self.last_oid = Oid(self.next_oid.0.saturating_sub(1));
     }
 

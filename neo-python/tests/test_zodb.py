@@ -4,7 +4,8 @@ Each test starts ``neosimple`` (a master, NEO_TEST_STORAGES storages on SQLite w
 NEO_TEST_REPLICAS replicas, an admin: real processes over loopback), connects a
 ``neo_rs.Storage`` to it, runs one of ZODB's mixin tests and stops the cluster.
 
-Run by ``neo-python/run-zodb-tests`` (which builds everything); by hand:
+Run by ``neo-python/run-zodb-tests`` (which builds everything and runs both cluster shapes);
+by hand:
     NEO_SIMPLE=target/debug/neosimple python -m pytest neo-python/tests
 """
 
@@ -85,7 +86,12 @@ class NEOStorageTests(StorageTestBase.StorageTestBase):
 
 
 class BasicTests(NEOStorageTests, BasicStorage.BasicStorage):
-    pass
+
+    # ZODB marks it @long_test (zope-testrunner level 2, not run by default): 64 clients
+    # reconnecting all along, several minutes on 2 cores. NEO_TEST_LONG=1 runs it.
+    if not os.environ.get("NEO_TEST_LONG"):
+        test_race_external_invalidate_vs_disconnect = unittest.skip("long test (NEO_TEST_LONG=1)")(
+            BasicStorage.BasicStorage.test_race_external_invalidate_vs_disconnect)
 
 
 class ConflictTests(NEOStorageTests, ConflictResolution.ConflictResolvingStorage):
@@ -111,6 +117,10 @@ class PackableTests(NEOStorageTests, PackableStorage.PackableStorageWithOptional
     # Pack does no garbage collection (as in NEO): unreachable objects are kept.
     testPackAllRevisions = unittest.expectedFailure(
         PackableStorage.PackableStorage.testPackAllRevisions)
+    # The test packs at a time.time() that its fake clock moved 0.4 s ahead (time.sleep
+    # advances it), while TIDs come from the master's real clock: the pack covers the last
+    # transaction too. NEO fails it as well.
+    testPackUndoLog = unittest.expectedFailure(PackableStorage.PackableUndoStorage.testPackUndoLog)
 
 
 class PersistentTests(NEOStorageTests, PersistentStorage.PersistentStorage):
@@ -144,8 +154,7 @@ class ZODBTests(testZODB.ZODBTests):
         self._db = ZODB.DB(self._storage)
 
 
-def test_suite():
-    loader = unittest.TestLoader()
+def load_tests(loader, tests, pattern):
     suite = unittest.TestSuite()
     for cls in (BasicTests, ConflictTests, HistoryTests, IteratorTests, MTTests, PackableTests,
                 PersistentTests, ReadOnlyTests, RevisionTests, SynchronizationTests, UndoTests,
@@ -155,4 +164,4 @@ def test_suite():
 
 
 if __name__ == "__main__":
-    unittest.main(defaultTest="test_suite")
+    unittest.main()

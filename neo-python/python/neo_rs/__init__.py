@@ -87,12 +87,13 @@ def _tid_time(tid):
 class _Context(object):
     """The state of one transaction in two-phase commit."""
 
-    __slots__ = ("transaction", "txn", "stored", "resolved")
+    __slots__ = ("transaction", "txn", "stored", "data_serials", "resolved")
 
     def __init__(self, transaction):
         self.transaction = transaction  # keeps id(transaction) valid while in 2PC
         self.txn = None                 # the _neo.Txn
         self.stored = {}                # oid -> data stored in this transaction (None: deletion)
+        self.data_serials = {}          # oid -> serial whose data an undo stored (back-pointer)
         self.resolved = set()           # oids whose conflicts were resolved
 
 
@@ -350,6 +351,7 @@ class Storage(ConflictResolvingStorage):
         except NeoError as e:
             _raise(e, data)
         ctx.stored[oid] = data
+        ctx.data_serials.pop(oid, None)
         return None
 
     def deleteObject(self, oid, serial, transaction):
@@ -437,7 +439,11 @@ class Storage(ConflictResolvingStorage):
         plan = _call(self._client.undo_plan, undone)
         oids = []
         for oid, current, undo_serial, is_current in plan:
-            if is_current and oid not in ctx.stored:
+            if oid in ctx.stored:
+                # Already changed by this transaction (several undos at once): current if what
+                # it stored is the data of the undone revision.
+                is_current = ctx.data_serials.get(oid) == undone
+            if is_current:
                 # Back to the data of undo_serial, recorded as a back-pointer to it.
                 data = None
                 if undo_serial is not None:
@@ -447,6 +453,7 @@ class Storage(ConflictResolvingStorage):
                     data = rev[0]
                 _call(self._client.store, ctx.txn, oid, current, data, undo_serial)
                 ctx.stored[oid] = data
+                ctx.data_serials[oid] = undo_serial
             else:
                 # Changed since (or already in this transaction): resolve the "undone -> undo"
                 # change on top of the current state.
@@ -472,6 +479,7 @@ class Storage(ConflictResolvingStorage):
                 except NeoError as e:
                     _raise(e, data)
                 ctx.stored[oid] = data
+                ctx.data_serials.pop(oid, None)
             oids.append(oid)
         return None, oids
 

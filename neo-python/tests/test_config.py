@@ -1,0 +1,143 @@
+"""The Python package's entry points: the storage class, ZConfig (%import neo_rs +
+<NEOStorage>), the zodburi resolver, errors as ZODB's exceptions; against a real cluster."""
+
+import threading
+import unittest
+
+import transaction
+import ZODB
+import ZODB.config
+from persistent.mapping import PersistentMapping
+from ZODB import POSException
+
+import neo_rs
+from neo_rs import zodburi
+
+from test_zodb import Cluster
+
+
+class ConfigTests(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+    def roundtrip(self, db, key):
+        with db.transaction() as conn:
+            conn.root()[key] = PersistentMapping(value=key)
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()[key]["value"], key)
+
+    def test_zconfig_section(self):
+        c = self.cluster
+        db = ZODB.config.databaseFromString("""
+            %%import neo_rs
+            <zodb>
+              <NEOStorage>
+                master_nodes %s
+                name %s
+                cache-size 5MB
+                compress false
+              </NEOStorage>
+            </zodb>
+            """ % (c.master, c.name))
+        try:
+            self.assertIsInstance(db.storage, neo_rs.Storage)
+            self.roundtrip(db, "zconfig")
+        finally:
+            db.close()
+
+    def test_zconfig_read_only(self):
+        c = self.cluster
+        storage = ZODB.config.storageFromString("""
+            %%import neo_rs
+            <NEOStorage>
+              master_nodes %s
+              name %s
+              read-only true
+            </NEOStorage>
+            """ % (c.master, c.name))
+        try:
+            self.assertTrue(storage.isReadOnly())
+            self.assertRaises(POSException.ReadOnlyError, storage.new_oid)
+        finally:
+            storage.close()
+
+    def test_zconfig_rejects_unknown_key(self):
+        import ZConfig
+        self.assertRaises(ZConfig.ConfigurationError, ZODB.config.storageFromString, """
+            %import neo_rs
+            <NEOStorage>
+              master_nodes 127.0.0.1:1
+              name x
+              no-such-key 1
+            </NEOStorage>
+            """)
+
+    def test_zodburi(self):
+        c = self.cluster
+        uri = "neo://%s@%s?read_only=false&cache-size=1MB&database_name=main&compress=true" % (c.name, c.master)
+        factory, dbkw = zodburi.resolve_uri(uri)
+        self.assertEqual(dbkw, {"database_name": "main"})
+        db = ZODB.DB(factory(), **dbkw)
+        try:
+            self.roundtrip(db, "zodburi")
+        finally:
+            db.close()
+
+    def test_zodburi_entry_point(self):
+        from importlib.metadata import entry_points
+        eps = {e.name: e for e in entry_points(group="zodburi.resolvers")}
+        self.assertIs(eps["neo"].load(), zodburi.resolve_uri)
+
+    def test_zodburi_bad_uris(self):
+        for uri in ("zeo://x@h:1", "neo://h:1", "neo://x@h:1/path", "neo://x@h:1?name=y"):
+            self.assertRaises(ValueError, zodburi.parse_uri, uri)
+        zconf, _ = zodburi.parse_uri("neo://n@a:1,b:2?read-only=true")
+        self.assertIn("master_nodes a:1 b:2", zconf)
+        self.assertIn("read-only true", zconf)
+
+    def test_unknown_cluster_is_a_clear_error(self):
+        with self.assertRaises(POSException.StorageError) as e:
+            neo_rs.Storage(master_nodes=self.cluster.master, name="other", connect_timeout=1)
+        self.assertIn("other", str(e.exception))
+
+    def test_bad_arguments(self):
+        self.assertRaises(ValueError, neo_rs.Storage, master_nodes="", name="x")
+        s = self.cluster.storage()
+        try:
+            self.assertRaises(ValueError, s.loadBefore, b"123", b"\0" * 8)
+            self.assertRaises(KeyError, s.load, b"\x7f" * 8)
+        finally:
+            s.close()
+
+    def test_gil_released_while_waiting(self):
+        # tpc_finish waits for its callback, which runs on a runtime thread and needs the GIL,
+        # and which itself waits for another Python thread: this completes only if
+        # tpc_finish released the GIL while waiting.
+        from ZODB.Connection import TransactionMetaData
+        s = self.cluster.storage()
+        try:
+            go = threading.Event()
+            threading.Timer(0.2, go.set).start()
+            t = TransactionMetaData()
+            s.tpc_begin(t)
+            s.store(s.new_oid(), b"\0" * 8, b"data", "", t)
+            s.tpc_vote(t)
+            seen = []
+            done = []
+
+            def commit():
+                done.append(s.tpc_finish(t, lambda tid: seen.append(go.wait(30))))
+            worker = threading.Thread(target=commit)
+            worker.start()
+            worker.join(60)
+            self.assertEqual(seen, [True])
+            self.assertEqual(len(done), 1)
+            self.assertEqual(s.lastTransaction(), done[0])
+        finally:
+            s.close()
