@@ -928,8 +928,8 @@ impl Client {
             for nid in &relocked {
                 txn.voted_on.remove(nid);
             }
-            if relocked.is_empty() || fatal.is_some() {
-                break;
+            if relocked.is_empty() || fatal.is_some() || !txn.conflicts.is_empty() {
+                break; // relocked storages are voted again by the next tpc_vote
             }
             debug!("{:?} relocked on {relocked:?}: voting again", txn.ttid);
         }

@@ -29,3 +29,4 @@ mod bad_input;
 mod commit;
 mod failover;
 mod restart;
+mod zodb_api;
