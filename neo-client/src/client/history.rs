@@ -324,6 +324,11 @@ impl Client {
             if a.objects.len() != oids.len() {
                 return Err(ClientError::Undo("non-undoable transaction".into()));
             }
+            // After a pack, the oldest revision left looks like a creation: undoing it would
+            // delete the object.
+            if info.packed && a.objects.iter().any(|u| u.undo_serial.is_none()) {
+                return Err(ClientError::Undo("non-undoable transaction (packed)".into()));
+            }
             out.extend(a.objects.into_iter().map(|u| UndoPlan {
                 oid: Oid(u.oid),
                 current: Tid(u.current),

@@ -5,8 +5,8 @@
 //! Backends are synchronous; the node calls them only from the database thread (`crate::db`),
 //! never from async worker threads.
 //!
-//! Commit discipline: `set_config`, `save_pt` and `drop_unfinished` are durable when they
-//! return; `vote`, `vote_data` and `lock` are durable after the following `sync` (the node
+//! Commit discipline: `set_config`, `save_pt`, `drop_unfinished` and `pack` are durable when
+//! they return; `vote`, `vote_data` and `lock` are durable after the following `sync` (the node
 //! answers them only then, and groups the syncs of concurrent transactions); `unlock` and `abort`
 //! need not be durable: a lost unlock is replayed by verification from the durable lock, a lost
 //! abort by `drop_unfinished`.

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""ZODB on a neo-rs cluster: commits, updates and reads per second, with 1 and 4 client
+processes, against a neosimple cluster of 2 SQLite storages with replicas 1.
+
+    cargo build --release -p neosimple
+    (cd neo-python && maturin develop --release)      # in a virtualenv with ZODB
+    python bench/zodb_bench.py [--quick]
+
+Figures (each an operation count over wall time, all processes together):
+- commit-1:   transactions creating 1 object (100-byte payload)
+- commit-100: transactions creating 100 objects (objects/s = 100 x that)
+- update:     transactions loading and modifying 1 existing object
+- cold read:  object loads by a new DB with empty caches (each a storage round trip)
+- warm read:  the same loads again after emptying ZODB's object cache (client cache hits)
+"""
+
+import argparse
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import transaction
+import ZODB
+from persistent import Persistent
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Obj(Persistent):
+    def __init__(self, payload):
+        self.payload = payload
+
+
+def start_cluster(tmp):
+    exe = os.environ.get("NEO_SIMPLE") or os.path.join(ROOT, "target", "release", "neosimple")
+    proc = subprocess.Popen([exe, "--storages", "2", "--replicas", "1", "--data", tmp, "--cluster", "bench"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    master = None
+    for line in proc.stdout:
+        if line.startswith("master:"):
+            master = line.split(None, 1)[1].strip()
+        if line.startswith("Press Ctrl-C"):
+            break
+    if master is None:
+        proc.kill()
+        sys.exit("neosimple did not start (build it: cargo build --release -p neosimple)")
+    return proc, master
+
+
+def open_db(master):
+    import neo_rs
+    return ZODB.DB(neo_rs.Storage(master_nodes=master, name="bench"), cache_size=1000000)
+
+
+def w_commit(args):
+    master, n, per_txn = args
+    db = open_db(master)
+    conn = db.open()
+    oids = []
+    payload = b"x" * 100
+    t0 = time.perf_counter()
+    for _ in range(n):
+        objs = [Obj(payload) for _ in range(per_txn)]
+        for o in objs:
+            conn.add(o)
+        transaction.commit()
+        oids.extend(o._p_oid for o in objs)
+    dt = time.perf_counter() - t0
+    conn.close()
+    db.close()
+    return dt, oids
+
+
+def w_update(args):
+    master, oids = args
+    db = open_db(master)
+    conn = db.open()
+    t0 = time.perf_counter()
+    for i, oid in enumerate(oids):
+        o = conn.get(oid)
+        o.payload = b"y%d" % i
+        transaction.commit()
+    dt = time.perf_counter() - t0
+    conn.close()
+    db.close()
+    return dt, None
+
+
+def w_read(args):
+    master, oids = args
+    db = open_db(master)
+    conn = db.open()
+    t0 = time.perf_counter()
+    for oid in oids:
+        conn.get(oid).payload
+    cold = time.perf_counter() - t0
+    conn.cacheMinimize()
+    t0 = time.perf_counter()
+    for oid in oids:
+        conn.get(oid).payload
+    warm = time.perf_counter() - t0
+    conn.close()
+    db.close()
+    return cold, warm
+
+
+def run(pool, fn, args):
+    t0 = time.perf_counter()
+    results = pool.map(fn, args)
+    return time.perf_counter() - t0, results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer operations (a smoke run)")
+    ns = ap.parse_args()
+    scale = 10 if ns.quick else 1
+    n1, n100, nread = 2000 // scale, 100 // scale, 10000 // scale
+    with tempfile.TemporaryDirectory(prefix="neo-bench-") as tmp:
+        proc, master = start_cluster(tmp)
+        try:
+            db = open_db(master)  # creates the root
+            db.close()
+            from importlib.metadata import version
+            print("neo-rs + ZODB %s, cluster: 2 SQLite storages, replicas 1 (%s)" % (version("ZODB"), master))
+            print("%-8s %14s %16s %12s %14s %14s" % ("clients", "commit-1/s", "commit-100/s", "update/s",
+                                                    "cold read/s", "warm read/s"))
+            for procs in (1, 4):
+                with multiprocessing.get_context("spawn").Pool(procs) as pool:
+                    wall, res = run(pool, w_commit, [(master, n1 // procs, 1)] * procs)
+                    c1 = n1 // procs * procs / wall
+                    oids = [r[1] for r in res]
+                    wall, _ = run(pool, w_commit, [(master, n100 // procs, 100)] * procs)
+                    c100 = n100 // procs * procs / wall
+                    wall, _ = run(pool, w_update, [(master, o) for o in oids])
+                    upd = sum(len(o) for o in oids) / wall
+                    # Reads: each process reads its own share of the created objects.
+                    allo = [o for os_ in oids for o in os_]
+                    share = [allo[i::procs][: nread // procs] for i in range(procs)]
+                    wall, res = run(pool, w_read, [(master, s) for s in share])
+                    total = sum(len(s) for s in share)
+                    cold = total / max(r[0] for r in res)
+                    warm = total / max(r[1] for r in res)
+                print("%-8d %14.0f %16.1f %12.0f %14.0f %14.0f" % (procs, c1, c100, upd, cold, warm))
+                sys.stdout.flush()
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
