@@ -107,12 +107,15 @@ async fn a_client_sees_another_clients_commit_through_the_invalidation_callback(
     let t1 = commit(&a, oid, Tid::ZERO, b"one").await.unwrap();
     let (tid, oids) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
     assert_eq!((tid, oids), (t1, vec![oid]));
+    // last_transaction moves once the callback returned (ZODB's rule): sync is the barrier.
+    b.sync().await.unwrap();
     assert!(b.last_transaction() >= t1);
     // B caches the object, A changes it: B is told and reads the new data.
     assert_eq!(b.load(oid).await.unwrap().0, b"one");
     let t2 = commit(&a, oid, t1, b"two").await.unwrap();
     let (tid, _) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
     assert_eq!(tid, t2);
+    b.sync().await.unwrap();
     assert_eq!(b.load(oid).await.unwrap(), (b"two".to_vec(), t2));
     assert_eq!(b.load_before(oid, t2).await.unwrap().unwrap(), (b"one".to_vec(), t1, Some(t2)));
     // The committing client is not notified of its own commit.
