@@ -595,52 +595,28 @@ impl Client {
 
     /// A revision as stored (data None for a deletion), bypassing the cache.
     async fn load_record(&self, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Option<Record>> {
-        let mut last_err = String::from("no readable cell");
-        for attempt in 0..2 {
-            if attempt > 0 {
-                // Refresh our view of the cluster, then try again.
-                self.sync().await?;
+        let req = msg::AskObject { oid: oid.0, at: at.map(|t| t.0), before: before.map(|t| t.0) };
+        // A wrong checksum counts as a failure of that storage: the next cell is tried.
+        let parse = |b| {
+            let a = expect_answer!(b, AnswerObject)?;
+            if !a.deleted && (a.checksum.len() != 20 || sha1(&a.data)[..] != a.checksum[..]) {
+                warn!("wrong checksum for {oid:?}");
+                return Err(LinkError::Unexpected(format!("wrong checksum for oid {oid}")));
             }
-            for nid in self.read_candidates(oid) {
-                let link = match self.storage_link(nid).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        self.mark_failed(nid);
-                        last_err = e.to_string();
-                        continue;
-                    }
-                };
-                let req = msg::AskObject { oid: oid.0, at: at.map(|t| t.0), before: before.map(|t| t.0) };
-                match link.ask(req).await.and_then(|b| expect_answer!(b, AnswerObject)) {
-                    Ok(a) => {
-                        let (serial, next_serial, data_serial) =
-                            (Tid(a.serial), a.next_serial.map(Tid), a.data_serial.map(Tid));
-                        if a.deleted {
-                            return Ok(Some(Record { data: None, serial, next_serial, data_serial }));
-                        }
-                        if a.checksum.len() != 20 || sha1(&a.data)[..] != a.checksum[..] {
-                            warn!("wrong checksum for {oid:?} from {nid}");
-                            self.mark_failed(nid);
-                            last_err = format!("wrong checksum from {nid}");
-                            continue;
-                        }
-                        let data = decompress(oid, a.compression, a.data)?;
-                        return Ok(Some(Record { data: Some(data), serial, next_serial, data_serial }));
-                    }
-                    Err(LinkError::Remote { code: ErrorCode::OidDoesNotExist, .. }) => {
-                        return Err(ClientError::NotFound(oid));
-                    }
-                    Err(LinkError::Remote { code: ErrorCode::OidNotFound, .. }) => return Ok(None),
-                    Err(e) if is_storage_failure(&e) => {
-                        debug!("load {oid:?} from {nid}: {e}");
-                        self.mark_failed(nid);
-                        last_err = e.to_string();
-                    }
-                    Err(e) => return Err(remote(e)),
-                }
+            Ok(a)
+        };
+        let a = match self.ask_readable(oid.0, || req.into(), parse).await {
+            Ok(a) => a,
+            Err(ClientError::Remote { code: ErrorCode::OidDoesNotExist, .. }) => {
+                return Err(ClientError::NotFound(oid));
             }
-        }
-        Err(ClientError::NoStorage(format!("oid {oid}: {last_err}")))
+            Err(ClientError::Remote { code: ErrorCode::OidNotFound, .. }) => return Ok(None),
+            Err(ClientError::NoStorage(e)) => return Err(ClientError::NoStorage(format!("oid {oid}: {e}"))),
+            Err(e) => return Err(e),
+        };
+        let (serial, next_serial, data_serial) = (Tid(a.serial), a.next_serial.map(Tid), a.data_serial.map(Tid));
+        let data = if a.deleted { None } else { Some(decompress(oid, a.compression, a.data)?) };
+        Ok(Some(Record { data, serial, next_serial, data_serial }))
     }
 
     // ------------------------------------------------------------------ reads

@@ -586,7 +586,7 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
     // An OUT_OF_DATE cell takes the write without lock nor conflict check (the readable cells
     // do both) so that it has the data once it catches up.
     let lockless = !state.is_readable();
-    if !lockless && let Some(answer) = take_write_lock(st, ttid, oid, partition).await {
+    if !lockless && let Some(answer) = take_write_lock(st, ttid, oid).await {
         return answer;
     }
     if m.check_only {
@@ -619,7 +619,7 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
 /// Take the write lock of `oid` for `ttid`, waiting for older transactions (and for younger
 /// ones, whose client is told to relock). Returns the answer to send instead of going on
 /// (abort, shutdown).
-async fn take_write_lock(st: &Storage, ttid: Tid, oid: Oid, _partition: u32) -> Option<Body> {
+async fn take_write_lock(st: &Storage, ttid: Tid, oid: Oid) -> Option<Body> {
     loop {
         let changed = st.tm.changed();
         let notified = changed.notified();
@@ -653,6 +653,24 @@ async fn take_write_lock(st: &Storage, ttid: Tid, oid: Oid, _partition: u32) -> 
     }
 }
 
+/// Wait while `busy` holds, re-checking at every lock release (registered before the check so
+/// that none is missed); NOT_READY if the storage stops meanwhile.
+async fn wait_while(st: &Storage, busy: impl Fn(&Storage) -> bool) -> Result<(), Body> {
+    loop {
+        let changed = st.tm.changed();
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !busy(st) {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = st.shutdown.cancelled() => return Err(proto::error(ErrorCode::NotReady, "storage is stopping")),
+        }
+    }
+}
+
 /// AskRelockObject: hand the lock of `oid` to the older transaction waiting for it, then take
 /// it back (the transaction must vote again here).
 async fn relock(st: &Storage, ttid: Tid, oid: Oid) -> Body {
@@ -660,8 +678,7 @@ async fn relock(st: &Storage, ttid: Tid, oid: Oid) -> Body {
         // Unknown (aborted) or already at its commit point: nothing to give back.
         return msg::AnswerRelockObject {}.into();
     }
-    let partition = st.cell_of(oid.0).map(|(p, _)| p).unwrap_or(0);
-    match take_write_lock(st, ttid, oid, partition).await {
+    match take_write_lock(st, ttid, oid).await {
         Some(answer) => answer,
         None => msg::AnswerRelockObject {}.into(),
     }
@@ -672,19 +689,7 @@ async fn relock(st: &Storage, ttid: Tid, oid: Oid) -> Body {
 /// voted).
 async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Result<Vec<msg::Conflict>, Body> {
     // The client may send its vote right after its stores: wait until they are done.
-    loop {
-        let changed = st.tm.changed();
-        let notified = changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if st.tm.storing(ttid) == 0 {
-            break;
-        }
-        tokio::select! {
-            _ = &mut notified => {}
-            _ = st.shutdown.cancelled() => return Err(proto::error(ErrorCode::NotReady, "storage is stopping")),
-        }
-    }
+    wait_while(st, |st| st.tm.storing(ttid) > 0).await?;
     st.tm.register(ttid, conn);
     let (objects, checked, generation) = st
         .tm
@@ -735,18 +740,8 @@ async fn load(st: &Storage, m: msg::AskObject) -> Body {
         return proto::error(ErrorCode::NonReadableCell, format!("cell {partition} is {state}"));
     }
     // Wait while a transaction that already reached its commit point changes this object.
-    loop {
-        let changed = st.tm.changed();
-        let notified = changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if !st.tm.is_read_locked(oid) {
-            break;
-        }
-        tokio::select! {
-            _ = &mut notified => {}
-            _ = st.shutdown.cancelled() => return proto::error(ErrorCode::NotReady, "storage is stopping"),
-        }
+    if let Err(e) = wait_while(st, |st| st.tm.is_read_locked(oid)).await {
+        return e;
     }
     let (at, before) = (m.at.map(Tid), m.before.map(Tid));
     match st.db.call(move |b| b.load(partition, oid, at, before)).await {

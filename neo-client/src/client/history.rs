@@ -187,7 +187,7 @@ impl Client {
     }
 
     /// Ask a readable cell of partition(`id`), trying the next one on storage failures.
-    async fn ask_readable<T>(
+    pub(super) async fn ask_readable<T>(
         &self,
         id: u64,
         make: impl Fn() -> Body,

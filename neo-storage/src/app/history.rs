@@ -1,8 +1,10 @@
 //! Client requests beyond commit and load: object history, transaction listings (undo log and
 //! iterator), transaction metadata, undo information; and the master's pack order. Each
-//! checks that the partitions it touches are readable here, then runs one database job.
+//! checks that the partitions it touches are readable here, waits while a transaction it could
+//! see is between lock and unlock (its committer may already ask about it), then runs one
+//! database job.
 
-use super::{Storage, internal};
+use super::{Storage, internal, wait_while};
 use crate::backend::BackendError;
 use neo_lib::{ErrorCode, Oid, Tid};
 use proto::{Body, msg};
@@ -34,24 +36,6 @@ fn readable_partition_of(st: &Storage, id: u64) -> Result<u32, Body> {
     }
 }
 
-/// Wait until no commit that reached its commit point matches `busy` (its unlock is on its
-/// way: the client that committed it may already ask about it).
-async fn wait_unlocked(st: &Storage, busy: impl Fn(&Storage) -> bool) -> Result<(), Body> {
-    loop {
-        let changed = st.tm.changed();
-        let notified = changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if !busy(st) {
-            return Ok(());
-        }
-        tokio::select! {
-            _ = &mut notified => {}
-            _ = st.shutdown.cancelled() => return Err(proto::error(ErrorCode::NotReady, "storage is stopping")),
-        }
-    }
-}
-
 fn answer(r: Result<Body, Body>) -> Body {
     r.unwrap_or_else(|b| b)
 }
@@ -62,7 +46,7 @@ pub(super) async fn history(st: &Storage, m: msg::AskObjectHistory) -> Body {
             too_long(m.length)?;
             let oid = Oid(m.oid);
             let partition = readable_partition_of(st, oid.0)?;
-            wait_unlocked(st, |st| st.tm.is_read_locked(oid)).await?;
+            wait_while(st, |st| st.tm.is_read_locked(oid)).await?;
             let (offset, length) = (m.offset, m.length);
             let h = job(st, move |b| b.object_history(partition, oid, offset, length)).await?;
             if h.is_empty() && offset == 0 {
@@ -81,7 +65,7 @@ pub(super) async fn tids(st: &Storage, m: msg::AskTids) -> Body {
             too_long(m.length)?;
             st.check_readable(&m.partitions)?;
             let (offset, length, partitions) = (m.offset, m.length, m.partitions);
-            wait_unlocked(st, |st| st.tm.is_committing_upto(Tid::MAX)).await?;
+            wait_while(st, |st| st.tm.is_committing_upto(Tid::MAX)).await?;
             let tids = job(st, move |b| b.tids(&partitions, offset, length)).await?;
             Ok(msg::AnswerTids { tids: tids.into_iter().map(|t| t.0).collect() }.into())
         }
@@ -95,7 +79,7 @@ pub(super) async fn tids_from(st: &Storage, m: msg::AskTidsFrom) -> Body {
             too_long(m.length)?;
             st.check_readable(&m.partitions)?;
             let (min, max, length, partitions) = (Tid(m.min), Tid(m.max), m.length, m.partitions);
-            wait_unlocked(st, |st| st.tm.is_committing_upto(max)).await?;
+            wait_while(st, |st| st.tm.is_committing_upto(max)).await?;
             let tids = job(st, move |b| b.tids_from(&partitions, min, max, length)).await?;
             Ok(msg::AnswerTidsFrom { tids: tids.into_iter().map(|t| t.0).collect() }.into())
         }
@@ -108,7 +92,7 @@ pub(super) async fn transaction_information(st: &Storage, m: msg::AskTransaction
         async {
             let tid = Tid(m.tid);
             let partition = readable_partition_of(st, tid.0)?;
-            wait_unlocked(st, |st| st.tm.is_committing_upto(tid)).await?;
+            wait_while(st, |st| st.tm.is_committing_upto(tid)).await?;
             match job(st, move |b| b.transaction(partition, tid)).await? {
                 Some(t) => Ok(msg::AnswerTransactionInformation {
                     tid: t.tid.0,
@@ -136,7 +120,7 @@ pub(super) async fn undo_serial(st: &Storage, m: msg::AskObjectUndoSerial) -> Bo
             for o in m.oids {
                 oids.push((readable_partition_of(st, o)?, Oid(o)));
             }
-            wait_unlocked(st, |st| oids.iter().any(|(_, o)| st.tm.is_read_locked(*o))).await?;
+            wait_while(st, |st| oids.iter().any(|(_, o)| st.tm.is_read_locked(*o))).await?;
             let (undone, before) = (Tid(m.undone_tid), m.before.map(Tid));
             let objects = job(st, move |b| {
                 let mut out = Vec::new();
