@@ -36,8 +36,18 @@ class Cluster(object):
     """A neosimple cluster in a temporary directory."""
 
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="neo-zodb-")
         self.name = "zodbtest"
+        # neosimple picks free ports by binding port 0 and giving them back: another process
+        # may take one before the node binds it. Such a start fails; try again on new ports.
+        for attempt in range(3):
+            if self._start():
+                return
+            why = self._output
+            self.stop()
+        raise RuntimeError("neosimple did not start:\n%s" % why)
+
+    def _start(self):
+        self.dir = tempfile.mkdtemp(prefix="neo-zodb-")
         self.log = open(os.path.join(self.dir, "neosimple.out"), "w+")
         self.proc = subprocess.Popen(
             [NEO_SIMPLE, "--storages", str(STORAGES), "--replicas", str(REPLICAS),
@@ -49,10 +59,11 @@ class Cluster(object):
             if line.startswith("master:"):
                 self.master = line.split(None, 1)[1].strip()
             if line.startswith("Press Ctrl-C"):
-                break
-        if self.master is None:
-            self.stop()
-            raise RuntimeError("neosimple did not start; see %s" % self.log.name)
+                return True
+        self.log.flush()
+        self.log.seek(0)
+        self._output = self.log.read()[-2000:]
+        return False
 
     def storage(self, **kw):
         return neo_rs.Storage(master_nodes=self.master, name=self.name, **kw)
