@@ -133,11 +133,46 @@ impl TxnIter {
     }
 }
 
+/// The process's client runtime, shared by every `Client`: two worker threads whatever the
+/// number of storages a program opens (ZODB's race tests open dozens at once; a runtime each
+/// meant hundreds of threads fighting for the GIL and the cores). A child process made by
+/// `fork` gets a runtime of its own (the parent's threads do not exist there).
+fn runtime() -> PyResult<Arc<Runtime>> {
+    static RT: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut g = lock(&RT);
+    if let Some((p, rt)) = g.as_ref()
+        && *p == pid
+    {
+        return Ok(rt.clone());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("neo-client")
+        .enable_all()
+        .build()
+        .map_err(|e| PyValueError::new_err(format!("cannot start the client runtime: {e}")))?;
+    let rt = Arc::new(rt);
+    if let Some((_, old)) = g.replace((pid, rt.clone())) {
+        // The parent's runtime in a forked child: its threads are gone, dropping it could block.
+        std::mem::forget(old);
+    }
+    Ok(rt)
+}
+
 /// A connection to a neo-rs cluster.
 #[pyclass(module = "neo_rs._neo")]
 struct Client {
     rt: Arc<Runtime>,
     client: RsClient,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // The runtime outlives this client: close its connections (a no-op after `close`).
+        let c = self.client.clone();
+        self.rt.spawn(async move { c.close().await });
+    }
 }
 
 impl Client {
@@ -200,13 +235,7 @@ impl Client {
             (None, None, None) => None,
             _ => return Err(PyValueError::new_err("ca, cert and key go together")),
         };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("neo-client")
-            .enable_all()
-            .build()
-            .map_err(|e| PyValueError::new_err(format!("cannot start the client runtime: {e}")))?;
-        let rt = Arc::new(rt);
+        let rt = runtime()?;
         let rt2 = rt.clone();
         let client = py.detach(move || rt2.block_on(RsClient::connect(cfg))).map_err(error)?;
         Ok(Client { rt, client })
