@@ -12,6 +12,8 @@ Figures (each an operation count over wall time, all processes together):
 - update:     transactions loading and modifying 1 existing object
 - cold read:  object loads by a new DB with empty caches (each a storage round trip)
 - warm read:  the same loads again after emptying ZODB's object cache (client cache hits)
+- prefetched: cold reads by another new DB that calls Connection.prefetch on each batch of
+              100 oids before reading them (many requests in flight instead of one at a time)
 """
 
 import argparse
@@ -105,7 +107,18 @@ def w_read(args):
     warm = time.perf_counter() - t0
     conn.close()
     db.close()
-    return cold, warm
+    db = open_db(master)
+    conn = db.open()
+    t0 = time.perf_counter()
+    for i in range(0, len(oids), 100):
+        batch = oids[i:i + 100]
+        conn.prefetch(batch)
+        for oid in batch:
+            conn.get(oid).payload
+    prefetched = time.perf_counter() - t0
+    conn.close()
+    db.close()
+    return cold, warm, prefetched
 
 
 def run(pool, fn, args):
@@ -127,8 +140,8 @@ def main():
             db.close()
             from importlib.metadata import version
             print("neo-rs + ZODB %s, cluster: 2 SQLite storages, replicas 1 (%s)" % (version("ZODB"), master))
-            print("%-8s %14s %16s %12s %14s %14s" % ("clients", "commit-1/s", "commit-100/s", "update/s",
-                                                    "cold read/s", "warm read/s"))
+            print("%-8s %14s %16s %12s %14s %14s %14s" % ("clients", "commit-1/s", "commit-100/s", "update/s",
+                                                          "cold read/s", "warm read/s", "prefetched/s"))
             for procs in (1, 4):
                 with multiprocessing.get_context("spawn").Pool(procs) as pool:
                     wall, res = run(pool, w_commit, [(master, n1 // procs, 1)] * procs)
@@ -145,7 +158,8 @@ def main():
                     total = sum(len(s) for s in share)
                     cold = total / max(r[0] for r in res)
                     warm = total / max(r[1] for r in res)
-                print("%-8d %14.0f %16.1f %12.0f %14.0f %14.0f" % (procs, c1, c100, upd, cold, warm))
+                    pref = total / max(r[2] for r in res)
+                print("%-8d %14.0f %16.1f %12.0f %14.0f %14.0f %14.0f" % (procs, c1, c100, upd, cold, warm, pref))
                 sys.stdout.flush()
         finally:
             proc.send_signal(signal.SIGINT)

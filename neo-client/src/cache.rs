@@ -52,6 +52,11 @@ impl Cache {
         }
     }
 
+    /// Whether `load_before(oid, before)` would hit (not counted in the statistics).
+    pub fn has_before(&self, oid: Oid, before: Tid) -> bool {
+        self.items.get(&oid).is_some_and(|v| v.iter().any(|e| e.tid < before && e.next_tid.is_none_or(|n| n >= before)))
+    }
+
     /// The revision visible before `before` (newest with tid < before, valid at before).
     pub fn load_before(&mut self, oid: Oid, before: Tid) -> Option<Hit> {
         let idx = self

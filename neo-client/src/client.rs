@@ -19,6 +19,8 @@ use tracing::{debug, info, warn};
 const FAILURE_PENALTY: Duration = Duration::from_secs(600);
 /// OIDs asked from the master at a time.
 const OID_BATCH: u32 = 100;
+/// Loads in flight during a `prefetch`.
+const PREFETCH_WINDOW: usize = 64;
 const ZERO_HASH: [u8; 20] = [0; 20];
 
 type Callback = Arc<dyn Fn(Tid, &[Oid]) + Send + Sync>;
@@ -633,8 +635,32 @@ impl Client {
     /// Revision of `oid` visible before `before`: (data, serial, next serial), None if the
     /// object was created later; `NotFound` if it does not exist at all.
     pub async fn load_before(&self, oid: Oid, before: Tid) -> Result<Option<(Vec<u8>, Tid, Option<Tid>)>> {
-        if let Some((d, t, n)) = lock(&self.0.cache).load_before(oid, before) {
-            return Ok(Some((d.as_ref().clone(), t, n)));
+        Ok(self.load_before_shared(oid, before).await?.map(|(d, t, n)| (d.as_ref().clone(), t, n)))
+    }
+
+    /// ZODB `prefetch`: load these revisions into the cache with up to `PREFETCH_WINDOW`
+    /// requests in flight (the storages answer them in batches), and return once they are
+    /// there. A hint: errors are ignored; the load that follows reports them.
+    pub async fn prefetch(&self, oids: &[Oid], before: Tid) {
+        let mut loads = JoinSet::new();
+        for &oid in oids {
+            if lock(&self.0.cache).has_before(oid, before) {
+                continue;
+            }
+            if loads.len() >= PREFETCH_WINDOW {
+                loads.join_next().await;
+            }
+            let c = self.clone();
+            loads.spawn(async move {
+                let _ = c.load_before_shared(oid, before).await;
+            });
+        }
+        while loads.join_next().await.is_some() {}
+    }
+
+    async fn load_before_shared(&self, oid: Oid, before: Tid) -> Result<Option<(Arc<Vec<u8>>, Tid, Option<Tid>)>> {
+        if let Some(hit) = lock(&self.0.cache).load_before(oid, before) {
+            return Ok(Some(hit));
         }
         let guard = LoadingGuard::new(&self.0, oid);
         let res = self.load_from_storages(oid, None, Some(before)).await;
@@ -649,7 +675,7 @@ impl Client {
         }
         cache.store(oid, l.serial, next, l.data.clone());
         drop(cache);
-        Ok(Some((l.data.as_ref().clone(), l.serial, next)))
+        Ok(Some((l.data, l.serial, next)))
     }
 
     /// The revision of `oid` with exactly this serial.

@@ -285,6 +285,17 @@ impl Client {
         }
     }
 
+    /// Load these objects, as they were before `before`, into the client cache (ZODB
+    /// `prefetch`); returns once they are there. Errors are left to the loads that follow.
+    fn prefetch(&self, py: Python<'_>, oids: Vec<Vec<u8>>, before: &[u8]) -> PyResult<()> {
+        let oids = oids.iter().map(|o| oid(o)).collect::<PyResult<Vec<_>>>()?;
+        let (b, c) = (tid(before)?, self.client.clone());
+        self.block(py, async move {
+            c.prefetch(&oids, b).await;
+            Ok(())
+        })
+    }
+
     fn load_serial<'py>(&self, py: Python<'py>, oid_: &[u8], serial: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
         let (o, s, c) = (oid(oid_)?, tid(serial)?, self.client.clone());
         let d = self.block(py, async move { c.load_serial(o, s).await })?;

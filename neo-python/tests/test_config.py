@@ -141,3 +141,36 @@ class ConfigTests(unittest.TestCase):
             self.assertEqual(s.lastTransaction(), done[0])
         finally:
             s.close()
+
+
+class PrefetchTests(unittest.TestCase):
+
+    def test_prefetch_fills_the_cache(self):
+        # Connection.prefetch loads the objects with many requests in flight; the loads that
+        # follow are all client cache hits, with the right data. Oids that do not exist are
+        # ignored (prefetch is a hint).
+        cluster = Cluster()
+        try:
+            db = ZODB.DB(cluster.storage())
+            with db.transaction() as conn:
+                objs = [PersistentMapping(i=i) for i in range(300)]
+                for o in objs:
+                    conn.add(o)
+            oids = [o._p_oid for o in objs]
+            db.close()
+            storage = cluster.storage()
+            db = ZODB.DB(storage)
+            try:
+                conn = db.open()
+                conn.prefetch(oids + [b"\x7f" * 8], objs[:0])
+                hits, misses, _ = storage._client.cache_stats()
+                for i, oid in enumerate(oids):
+                    self.assertEqual(conn.get(oid)["i"], i)
+                hits2, misses2, _ = storage._client.cache_stats()
+                self.assertEqual(misses2, misses)
+                self.assertGreaterEqual(hits2 - hits, len(oids))
+                conn.close()
+            finally:
+                db.close()
+        finally:
+            cluster.stop()

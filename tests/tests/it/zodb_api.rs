@@ -170,7 +170,37 @@ async fn history_undo_iterator_and_pack(opts: Options) {
     assert!(c.undoable_tids(0, 10).await.unwrap().is_empty());
 }
 
+/// ZODB `prefetch`: a new client loads 300 objects with many requests in flight; every load
+/// that follows is a cache hit with the right data, whichever storage holds the object. An oid
+/// that does not exist is ignored.
+async fn prefetch_fills_the_cache(opts: Options) {
+    let cluster = Cluster::start(Options { storages: 2, replicas: 0, ..opts }).await;
+    let c = cluster.client().await;
+    let mut t = c.tpc_begin(b"", b"", b"").await.unwrap();
+    let mut oids = vec![];
+    for i in 0..300u32 {
+        let oid = c.new_oid().await.unwrap();
+        c.store(&mut t, oid, Tid::ZERO, &i.to_be_bytes()).unwrap();
+        oids.push(oid);
+    }
+    c.tpc_vote(&mut t).await.unwrap();
+    let tid = c.tpc_finish(t).await.unwrap();
+    let fresh = cluster.client().await;
+    let mut asked = oids.clone();
+    asked.push(Oid(u64::MAX >> 1));
+    fresh.prefetch(&asked, tid.next()).await;
+    let (hits, misses, _) = fresh.cache_stats();
+    for (i, oid) in oids.iter().enumerate() {
+        let (data, serial, _) = fresh.load_before(*oid, tid.next()).await.unwrap().unwrap();
+        assert_eq!((data, serial), ((i as u32).to_be_bytes().to_vec(), tid));
+    }
+    let (hits2, misses2, _) = fresh.cache_stats();
+    assert_eq!(misses2, misses, "a prefetched object was loaded again");
+    assert_eq!(hits2 - hits, 300);
+}
+
 crate::both_backends!(
+    prefetch_fills_the_cache,
     opposite_lock_orders_on_two_storages_do_not_deadlock,
     conflicts_are_resolved_by_the_hook_or_reported,
     check_current_serial_reports_read_conflicts,
