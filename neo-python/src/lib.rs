@@ -3,9 +3,11 @@
 //! the pure-Python `neo_rs.Storage` (python/neo_rs/__init__.py), which maps errors to ZODB's
 //! exceptions and runs conflict resolution.
 //!
-//! Each `Client` owns a small multi-threaded tokio runtime. Every call that waits on the
-//! network releases the GIL (`Python::detach`) while the runtime works; callbacks into Python
-//! (invalidations, the tpc_finish callback) run on runtime threads and take the GIL then.
+//! Every `Client` of a process shares one small tokio runtime. Every call that waits on the
+//! network releases the GIL (`Python::detach`) while the runtime works. Runtime threads never
+//! take the GIL: other clients' invalidations and the tpc_finish callbacks are queued in
+//! commit order (`Events`) and Python takes them (`take_events`) before it reports a last
+//! transaction, so a busy Python thread never stalls the network work of the whole process.
 
 use neo_client::{Client as RsClient, ClientConfig, ClientError, Transaction, TxnIterator};
 use neo_lib::config::{Address, TlsFiles};
@@ -14,6 +16,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -160,11 +163,62 @@ fn runtime() -> PyResult<Arc<Runtime>> {
     Ok(rt)
 }
 
+/// What the runtime hands over to Python, in commit order.
+enum Event {
+    /// Another client committed `tid`, changing these objects.
+    Invalidate(Tid, Vec<Oid>),
+    /// Too many invalidations were waiting: every cached object must be considered changed.
+    InvalidateAll,
+    /// This process committed `tid`: run the tpc_finish callback registered as this token.
+    Finished(Tid, u64),
+}
+
+/// Invalidations kept at most before they are replaced by one `InvalidateAll` (a process
+/// that commits nothing and never starts a transaction must not hoard them).
+const MAX_QUEUED_INVALIDATIONS: usize = 10_000;
+
+/// The queue of `Event`s, filled by runtime threads without the GIL.
+#[derive(Default)]
+struct Events {
+    queue: VecDeque<Event>,
+    /// `Invalidate` events in the queue.
+    invalidations: usize,
+    /// An `InvalidateAll` is in the queue (further invalidations are covered by it).
+    all: bool,
+}
+
+impl Events {
+    fn push(&mut self, e: Event) {
+        if let Event::Invalidate(..) = e {
+            if self.all {
+                return;
+            }
+            if self.invalidations >= MAX_QUEUED_INVALIDATIONS {
+                // Finish events stay (their callbacks must run); invalidations become one.
+                self.queue.retain(|e| matches!(e, Event::Finished(..)));
+                self.queue.push_back(Event::InvalidateAll);
+                self.invalidations = 0;
+                self.all = true;
+                return;
+            }
+            self.invalidations += 1;
+        }
+        self.queue.push_back(e);
+    }
+
+    fn take(&mut self) -> VecDeque<Event> {
+        self.invalidations = 0;
+        self.all = false;
+        std::mem::take(&mut self.queue)
+    }
+}
+
 /// A connection to a neo-rs cluster.
 #[pyclass(module = "neo_rs._neo")]
 struct Client {
     rt: Arc<Runtime>,
     client: RsClient,
+    events: Arc<Mutex<Events>>,
 }
 
 impl Drop for Client {
@@ -238,7 +292,7 @@ impl Client {
         let rt = runtime()?;
         let rt2 = rt.clone();
         let client = py.detach(move || rt2.block_on(RsClient::connect(cfg))).map_err(error)?;
-        Ok(Client { rt, client })
+        Ok(Client { rt, client, events: Arc::default() })
     }
 
     fn close(&self, py: Python<'_>) {
@@ -246,16 +300,40 @@ impl Client {
         py.detach(move || rt.block_on(c.close()));
     }
 
-    /// Call `f(tid: bytes, oids: list[bytes])` for every commit of other clients, in order.
-    fn set_invalidation_callback(&self, f: Py<PyAny>) {
+    /// Queue other clients' invalidations from now on (see `take_events`).
+    fn queue_invalidations(&self) {
+        let events = self.events.clone();
         self.client.set_invalidation_callback(move |t, oids| {
-            Python::attach(|py| {
-                let oids: Vec<Bound<'_, PyBytes>> = oids.iter().map(|o| b8(py, o.0)).collect();
-                if let Err(e) = f.call1(py, (b8(py, t.0), oids)) {
-                    e.print(py);
-                }
-            })
+            lock(&events).push(Event::Invalidate(t, oids.to_vec()));
         });
+    }
+
+    /// Take what was queued, in commit order: ("i", tid, [oid]) for another client's commit,
+    /// ("a", None, None) when every cached object must be considered changed, ("f", tid,
+    /// token) for the commit of `tpc_finish(txn, token)`. Everything up to the
+    /// `last_transaction()` read before this call is in it.
+    fn take_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let taken = lock(&self.events).take();
+        taken
+            .into_iter()
+            .map(|e| match e {
+                Event::Invalidate(t, oids) => {
+                    let oids: Vec<Bound<'py, PyBytes>> = oids.iter().map(|o| b8(py, o.0)).collect();
+                    PyTuple::new(
+                        py,
+                        ["i".into_pyobject(py)?.into_any(), b8(py, t.0).into_any(), oids.into_pyobject(py)?.into_any()],
+                    )
+                }
+                Event::InvalidateAll => PyTuple::new(
+                    py,
+                    ["a".into_pyobject(py)?.into_any(), py.None().into_bound(py), py.None().into_bound(py)],
+                ),
+                Event::Finished(t, token) => PyTuple::new(
+                    py,
+                    ["f".into_pyobject(py)?.into_any(), b8(py, t.0).into_any(), token.into_pyobject(py)?.into_any()],
+                ),
+            })
+            .collect()
     }
 
     fn last_transaction<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
@@ -478,35 +556,22 @@ impl Client {
         })
     }
 
-    /// Commit; `callback(tid)` is called in order with other clients' invalidations, before
-    /// `last_transaction` reports the new tid. Returns the tid.
-    #[pyo3(signature = (txn, callback=None))]
-    fn tpc_finish<'py>(
-        &self,
-        py: Python<'py>,
-        txn: &Txn,
-        callback: Option<Py<PyAny>>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    /// Commit and return the tid. With a `token`, ("f", tid, token) is queued in order with
+    /// other clients' invalidations, before `last_transaction` reports tid (see `take_events`).
+    #[pyo3(signature = (txn, token=None))]
+    fn tpc_finish<'py>(&self, py: Python<'py>, txn: &Txn, token: Option<u64>) -> PyResult<Bound<'py, PyBytes>> {
         let t = lock(&txn.inner).take();
         let Some(t) = t else {
             return Err(error(ClientError::Transaction("transaction already finished or aborted".into())));
         };
-        let failure: Arc<Mutex<Option<PyErr>>> = Arc::new(Mutex::new(None));
-        let f2 = failure.clone();
+        let events = self.events.clone();
         let cb: neo_client::FinishCallback = Box::new(move |tid| {
-            if let Some(f) = callback {
-                Python::attach(|py| {
-                    if let Err(e) = f.call1(py, (b8(py, tid.0),)) {
-                        *lock(&f2) = Some(e);
-                    }
-                });
+            if let Some(token) = token {
+                lock(&events).push(Event::Finished(tid, token));
             }
         });
         let c = self.client.clone();
         let tid = self.block(py, async move { c.tpc_finish_with(t, cb).await })?;
-        if let Some(e) = lock(&failure).take() {
-            return Err(e);
-        }
         Ok(b8(py, tid.0))
     }
 

@@ -2,6 +2,7 @@
 <NEOStorage>), the zodburi resolver, errors as ZODB's exceptions; against a real cluster."""
 
 import threading
+import time
 import unittest
 
 import transaction
@@ -116,31 +117,84 @@ class ConfigTests(unittest.TestCase):
             s.close()
 
     def test_gil_released_while_waiting(self):
-        # tpc_finish waits for its callback, which runs on a runtime thread and needs the GIL,
-        # and which itself waits for another Python thread: this completes only if
-        # tpc_finish released the GIL while waiting.
+        # A second transaction stores an object that a first one holds locked (voted): its
+        # vote waits on the storage until the first one finishes, and the first one finishes
+        # only when this thread gets to run tpc_finish. That completes only if the waiting
+        # thread released the GIL.
         from ZODB.Connection import TransactionMetaData
-        s = self.cluster.storage()
+        s1, s2 = self.cluster.storage(), self.cluster.storage()
         try:
-            go = threading.Event()
-            threading.Timer(0.2, go.set).start()
-            t = TransactionMetaData()
-            s.tpc_begin(t)
-            s.store(s.new_oid(), b"\0" * 8, b"data", "", t)
-            s.tpc_vote(t)
-            seen = []
-            done = []
+            t0 = TransactionMetaData()
+            s1.tpc_begin(t0)
+            oid = s1.new_oid()
+            s1.store(oid, b"\0" * 8, b"v0", "", t0)
+            s1.tpc_vote(t0)
+            serial = s1.tpc_finish(t0)
+            t1 = TransactionMetaData()
+            s1.tpc_begin(t1)
+            s1.store(oid, serial, b"v1", "", t1)
+            s1.tpc_vote(t1)
+            waiting = threading.Event()
+            outcome = []
 
-            def commit():
-                done.append(s.tpc_finish(t, lambda tid: seen.append(go.wait(30))))
-            worker = threading.Thread(target=commit)
+            def second():
+                t2 = TransactionMetaData()
+                s2.tpc_begin(t2)
+                s2.store(oid, serial, b"v2", "", t2)
+                waiting.set()
+                try:
+                    s2.tpc_vote(t2)
+                    outcome.append("voted")
+                except POSException.ConflictError:
+                    outcome.append("conflict")
+                finally:
+                    s2.tpc_abort(t2)
+            worker = threading.Thread(target=second)
             worker.start()
+            waiting.wait(30)
+            time.sleep(0.3)  # the worker waits in tpc_vote
+            tid = s1.tpc_finish(t1)
             worker.join(60)
-            self.assertEqual(seen, [True])
-            self.assertEqual(len(done), 1)
-            self.assertEqual(s.lastTransaction(), done[0])
+            self.assertEqual(outcome, ["conflict"])
+            self.assertEqual(s1.lastTransaction(), tid)
         finally:
-            s.close()
+            s1.close()
+            s2.close()
+
+    def test_finish_callback_in_order_with_invalidations(self):
+        # tpc_finish calls f(tid) before it returns, after the invalidations of the commits
+        # before tid were delivered, and lastTransaction never reports a tid whose
+        # invalidations were not delivered.
+        from ZODB.Connection import TransactionMetaData
+        s1, s2 = self.cluster.storage(), self.cluster.storage()
+        seen = []
+
+        class FakeDB:
+            transform_record_data = untransform_record_data = staticmethod(lambda data: data)
+
+            def invalidate(self, tid, oids):
+                seen.append(("invalidate", tid))
+
+            def invalidateCache(self):
+                seen.append(("all", None))
+        try:
+            s1.registerDB(FakeDB())
+            tids = []
+            for storage, data in ((s2, b"other"), (s1, b"mine")):
+                t = TransactionMetaData()
+                storage.tpc_begin(t)
+                storage.store(storage.new_oid(), b"\0" * 8, data, "", t)
+                storage.tpc_vote(t)
+                if storage is s1:
+                    tids.append(storage.tpc_finish(t, lambda tid: seen.append(("finish", tid))))
+                else:
+                    tids.append(storage.tpc_finish(t))
+                    s1.sync()
+            self.assertEqual(seen, [("invalidate", tids[0]), ("finish", tids[1])])
+            self.assertEqual(s1.lastTransaction(), tids[1])
+        finally:
+            s1.close()
+            s2.close()
 
 
 class PrefetchTests(unittest.TestCase):

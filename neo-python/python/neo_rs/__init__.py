@@ -12,6 +12,8 @@ Network work happens in Rust (``neo_rs._neo``) with the GIL released. Several tr
 be in two-phase commit at once (one per ZODB connection/thread), as with NEO.
 """
 
+import itertools
+import logging
 import threading
 import time
 from io import BytesIO
@@ -161,11 +163,11 @@ class Storage(ConflictResolvingStorage):
         self._read_only = bool(read_only)
         self._lock = threading.Lock()
         self._contexts = {}
-        # Commits between their tpc_finish callback and their return: lastTransaction waits
-        # for them, so that it never reports the previous tid once a callback has started.
-        self._finishing = 0
-        self._finishing_cond = threading.Condition(self._lock)
-        self._callback_threads = set()
+        # Invalidations and tpc_finish callbacks are queued by the client in commit order and
+        # delivered by Python threads (_deliver), one at a time.
+        self._deliver_lock = threading.RLock()
+        self._finish_callbacks = {}  # token -> [f, exception raised by f]
+        self._tokens = itertools.count(1)
         self._db = None
         self._client = _call(_neo.Client, master_nodes, name, read_only=self._read_only,
                              ca=ca, cert=cert, key=key,
@@ -206,11 +208,39 @@ class Storage(ConflictResolvingStorage):
 
     def registerDB(self, db):
         self._db = db
-
-        def invalidate(tid, oids):
-            db.invalidate(tid, oids)
-        self._client.set_invalidation_callback(invalidate)
+        self._client.queue_invalidations()
         ConflictResolvingStorage.registerDB(self, db)
+
+    def _deliver(self):
+        """Deliver what the client queued, in commit order: other clients' invalidations to
+        the registered DB, and this process's tpc_finish callbacks. One thread delivers at a
+        time and the others wait for it, so that whoever got a tid from lastTransaction finds
+        every invalidation up to it delivered (the ZODB >= 5.6 rule)."""
+        with self._deliver_lock:
+            while True:
+                events = self._client.take_events()
+                if not events:
+                    return
+                for kind, tid, arg in events:
+                    if kind == "f":
+                        entry = self._finish_callbacks.get(arg)
+                        if entry is not None and entry[0] is not None:
+                            f, entry[0] = entry[0], None
+                            try:
+                                f(tid)
+                            except BaseException as e:
+                                entry[1] = e  # raised by the committer's tpc_finish
+                        continue
+                    db = self._db
+                    if db is None:
+                        continue
+                    try:
+                        if kind == "i":
+                            db.invalidate(tid, arg)
+                        else:
+                            db.invalidateCache()
+                    except Exception:
+                        logger.exception("invalidation of %r failed", tid)
 
     def close(self):
         client = getattr(self, "_client", None)
@@ -221,11 +251,10 @@ class Storage(ConflictResolvingStorage):
         _call(self._client.sync)
 
     def lastTransaction(self):
-        with self._finishing_cond:
-            if threading.get_ident() not in self._callback_threads:
-                while self._finishing:
-                    self._finishing_cond.wait()
-        return self._client.last_transaction()
+        # Read first: everything up to this tid is queued by now, and delivered below.
+        tid = self._client.last_transaction()
+        self._deliver()
+        return tid
 
     def new_oid(self):
         return _call(self._client.new_oid)
@@ -401,28 +430,19 @@ class Storage(ConflictResolvingStorage):
             ctx = self._contexts.get(id(transaction))
         if ctx is None or ctx.txn is None:
             raise POSException.StorageTransactionError(self, transaction)
-        started = []
-
-        def callback(tid):
-            me = threading.get_ident()
-            with self._finishing_cond:
-                self._finishing += 1
-                self._callback_threads.add(me)
-            started.append(True)
-            try:
-                if f is not None:
-                    f(tid)
-            finally:
-                with self._finishing_cond:
-                    self._callback_threads.discard(me)
+        token = next(self._tokens)
+        entry = self._finish_callbacks[token] = [f or _no_callback, None]
         try:
-            tid = _call(self._client.tpc_finish, ctx.txn, callback)
+            tid = _call(self._client.tpc_finish, ctx.txn, token)
+            # Runs f(tid) in order with the invalidations of other commits (unless another
+            # thread delivering them got there first).
+            self._deliver()
         finally:
-            with self._finishing_cond:
+            self._finish_callbacks.pop(token, None)
+            with self._lock:
                 self._contexts.pop(id(transaction), None)
-                if started:
-                    self._finishing -= 1
-                    self._finishing_cond.notify_all()
+        if entry[1] is not None:
+            raise entry[1]
         return tid
 
     def tpc_abort(self, transaction):
@@ -509,6 +529,13 @@ class Storage(ConflictResolvingStorage):
                 pass
 
     copyTransactionsFrom = BaseStorage.copyTransactionsFrom
+
+
+logger = logging.getLogger(__name__)
+
+
+def _no_callback(tid):
+    pass
 
 
 def _call(f, *args, **kw):
