@@ -1,6 +1,6 @@
 //! The `Client`: master session, storage connections, reads, and two-phase commit.
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Hit};
 use crate::{ClientConfig, ClientError, Result};
 use neo_lib::pt::PartitionTable;
 use neo_lib::{CellState, ClusterState, ErrorCode, Nid, NodeInfo, NodeState, NodeType, Oid, Ptid, Tid};
@@ -81,6 +81,8 @@ struct Inner {
     /// connecting, and only protects that sequence.
     connecting: tokio::sync::Mutex<()>,
     closed: CancellationToken,
+    /// Idle blocking connections to storages (`load_before_blocking`).
+    blocking: Mutex<HashMap<Nid, Vec<proto::blocking::BlockingConn>>>,
 }
 
 /// A connection to a NEO cluster. Cheap to clone; every clone shares the same connections,
@@ -191,6 +193,7 @@ impl Drop for Transaction {
 
 use neo_lib::lock;
 
+mod blocking;
 mod history;
 pub use history::{DataRecord, HistoryEntry, TransactionRecord, TxnInfo, TxnIterator, UndoPlan};
 
@@ -304,6 +307,32 @@ impl Drop for LoadingGuard<'_> {
 }
 
 /// A revision as stored.
+/// An `AnswerObject` whose checksum is right. A wrong checksum counts as a failure of that
+/// storage: the next cell is tried.
+fn checked_object(oid: Oid, b: Body) -> std::result::Result<msg::AnswerObject, LinkError> {
+    let a = expect_answer!(b, AnswerObject)?;
+    if !a.deleted && (a.checksum.len() != 20 || sha1(&a.data)[..] != a.checksum[..]) {
+        warn!("wrong checksum for {oid:?}");
+        return Err(LinkError::Unexpected(format!("wrong checksum for oid {oid}")));
+    }
+    Ok(a)
+}
+
+/// The outcome of a load request: the record (decompressed), None if there is no revision
+/// before the bound, `NotFound` if the object does not exist.
+fn record_of(oid: Oid, answer: Result<msg::AnswerObject>) -> Result<Option<Record>> {
+    let a = match answer {
+        Ok(a) => a,
+        Err(ClientError::Remote { code: ErrorCode::OidDoesNotExist, .. }) => return Err(ClientError::NotFound(oid)),
+        Err(ClientError::Remote { code: ErrorCode::OidNotFound, .. }) => return Ok(None),
+        Err(ClientError::NoStorage(e)) => return Err(ClientError::NoStorage(format!("oid {oid}: {e}"))),
+        Err(e) => return Err(e),
+    };
+    let (serial, next_serial, data_serial) = (Tid(a.serial), a.next_serial.map(Tid), a.data_serial.map(Tid));
+    let data = if a.deleted { None } else { Some(decompress(oid, a.compression, a.data)?) };
+    Ok(Some(Record { data, serial, next_serial, data_serial }))
+}
+
 struct Record {
     /// None for a deletion (or an undone creation).
     data: Option<Vec<u8>>,
@@ -318,6 +347,17 @@ struct Loaded {
     data: Arc<Vec<u8>>,
     serial: Tid,
     next_serial: Option<Tid>,
+}
+
+/// A record as a load's result (a deletion is `NotFound`).
+fn loaded(oid: Oid, r: Option<Record>) -> Result<Option<Loaded>> {
+    match r {
+        None => Ok(None),
+        Some(Record { data: None, .. }) => Err(ClientError::NotFound(oid)),
+        Some(Record { data: Some(data), serial, next_serial, .. }) => {
+            Ok(Some(Loaded { data: Arc::new(data), serial, next_serial }))
+        }
+    }
 }
 
 impl Client {
@@ -340,6 +380,7 @@ impl Client {
             callback: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             closed: CancellationToken::new(),
+            blocking: Mutex::new(HashMap::new()),
         }));
         client.master().await?;
         Ok(client)
@@ -358,6 +399,7 @@ impl Client {
             let mut s = lock(&self.0.state);
             (s.master.take(), std::mem::take(&mut s.storages))
         };
+        lock(&self.0.blocking).clear();
         if let Some(m) = master {
             m.link.close().await;
         }
@@ -586,39 +628,14 @@ impl Client {
     }
 
     async fn load_from_storages(&self, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Option<Loaded>> {
-        match self.load_record(oid, at, before).await? {
-            None => Ok(None),
-            Some(Record { data: None, .. }) => Err(ClientError::NotFound(oid)),
-            Some(Record { data: Some(data), serial, next_serial, .. }) => {
-                Ok(Some(Loaded { data: Arc::new(data), serial, next_serial }))
-            }
-        }
+        loaded(oid, self.load_record(oid, at, before).await?)
     }
 
     /// A revision as stored (data None for a deletion), bypassing the cache.
     async fn load_record(&self, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Option<Record>> {
         let req = msg::AskObject { oid: oid.0, at: at.map(|t| t.0), before: before.map(|t| t.0) };
-        // A wrong checksum counts as a failure of that storage: the next cell is tried.
-        let parse = |b| {
-            let a = expect_answer!(b, AnswerObject)?;
-            if !a.deleted && (a.checksum.len() != 20 || sha1(&a.data)[..] != a.checksum[..]) {
-                warn!("wrong checksum for {oid:?}");
-                return Err(LinkError::Unexpected(format!("wrong checksum for oid {oid}")));
-            }
-            Ok(a)
-        };
-        let a = match self.ask_readable(oid.0, || req.into(), parse).await {
-            Ok(a) => a,
-            Err(ClientError::Remote { code: ErrorCode::OidDoesNotExist, .. }) => {
-                return Err(ClientError::NotFound(oid));
-            }
-            Err(ClientError::Remote { code: ErrorCode::OidNotFound, .. }) => return Ok(None),
-            Err(ClientError::NoStorage(e)) => return Err(ClientError::NoStorage(format!("oid {oid}: {e}"))),
-            Err(e) => return Err(e),
-        };
-        let (serial, next_serial, data_serial) = (Tid(a.serial), a.next_serial.map(Tid), a.data_serial.map(Tid));
-        let data = if a.deleted { None } else { Some(decompress(oid, a.compression, a.data)?) };
-        Ok(Some(Record { data, serial, next_serial, data_serial }))
+        let answer = self.ask_readable(oid.0, || req.into(), |b| checked_object(oid, b)).await;
+        record_of(oid, answer)
     }
 
     // ------------------------------------------------------------------ reads
@@ -658,12 +675,18 @@ impl Client {
         while loads.join_next().await.is_some() {}
     }
 
-    async fn load_before_shared(&self, oid: Oid, before: Tid) -> Result<Option<(Arc<Vec<u8>>, Tid, Option<Tid>)>> {
+    /// `load_before` without copying the data out of the cache.
+    pub async fn load_before_shared(&self, oid: Oid, before: Tid) -> Result<Option<Hit>> {
         if let Some(hit) = lock(&self.0.cache).load_before(oid, before) {
             return Ok(Some(hit));
         }
         let guard = LoadingGuard::new(&self.0, oid);
         let res = self.load_from_storages(oid, None, Some(before)).await;
+        self.cache_loaded(oid, guard, res)
+    }
+
+    /// Cache what a `load_before` got (see `LoadingGuard`) and return it.
+    fn cache_loaded(&self, oid: Oid, guard: LoadingGuard<'_>, res: Result<Option<Loaded>>) -> Result<Option<Hit>> {
         // Under the cache lock, so that no invalidation slips between the check and the insert.
         let mut cache = lock(&self.0.cache);
         let invalidated = guard.finish();

@@ -354,7 +354,11 @@ impl Client {
     /// (data, serial, next serial or None), or None if the object was created later.
     fn load_before<'py>(&self, py: Python<'py>, oid_: &[u8], before: &[u8]) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let (o, b, c) = (oid(oid_)?, tid(before)?, self.client.clone());
-        let r = self.block(py, async move { c.load_before(o, b).await })?;
+        // On this thread first (no runtime hop); the async path for anything unusual.
+        let r = match py.detach(|| c.load_before_blocking(o, b)) {
+            Some(r) => r.map_err(error)?,
+            None => self.block(py, async move { c.load_before_shared(o, b).await })?,
+        };
         match r {
             None => Ok(None),
             Some((d, s, n)) => {

@@ -2,6 +2,7 @@
 //! family, compiled with prost), length-prefixed frames with a maximum size, the `Link` that
 //! matches answers to requests over one connection, and TLS set-up from `ca`/`cert`/`key`.
 
+pub mod blocking;
 pub mod convert;
 pub mod frame;
 pub mod link;

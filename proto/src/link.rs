@@ -84,13 +84,20 @@ impl PendingAnswer {
     /// Wait for the answer. An `Error` answer other than ACK becomes `LinkError::Remote`.
     pub async fn answer(self) -> Result<Body, LinkError> {
         match self.rx.await {
-            Ok(Body::Error(e)) if e.code != ErrorCode::Ack as i32 => Err(LinkError::Remote {
-                code: ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::ProtocolError),
-                message: e.message,
-            }),
-            Ok(b) => Ok(b),
+            Ok(b) => remote_error(b),
             Err(_) => Err(LinkError::Closed(self.peer)),
         }
+    }
+}
+
+/// An answer as a result: an `Error` answer other than ACK becomes `LinkError::Remote`.
+pub fn remote_error(b: Body) -> Result<Body, LinkError> {
+    match b {
+        Body::Error(e) if e.code != ErrorCode::Ack as i32 => Err(LinkError::Remote {
+            code: ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::ProtocolError),
+            message: e.message,
+        }),
+        b => Ok(b),
     }
 }
 

@@ -199,7 +199,62 @@ async fn prefetch_fills_the_cache(opts: Options) {
     assert_eq!(hits2 - hits, 300);
 }
 
+/// Loads on a plain thread, as the Python binding makes them (request and answer on the calling
+/// thread, over its own TLS connection): the same answers as the async path for the current
+/// revision, an old one, a bound before the creation and an oid that does not exist. Once both
+/// storages were restarted, pooled connections are dead: the blocking path gives way (None) at
+/// most once per connection, and the async path still answers.
+async fn blocking_loads_answer_as_async_loads(opts: Options) {
+    let mut cluster = Cluster::start(Options { storages: 2, replicas: 1, ..opts }).await;
+    let c = cluster.client().await;
+    let oid = c.new_oid().await.unwrap();
+    let t1 = commit(&c, oid, Tid::ZERO, b"one").await.unwrap();
+    let t2 = commit(&c, oid, t1, b"two").await.unwrap();
+    let fresh = cluster.client().await;
+    let f = fresh.clone();
+    let got = tokio::task::spawn_blocking(move || {
+        let load = |o: Oid, b: Tid| match f.load_before_blocking(o, b) {
+            Some(Ok(Some((d, s, n)))) => Ok(Some((d.as_ref().clone(), s, n))),
+            Some(Ok(None)) => Ok(None),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("not served".to_string()),
+        };
+        (load(oid, t2.next()), load(oid, t2), load(oid, t1), load(Oid(u64::MAX >> 1), t2.next()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.0, Ok(Some((b"two".to_vec(), t2, None))));
+    assert_eq!(got.1, Ok(Some((b"one".to_vec(), t1, Some(t2)))));
+    assert_eq!(got.2, Ok(None));
+    assert!(got.3.as_ref().is_err_and(|e| e.contains("not found") || e.contains("does not exist")), "{:?}", got.3);
+    for (before, expected) in [(t2.next(), (b"two".to_vec(), t2, None)), (t2, (b"one".to_vec(), t1, Some(t2)))] {
+        assert_eq!(fresh.load_before(oid, before).await.unwrap(), Some(expected));
+    }
+    // Restart the storages: the pooled connections die with them.
+    cluster.stop_storage(0).await;
+    cluster.stop_storage(1).await;
+    cluster.start_storage(0).await;
+    cluster.start_storage(1).await;
+    cluster.wait_state(neo_lib::ClusterState::Running).await;
+    fresh.sync().await.unwrap();
+    let t3 = commit(&c, oid, t2, b"three").await.unwrap();
+    fresh.sync().await.unwrap();
+    let f = fresh.clone();
+    let served = tokio::task::spawn_blocking(move || {
+        (0..20)
+            .filter_map(|_| f.load_before_blocking(oid, t3.next()))
+            .map(|r| r.map(|h| h.map(|h| h.1)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(served.len() >= 20 - 4, "{} of 20 loads served", served.len());
+    assert!(served.iter().all(|r| matches!(r, Ok(Some(t)) if *t == t3)));
+    assert_eq!(fresh.load_before(oid, t3.next()).await.unwrap(), Some((b"three".to_vec(), t3, None)));
+}
+
 crate::both_backends!(
+    blocking_loads_answer_as_async_loads,
     prefetch_fills_the_cache,
     opposite_lock_orders_on_two_storages_do_not_deadlock,
     conflicts_are_resolved_by_the_hook_or_reported,
