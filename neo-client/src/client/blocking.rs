@@ -64,7 +64,9 @@ impl Client {
         match BlockingConn::connect_identified(&addr, &self.0.net, req, BLOCKING_TIMEOUT) {
             Ok(c) => Some(c),
             Err(e) => {
+                // Like a failed link: later loads try the other cells first.
                 debug!("blocking connection to {nid}: {e}");
+                self.mark_failed(nid);
                 None
             }
         }
