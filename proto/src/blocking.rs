@@ -141,3 +141,84 @@ impl BlockingConn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::msg;
+    use crate::net::{accept, identification, receive_identification};
+    use neo_lib::{ErrorCode, NodeType};
+
+    fn addr(l: &std::net::TcpListener) -> Address {
+        Address { host: "127.0.0.1".into(), port: l.local_addr().unwrap().port() }
+    }
+
+    fn request() -> RequestIdentification {
+        identification("test", NodeType::Client, None, None)
+    }
+
+    /// A peer speaking neo-rs on a runtime of its own: accepts the identification of cluster
+    /// "test", answers AskObject with NOT_READY and Ping with Pong.
+    fn serve_one(l: std::net::TcpListener) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                l.set_nonblocking(true).unwrap();
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                let (tcp, _) = l.accept().await.unwrap();
+                let (link, mut incoming) = accept(tcp, &NetConfig::default()).await.unwrap();
+                let Some((id, _)) = receive_identification(&link, &mut incoming, "test").await else {
+                    link.closed().await; // the refusal is written before the runtime goes
+                    return;
+                };
+                let acc = msg::AcceptIdentification { node_type: NodeType::Storage as i32, ..Default::default() };
+                link.answer(id, acc).await.unwrap();
+                while let Some(r) = incoming.recv().await {
+                    let ans = match r.body {
+                        Body::Ping(_) => msg::Pong {}.into(),
+                        _ => crate::error(ErrorCode::NotReady, "not yet"),
+                    };
+                    link.answer(r.id, ans).await.unwrap();
+                }
+            })
+        })
+    }
+
+    #[test]
+    fn refusals_keep_the_connection_and_answers_match() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = addr(&l);
+        let server = serve_one(l);
+        let mut c = BlockingConn::connect_identified(&a, &NetConfig::default(), request(), Duration::from_secs(10))
+            .expect("identified");
+        let ask = msg::AskObject { oid: 1, at: None, before: None };
+        assert!(matches!(c.ask(ask.into()), Err(LinkError::Remote { code: ErrorCode::NotReady, .. })));
+        assert!(matches!(c.ask(msg::Ping {}.into()), Ok(Body::Pong(_))));
+        drop(c);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_refused_identification_or_a_foreign_peer_is_an_error() {
+        // Wrong cluster name: the peer refuses with an error answer.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = addr(&l);
+        let server = serve_one(l);
+        let mut req = request();
+        req.cluster = "other".into();
+        let e = BlockingConn::connect_identified(&a, &NetConfig::default(), req, Duration::from_secs(10)).unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::ProtocolError), "{e}");
+        server.join().unwrap();
+        // Not a neo-rs peer at all.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = addr(&l);
+        let http = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        });
+        let e = BlockingConn::connect_identified(&a, &NetConfig::default(), request(), Duration::from_secs(10))
+            .unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+        http.join().unwrap();
+    }
+}
