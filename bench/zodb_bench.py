@@ -14,6 +14,8 @@ Figures (each an operation count over wall time, all processes together):
 - warm read:  the same loads again after emptying ZODB's object cache (client cache hits)
 - prefetched: cold reads by another new DB that calls Connection.prefetch on each batch of
               100 oids before reading them (many requests in flight instead of one at a time)
+Then the same commit and read loops on an in-process FileStorage, to compare with Python NEO's
+figures (taken with FileStorage on another machine) scaled to this one.
 """
 
 import argparse
@@ -53,9 +55,28 @@ def start_cluster(tmp):
     return proc, master
 
 
-def open_db(master):
+def open_db(target):
+    """A DB on the cluster whose master is `target`, or on the FileStorage `file:PATH`."""
+    if target.startswith("file:"):
+        from ZODB.FileStorage import FileStorage
+        return ZODB.DB(FileStorage(target[5:]), cache_size=1000000)
     import neo_rs
-    return ZODB.DB(neo_rs.Storage(master_nodes=master, name="bench"), cache_size=1000000)
+    return ZODB.DB(neo_rs.Storage(master_nodes=target, name="bench"), cache_size=1000000)
+
+
+# The issue's reference figures (one client), all taken on one machine: Python NEO and
+# in-process FileStorage. Running FileStorage here too scales NEO's figures to this machine.
+NEO_COMMITS, NEO_COLD = 225, 2000
+FS_COMMITS, FS_COLD = 5000, 36000
+
+
+def filestorage_baseline(tmp, n1, nread):
+    """commit-1/s and cold read/s of in-process FileStorage, by the same loops."""
+    target = "file:" + os.path.join(tmp, "Data.fs")
+    open_db(target).close()  # creates the root
+    dt, oids = w_commit((target, n1, 1))
+    cold, _, _ = w_read((target, oids[:nread]))
+    return n1 / dt, len(oids[:nread]) / cold
 
 
 def w_commit(args):
@@ -161,6 +182,16 @@ def main():
                     pref = total / max(r[2] for r in res)
                 print("%-8d %14.0f %16.1f %12.0f %14.0f %14.0f %14.0f" % (procs, c1, c100, upd, cold, warm, pref))
                 sys.stdout.flush()
+                if procs == 1:
+                    first = (c1, cold, pref)
+            fs_c1, fs_cold = filestorage_baseline(tmp, n1, nread)
+            print("%-8s %14.0f %16s %12s %14.0f   (in-process FileStorage, same machine, 1 client)"
+                  % ("FS", fs_c1, "-", "-", fs_cold))
+            k_c, k_r = fs_c1 / FS_COMMITS, fs_cold / FS_COLD
+            print("this machine runs FileStorage at %.2fx (commits) and %.2fx (reads) the machine of the NEO figures;"
+                  % (k_c, k_r))
+            print("1 client vs NEO scaled to it: commits %.1fx, cold reads %.1fx, prefetched reads %.1fx"
+                  % (first[0] / (NEO_COMMITS * k_c), first[1] / (NEO_COLD * k_r), first[2] / (NEO_COLD * k_r)))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)
