@@ -83,6 +83,8 @@ struct Inner {
     closed: CancellationToken,
     /// Idle blocking connections to storages (`load_before_blocking`).
     blocking: Mutex<HashMap<Nid, Vec<proto::blocking::BlockingConn>>>,
+    /// The process that opened the connections.
+    pid: u32,
 }
 
 /// A connection to a NEO cluster. Cheap to clone; every clone shares the same connections,
@@ -381,6 +383,7 @@ impl Client {
             connecting: tokio::sync::Mutex::new(()),
             closed: CancellationToken::new(),
             blocking: Mutex::new(HashMap::new()),
+            pid: std::process::id(),
         }));
         client.master().await?;
         Ok(client)

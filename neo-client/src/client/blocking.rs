@@ -26,6 +26,10 @@ impl Client {
         if let Some(hit) = lock(&self.0.cache).load_before(oid, before) {
             return Some(Ok(Some(hit)));
         }
+        if std::process::id() != self.0.pid {
+            // A forked child shares the pooled sockets with its parent: answers could cross.
+            return None;
+        }
         let nid = *self.read_candidates(oid).first()?;
         if lock(&self.0.state).failed.contains_key(&nid) {
             return None;
