@@ -113,30 +113,30 @@ def w_update(args):
     return dt, None
 
 
+def timed_reads(conn, oids, prefetch=False):
+    """Seconds to read every object (in batches of 100 prefetched first if asked)."""
+    t0 = time.perf_counter()
+    for i in range(0, len(oids), 100):
+        batch = oids[i:i + 100]
+        if prefetch:
+            conn.prefetch(batch)
+        for oid in batch:
+            conn.get(oid).payload
+    return time.perf_counter() - t0
+
+
 def w_read(args):
     master, oids = args
     db = open_db(master)
     conn = db.open()
-    t0 = time.perf_counter()
-    for oid in oids:
-        conn.get(oid).payload
-    cold = time.perf_counter() - t0
+    cold = timed_reads(conn, oids)
     conn.cacheMinimize()
-    t0 = time.perf_counter()
-    for oid in oids:
-        conn.get(oid).payload
-    warm = time.perf_counter() - t0
+    warm = timed_reads(conn, oids)
     conn.close()
     db.close()
     db = open_db(master)
     conn = db.open()
-    t0 = time.perf_counter()
-    for i in range(0, len(oids), 100):
-        batch = oids[i:i + 100]
-        conn.prefetch(batch)
-        for oid in batch:
-            conn.get(oid).payload
-    prefetched = time.perf_counter() - t0
+    prefetched = timed_reads(conn, oids, prefetch=True)
     conn.close()
     db.close()
     return cold, warm, prefetched

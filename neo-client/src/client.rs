@@ -309,6 +309,21 @@ impl Drop for LoadingGuard<'_> {
 }
 
 /// A revision as stored.
+/// A store of `oid` based on `serial` without data (a deletion or a check sets its flag).
+fn no_data_store(txn: &Transaction, oid: Oid, serial: Tid) -> msg::AskStoreObject {
+    msg::AskStoreObject {
+        oid: oid.0,
+        serial: serial.0,
+        compression: 0,
+        checksum: ZERO_HASH.to_vec(),
+        data: vec![],
+        data_serial: None,
+        ttid: txn.ttid.0,
+        deleted: false,
+        check_only: false,
+    }
+}
+
 /// An `AnswerObject` whose checksum is right. A wrong checksum counts as a failure of that
 /// storage: the next cell is tried.
 fn checked_object(oid: Oid, b: Body) -> std::result::Result<msg::AnswerObject, LinkError> {
@@ -840,17 +855,7 @@ impl Client {
         if txn.objects.iter().any(|(o, _)| *o == oid) {
             return Ok(()); // stored: its serial is checked anyway
         }
-        let m = msg::AskStoreObject {
-            oid: oid.0,
-            serial: serial.0,
-            compression: 0,
-            checksum: ZERO_HASH.to_vec(),
-            data: vec![],
-            data_serial: None,
-            ttid: txn.ttid.0,
-            deleted: false,
-            check_only: true,
-        };
+        let m = msg::AskStoreObject { check_only: true, ..no_data_store(txn, oid, serial) };
         txn.checked.insert(oid, serial);
         self.send_request_to_cells(txn, oid, serial, m)
     }
@@ -858,17 +863,7 @@ impl Client {
     /// Delete `oid` (ZODB IExternalGC `deleteObject`).
     pub fn delete_object(&self, txn: &mut Transaction, oid: Oid, serial: Tid) -> Result<()> {
         self.check_txn(txn)?;
-        let m = msg::AskStoreObject {
-            oid: oid.0,
-            serial: serial.0,
-            compression: 0,
-            checksum: ZERO_HASH.to_vec(),
-            data: vec![],
-            data_serial: None,
-            ttid: txn.ttid.0,
-            deleted: true,
-            check_only: false,
-        };
+        let m = msg::AskStoreObject { deleted: true, ..no_data_store(txn, oid, serial) };
         self.send_store(txn, oid, serial, m, None)
     }
 
