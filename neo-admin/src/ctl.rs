@@ -279,7 +279,8 @@ mod tests {
 
     #[test]
     fn relay_answers() {
-        let ok = Body::AnswerIds(msg::AnswerIds { last_oid: 1, last_tid: 2, ptid: 3, backup_tid: None });
+        let ok =
+            Body::AnswerIds(msg::AnswerIds { last_oid: 1, last_tid: 2, ptid: 3, backup_tid: None, max_stored_oid: 1 });
         assert_eq!(relay(Ok(ok.clone())), ok);
         assert_eq!(relay(Ok(proto::ack())), proto::ack());
         let denied = relay(Err(LinkError::Remote { code: ErrorCode::Denied, message: "no".into() }));

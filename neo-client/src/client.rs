@@ -7,7 +7,6 @@ use neo_lib::{CellState, ClusterState, ErrorCode, Nid, NodeInfo, NodeState, Node
 use proto::net::{NetConfig, connect_identified, identification};
 use proto::{Body, Incoming, Link, LinkError, expect_answer, msg};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -253,13 +252,38 @@ fn decompress(oid: Oid, compression: u32, data: Vec<u8>) -> Result<Vec<u8>> {
     match compression {
         0 => Ok(data),
         1 => {
-            let mut out = Vec::with_capacity(data.len() * 3);
-            flate2::read::ZlibDecoder::new(&data[..])
-                .read_to_end(&mut out)
-                .map_err(|e| ClientError::Corrupt { oid, msg: format!("cannot decompress: {e}") })?;
-            Ok(out)
+            thread_local! {
+                // An inflate state is tens of KiB: build it once per thread, reset it per record.
+                static INFLATE: std::cell::RefCell<flate2::Decompress> =
+                    std::cell::RefCell::new(flate2::Decompress::new(true));
+            }
+            let corrupt = |msg: String| ClientError::Corrupt { oid, msg: format!("cannot decompress: {msg}") };
+            INFLATE.with(|d| match d.try_borrow_mut() {
+                Ok(mut d) => inflate(&mut d, &data).map_err(corrupt),
+                Err(_) => inflate(&mut flate2::Decompress::new(true), &data).map_err(corrupt),
+            })
         }
         c => Err(ClientError::Corrupt { oid, msg: format!("unknown compression {c}") }),
+    }
+}
+
+/// One whole zlib stream from `data`, growing the output as needed.
+fn inflate(d: &mut flate2::Decompress, data: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    d.reset(true);
+    let mut out = Vec::with_capacity(data.len().saturating_mul(4).max(256));
+    loop {
+        let (used_in, had_out) = (d.total_in(), d.total_out());
+        let rest = usize::try_from(used_in).ok().and_then(|n| data.get(n..)).unwrap_or_default();
+        let status = d.decompress_vec(rest, &mut out, flate2::FlushDecompress::None).map_err(|e| e.to_string())?;
+        if status == flate2::Status::StreamEnd {
+            return Ok(out);
+        }
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity());
+        } else if d.total_in() == used_in && d.total_out() == had_out {
+            // Room left and nothing consumed: the stream is cut short.
+            return Err("truncated zlib stream".into());
+        }
     }
 }
 
@@ -754,6 +778,14 @@ impl Client {
         s.oids
             .pop_front()
             .ok_or_else(|| ClientError::Remote { code: ErrorCode::ProtocolError, message: "no oid".into() })
+    }
+
+    /// The greatest OID of a committed object, `Oid(0)` if none: about the number of objects
+    /// (ZODB's root is 0; deleted objects and gaps left by aborted transactions still count).
+    pub async fn max_stored_oid(&self) -> Result<Oid> {
+        let a = self.ask_master(msg::AskIds {}.into()).await?;
+        let a = expect_answer!(a, AnswerIds).map_err(remote)?;
+        Ok(Oid(a.max_stored_oid))
     }
 
     /// Begin a transaction.
@@ -1434,5 +1466,12 @@ mod codec_tests {
         assert_eq!(compress(b"short", true), (0, b"short".to_vec()));
         assert!(decompress(Oid(1), 1, b"not zlib".to_vec()).is_err());
         assert!(decompress(Oid(1), 9, vec![]).is_err());
+        let (_, z) = compress(&text, true);
+        assert!(decompress(Oid(1), 1, z[..z.len() / 2].to_vec()).is_err(), "a cut stream is an error");
+        // The reused state starts afresh after an error; large outputs grow the buffer.
+        let big: Vec<u8> = text.iter().cycle().take(1 << 20).copied().collect();
+        let (c, zb) = compress(&big, true);
+        assert_eq!((c, decompress(Oid(1), c, zb).unwrap()), (1, big));
+        assert_eq!(decompress(Oid(1), 1, z).unwrap(), text);
     }
 }

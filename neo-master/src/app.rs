@@ -454,6 +454,7 @@ impl Master {
                     last_tid: self.tm.last_tid.0,
                     ptid: self.pt.as_ref().map(|p| p.ptid.0).unwrap_or(0),
                     backup_tid: None,
+                    max_stored_oid: self.tm.max_stored_oid.0,
                 };
                 self.answer(conn, id, m).await
             }

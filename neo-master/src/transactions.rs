@@ -28,6 +28,8 @@ pub struct Finish {
 pub struct Transactions {
     pub last_tid: Tid,
     pub last_oid: Oid,
+    /// Greatest OID of a committed object (storages' last OID at recovery, then each commit's).
+    pub max_stored_oid: Oid,
     /// Next OID to hand out.
     next_oid: Oid,
     /// Greatest TID or TTID handed out: new ones are strictly greater.
@@ -56,6 +58,7 @@ impl Transactions {
 
     pub fn recovered(&mut self, last_tid: Tid, next_oid: Oid) {
         self.last_tid = last_tid;
+        self.max_stored_oid = Oid(next_oid.0.saturating_sub(1));
         self.last_allocated = self.last_allocated.max(last_tid);
         // Oid 0 is ZODB's root object: created explicitly, never handed out by new_oid.
         self.next_oid = self.next_oid.max(next_oid).max(Oid(1));
@@ -270,6 +273,7 @@ impl Master {
             // Invalidations go to every client, the committer included (flagged, just before
             // its answer), without waiting: a client that does not read is disconnected rather
             // than stalling every commit.
+            let max_oid = f.oids.iter().max().copied();
             let mut inval = msg::InvalidateObjects { tid: tid.0, oids: f.oids, committer: false, ttid: None };
             for c in self.conns_of(&[NodeType::Client]) {
                 if let Some(cl) = self.conns.get(&c) {
@@ -296,6 +300,9 @@ impl Master {
                 }
             }
             self.tm.last_tid = tid;
+            if let Some(max) = max_oid {
+                self.tm.max_stored_oid = self.tm.max_stored_oid.max(Oid(max));
+            }
             debug!("committed {ttid:?} as {tid:?}");
         }
         self.maybe_stop().await;

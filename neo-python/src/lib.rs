@@ -351,6 +351,12 @@ impl Client {
         Ok(b8(py, o.0))
     }
 
+    /// The greatest OID of a committed object, as an int (0 for an empty database).
+    fn max_stored_oid(&self, py: Python<'_>) -> PyResult<u64> {
+        let c = self.client.clone();
+        Ok(self.block(py, async move { c.max_stored_oid().await })?.0)
+    }
+
     /// (data, serial, next serial or None), or None if the object was created later.
     fn load_before<'py>(&self, py: Python<'py>, oid_: &[u8], before: &[u8]) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let (o, b, c) = (oid(oid_)?, tid(before)?, self.client.clone());

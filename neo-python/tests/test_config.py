@@ -228,3 +228,30 @@ class PrefetchTests(unittest.TestCase):
                 db.close()
         finally:
             cluster.stop()
+
+    def test_len_and_size_count_objects(self):
+        # len(storage) is the greatest committed OID: about the number of objects, the root not
+        # counted; OIDs handed out to a transaction that aborted do not count. getSize estimates
+        # 300 bytes per object, as ZODB's BaseStorage does.
+        cluster = Cluster()
+        try:
+            storage = cluster.storage()
+            self.assertEqual((len(storage), storage.getSize()), (0, 0))
+            db = ZODB.DB(storage)
+            try:
+                with db.transaction() as conn:
+                    conn.root()["objs"] = [PersistentMapping(i=i) for i in range(3)]
+                self.assertEqual(len(storage), 3)
+                self.assertEqual(db.objectCount(), 3)
+                self.assertEqual(storage.getSize(), 900)
+                tm = transaction.TransactionManager()
+                conn = db.open(tm)
+                conn.root()["more"] = PersistentMapping()
+                conn.add(conn.root()["more"])
+                tm.abort()
+                conn.close()
+                self.assertEqual(len(storage), 3)
+            finally:
+                db.close()
+        finally:
+            cluster.stop()

@@ -347,7 +347,7 @@ mod tests {
     #[test]
     fn ids() {
         let tid = Tid::from_unix(1_795_428_000.123456).0;
-        let m = msg::AnswerIds { last_oid: 0x2a, last_tid: tid, ptid: 7, backup_tid: None };
+        let m = msg::AnswerIds { last_oid: 0x2a, last_tid: tid, ptid: 7, backup_tid: None, max_stored_oid: 0x29 };
         let text = out(Command::PrintIds, Body::AnswerIds(m), false);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "last_oid = 0x000000000000002a");

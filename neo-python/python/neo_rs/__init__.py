@@ -195,10 +195,15 @@ class Storage(ConflictResolvingStorage):
         return "<%s cluster=%r masters=%r>" % (self.__class__.__name__, self._name, self._master_nodes)
 
     def getSize(self):
-        return 0
+        # As ZODB's BaseStorage estimates it (NEO keeps no size figure): about 300 bytes per
+        # object.
+        return len(self) * 300
 
     def __len__(self):
-        return 0
+        # The greatest OID of a committed object: about the number of objects (NEO reports the
+        # last OID this client allocated). Deleted objects and OIDs skipped by aborted
+        # transactions still count; ZODB's root (OID 0) does not.
+        return _call(self._client.max_stored_oid)
 
     def isReadOnly(self):
         return self._read_only

@@ -9,6 +9,9 @@ use proto::net::{connect_identified, identification};
 async fn the_whole_cluster_restarts_and_everything_is_still_there(opts: Options) {
     let mut cluster = Cluster::start(opts).await;
     let c = cluster.client().await;
+    // len(storage): 0 for an empty database, then the greatest committed OID, across restarts;
+    // OIDs allocated but not committed do not count.
+    assert_eq!(c.max_stored_oid().await.unwrap(), neo_lib::Oid(0));
     let mut committed = Vec::new();
     for n in 0..200u32 {
         let oid = c.new_oid().await.unwrap();
@@ -16,11 +19,14 @@ async fn the_whole_cluster_restarts_and_everything_is_still_there(opts: Options)
         committed.push((oid, commit(&c, oid, Tid::ZERO, &data).await.unwrap(), data));
     }
     let (last_oid, last_tid) = (committed.last().unwrap().0, committed.last().unwrap().1);
+    assert!(c.new_oid().await.unwrap() > last_oid);
+    assert_eq!(c.max_stored_oid().await.unwrap(), last_oid);
     c.close().await;
     cluster.restart().await;
 
     let c = cluster.client().await;
     assert_eq!(c.last_transaction(), last_tid);
+    assert_eq!(c.max_stored_oid().await.unwrap(), last_oid);
     for (oid, tid, data) in &committed {
         assert_eq!(c.load(*oid).await.unwrap(), (data.clone(), *tid));
     }
