@@ -52,8 +52,14 @@ pub enum AskKind {
     PartitionTable,
     LockedTransactions,
     LastIds,
-    LockInformation { ttid: neo_lib::Tid },
-    FinalTid { ttid: neo_lib::Tid },
+    /// `round`: answers to an earlier round of locks (see `transactions_storage_lost`) do not count.
+    LockInformation {
+        ttid: neo_lib::Tid,
+        round: u32,
+    },
+    FinalTid {
+        ttid: neo_lib::Tid,
+    },
 }
 
 pub struct Conn {

@@ -3,11 +3,24 @@
 //! TID/OID, then start the storages and go RUNNING.
 
 use crate::app::{AskKind, ConnId, Master};
-use neo_lib::pt::PartitionTable;
-use neo_lib::{ClusterState, Nid, NodeState, NodeType, Oid, Ptid, Tid};
+use neo_lib::pt::{CellChange, PartitionTable};
+use neo_lib::{CellState, ClusterState, Nid, NodeState, NodeType, Oid, Ptid, Tid};
 use proto::{Body, LinkError, msg};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{info, warn};
+
+/// A transaction some storage holds as voted or locked, seen by verification.
+#[derive(Default)]
+struct Unfinished {
+    /// The final tid, if locked on some storage (or committed on some).
+    tid: Option<Tid>,
+    /// Storages holding it as voted or locked.
+    holders: BTreeSet<Nid>,
+    /// Storages that already committed it.
+    committed_on: BTreeSet<Nid>,
+    /// Every partition it writes, as its locks recorded them (empty if unknown).
+    partitions: BTreeSet<u32>,
+}
 
 #[derive(Default)]
 pub struct Recovery {
@@ -21,9 +34,10 @@ pub struct Recovery {
     pt_requested: bool,
     // --- verification
     verifying: BTreeSet<Nid>,
-    locked: BTreeMap<Tid, (Option<Tid>, BTreeSet<Nid>)>,
-    /// Voted-but-not-locked transactions being looked up on every storage (a storage may
-    /// already have committed one before the previous master stopped).
+    locked: BTreeMap<Tid, Unfinished>,
+    /// Transactions being looked up (AskFinalTid) on the storages that do not hold them as
+    /// voted or locked: a storage may already have committed one before the previous master
+    /// stopped.
     final_pending: BTreeMap<Tid, BTreeSet<Nid>>,
     last_ids: BTreeSet<Nid>,
     last_tid: Option<Tid>,
@@ -118,7 +132,7 @@ impl Master {
             }
             AskKind::LockedTransactions => self.verification_locked(nid, result).await,
             AskKind::LastIds => self.verification_last_ids(nid, result).await,
-            AskKind::LockInformation { ttid } => self.lock_answered(ttid, nid, result).await,
+            AskKind::LockInformation { ttid, round } => self.lock_answered(ttid, round, nid, result).await,
             AskKind::FinalTid { ttid } => self.verification_final_tid(ttid, nid, result).await,
         }
     }
@@ -218,11 +232,12 @@ impl Master {
         match result.and_then(|b| proto::expect_answer!(b, AnswerLockedTransactions)) {
             Ok(a) => {
                 for t in a.transactions {
-                    let e = self.recovery.locked.entry(Tid(t.ttid)).or_insert((None, BTreeSet::new()));
+                    let e = self.recovery.locked.entry(Tid(t.ttid)).or_default();
                     if let Some(tid) = t.tid {
-                        e.0 = Some(Tid(tid));
+                        e.tid = Some(Tid(tid));
+                        e.partitions.extend(t.partitions);
                     }
-                    e.1.insert(nid);
+                    e.holders.insert(nid);
                 }
             }
             Err(e) => {
@@ -233,16 +248,22 @@ impl Master {
         if !self.recovery.verifying.is_empty() {
             return;
         }
-        let unlocked: Vec<Tid> =
-            self.recovery.locked.iter().filter(|(_, (t, _))| t.is_none()).map(|(k, _)| *k).collect();
-        if unlocked.is_empty() {
+        // Look every transaction up on the storages that do not hold it: an unlocked one may
+        // have committed elsewhere, and a locked one must be on every readable cell it writes.
+        let storages = self.running_storages();
+        for (ttid, u) in &self.recovery.locked {
+            let others: BTreeSet<Nid> = storages.iter().copied().filter(|n| !u.holders.contains(n)).collect();
+            if !others.is_empty() {
+                self.recovery.final_pending.insert(*ttid, others);
+            }
+        }
+        if self.recovery.final_pending.is_empty() {
             return self.validate_and_ask_last_ids().await;
         }
-        let storages = self.running_storages();
-        for ttid in unlocked {
-            self.recovery.final_pending.insert(ttid, storages.iter().copied().collect());
-            for n in &storages {
+        for (ttid, nids) in &self.recovery.final_pending {
+            for n in nids {
                 if let Some(c) = self.conn_of_node(*n) {
+                    let ttid = *ttid;
                     self.spawn_ask(c, AskKind::FinalTid { ttid }, msg::AskFinalTid { ttid: ttid.0 }.into());
                 }
             }
@@ -260,7 +281,8 @@ impl Master {
         match result.and_then(|b| proto::expect_answer!(b, AnswerFinalTid)) {
             Ok(a) => {
                 if let (Some(tid), Some(e)) = (a.tid, self.recovery.locked.get_mut(&ttid)) {
-                    e.0 = Some(Tid(tid));
+                    e.tid = Some(Tid(tid));
+                    e.committed_on.insert(nid);
                 }
             }
             Err(e) => {
@@ -274,23 +296,56 @@ impl Master {
         }
     }
 
-    /// Commit everywhere it voted every transaction known committed on some storage, then ask
-    /// the last TID/OID.
+    /// Decide every unfinished transaction, then ask the last TID/OID.
+    ///
+    /// Not locked anywhere: dropped (storages drop what did not lock at StartOperation).
+    /// Locked somewhere: acknowledged only if every readable cell of every partition it writes
+    /// locked it durably (a vote is not synced, the lock is; the master locks again on the
+    /// survivors when it loses a storage before acknowledging, so the table they saved is the
+    /// one of the acknowledgement). So if some readable cell has neither the vote nor the
+    /// commit, the transaction was never acknowledged and is dropped everywhere; otherwise it
+    /// is committed everywhere it voted. Committed on some storage means acknowledged: it is
+    /// kept even then, and the cells without it are outdated.
     async fn validate_and_ask_last_ids(&mut self) {
-        // A transaction locked on any storage was decided: commit it everywhere it voted.
-        for (ttid, (tid, nids)) in std::mem::take(&mut self.recovery.locked) {
-            match tid {
-                Some(tid) => {
-                    info!("verification: validating transaction {ttid:?} as {tid:?} on {nids:?}");
-                    for n in nids {
-                        if let Some(c) = self.conn_of_node(n) {
-                            self.notify(c, msg::ValidateTransaction { ttid: ttid.0, tid: tid.0 }).await;
-                        }
+        let mut outdate = Vec::new();
+        for (ttid, u) in std::mem::take(&mut self.recovery.locked) {
+            let Some(tid) = u.tid else {
+                info!("verification: dropping unfinished transaction {ttid:?}");
+                continue;
+            };
+            let lacking: Vec<(u32, Nid)> = match &self.pt {
+                Some(pt) => u
+                    .partitions
+                    .iter()
+                    .flat_map(|p| pt.readable_cells(*p).map(move |c| (*p, c.nid)))
+                    .filter(|(_, n)| !u.holders.contains(n) && !u.committed_on.contains(n))
+                    .collect(),
+                None => Vec::new(),
+            };
+            if !lacking.is_empty() && u.committed_on.is_empty() {
+                warn!(
+                    "verification: dropping transaction {ttid:?} (locked as {tid:?} on {:?}): the readable cells {lacking:?} never voted it, so it was not acknowledged",
+                    u.holders
+                );
+                for n in &u.holders {
+                    if let Some(c) = self.conn_of_node(*n) {
+                        self.notify(c, msg::DropTransaction { ttid: ttid.0 }).await;
                     }
                 }
-                None => info!("verification: dropping unfinished transaction {ttid:?}"),
+                continue;
+            }
+            if !lacking.is_empty() {
+                warn!("verification: {ttid:?} committed as {tid:?} but missing from cells {lacking:?}: outdating them");
+                outdate.extend(lacking);
+            }
+            info!("verification: validating transaction {ttid:?} as {tid:?} on {:?}", u.holders);
+            for n in &u.holders {
+                if let Some(c) = self.conn_of_node(*n) {
+                    self.notify(c, msg::ValidateTransaction { ttid: ttid.0, tid: tid.0 }).await;
+                }
             }
         }
+        self.outdate_cells(outdate).await;
         self.recovery.last_ids = self.running_storages().into_iter().collect();
         self.recovery.last_tid = None;
         self.recovery.last_oid = None;
@@ -334,6 +389,25 @@ impl Master {
         }
         self.set_cluster_state(ClusterState::Running).await;
         self.recovery.startup_allowed = false;
+    }
+
+    /// Outdate cells found without a committed transaction, keeping at least one readable cell
+    /// per partition.
+    async fn outdate_cells(&mut self, mut cells: Vec<(u32, Nid)>) {
+        let Some(pt) = &self.pt else { return };
+        cells.sort_unstable();
+        cells.dedup();
+        let mut changes = Vec::new();
+        for (p, n) in cells {
+            let readable_left = pt
+                .readable_cells(p)
+                .filter(|c| !changes.iter().any(|ch: &CellChange| ch.partition == p && ch.nid == c.nid))
+                .count();
+            if readable_left > 1 {
+                changes.push(CellChange { partition: p, nid: n, state: CellState::OutOfDate });
+            }
+        }
+        self.commit_pt_changes(&changes).await;
     }
 
     /// A storage finished StartOperation.

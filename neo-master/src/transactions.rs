@@ -22,6 +22,13 @@ pub struct Finish {
     pub oids: Vec<u64>,
     pub involved: Vec<Nid>,
     pub waiting: BTreeSet<Nid>,
+    pub tid: Tid,
+    /// Every partition the transaction writes (its objects' and its metadata's): recorded
+    /// with each lock, for verification.
+    pub partitions: Vec<u32>,
+    /// Locks are asked again (a new round) when a storage is lost before the commit is
+    /// acknowledged.
+    pub round: u32,
 }
 
 #[derive(Default)]
@@ -218,6 +225,10 @@ impl Master {
             self.tm.next_tid(Some(ttid), np)
         };
         debug!("finish {ttid:?} as {tid:?} for {nid} on {involved:?}");
+        let mut partitions: Vec<u32> =
+            m.oids.iter().chain(std::iter::once(&ttid.0)).map(|o| (o % u64::from(np.max(1))) as u32).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
         if let Some(t) = self.tm.txns.get_mut(&ttid) {
             t.finish = Some(Finish {
                 req_id: id,
@@ -225,21 +236,27 @@ impl Master {
                 oids: m.oids,
                 involved: involved.clone(),
                 waiting: involved.iter().copied().collect(),
+                tid,
+                partitions,
+                round: 0,
             });
         }
         self.tm.queue.insert(tid, ttid);
-        for s in involved {
-            if let Some(c) = self.conn_of_node(s) {
-                self.spawn_ask(
-                    c,
-                    AskKind::LockInformation { ttid },
-                    msg::AskLockInformation { ttid: ttid.0, tid: tid.0 }.into(),
-                );
+        self.ask_locks(ttid);
+    }
+
+    /// Ask every involved storage of `ttid` (still waited for) to lock it.
+    fn ask_locks(&self, ttid: Tid) {
+        let Some(f) = self.tm.txns.get(&ttid).and_then(|t| t.finish.as_ref()) else { return };
+        for s in &f.waiting {
+            if let Some(c) = self.conn_of_node(*s) {
+                let m = msg::AskLockInformation { ttid: ttid.0, tid: f.tid.0, partitions: f.partitions.clone() };
+                self.spawn_ask(c, AskKind::LockInformation { ttid, round: f.round }, m.into());
             }
         }
     }
 
-    pub async fn lock_answered(&mut self, ttid: Tid, nid: Nid, result: Result<Body, LinkError>) {
+    pub async fn lock_answered(&mut self, ttid: Tid, round: u32, nid: Nid, result: Result<Body, LinkError>) {
         if let Err(e) = result.and_then(|b| proto::expect_answer!(b, AnswerInformationLocked)) {
             // Only a real answer counts as locked. A storage that failed is disconnected: its
             // cells are outdated (or the cluster goes back to recovery) before anyone is told
@@ -253,7 +270,9 @@ impl Master {
             }
             return;
         }
-        if let Some(f) = self.tm.txns.get_mut(&ttid).and_then(|t| t.finish.as_mut()) {
+        if let Some(f) = self.tm.txns.get_mut(&ttid).and_then(|t| t.finish.as_mut())
+            && f.round == round
+        {
             f.waiting.remove(&nid);
         }
         self.commit_ready().await;
@@ -353,13 +372,26 @@ impl Master {
         self.maybe_stop().await;
     }
 
-    /// Stop waiting for a lost storage's lock answers.
+    /// Stop waiting for a lost storage's lock answers (its cells were just outdated). The
+    /// commits it took part in and not acknowledged yet are locked again on the other
+    /// storages: a storage handles the master's messages in order, so its new answer means it
+    /// saved the partition table without `nid`'s cells first. Otherwise a crash right after
+    /// the acknowledgement could bring back a table where `nid` still looks up to date without
+    /// the transaction, and verification would drop it as never acknowledged.
     pub async fn transactions_storage_lost(&mut self, nid: Nid) {
-        for t in self.tm.txns.values_mut() {
-            if let Some(f) = t.finish.as_mut() {
-                f.waiting.remove(&nid);
+        let mut relock = Vec::new();
+        for (ttid, t) in self.tm.txns.iter_mut() {
+            if let Some(f) = t.finish.as_mut()
+                && f.involved.contains(&nid)
+            {
                 f.involved.retain(|n| *n != nid);
+                f.waiting = f.involved.iter().copied().collect();
+                f.round += 1;
+                relock.push(*ttid);
             }
+        }
+        for ttid in relock {
+            self.ask_locks(ttid);
         }
         self.commit_ready().await;
     }

@@ -2,7 +2,7 @@
 //! verification, lock/unlock), and the handlers of client requests (store, vote, load, abort).
 
 use crate::StorageError;
-use crate::backend::{Load, NewData, NewObject, TxnMeta};
+use crate::backend::{BackendError, Load, NewData, NewObject, TxnMeta};
 use crate::db::Db;
 use std::collections::HashMap;
 mod history;
@@ -267,15 +267,21 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             let list = st.db.call(|b| b.locked_transactions()).await??;
             let transactions = list
                 .into_iter()
-                .map(|(ttid, tid)| msg::LockedTransaction { ttid: ttid.0, tid: tid.map(|t| t.0) })
+                .map(|t| msg::LockedTransaction { ttid: t.ttid.0, tid: t.tid.map(|t| t.0), partitions: t.partitions })
                 .collect();
             let _ = link.answer(id, msg::AnswerLockedTransactions { transactions }).await;
         }
         Body::ValidateTransaction(m) => {
             let (ttid, tid) = (Tid(m.ttid), Tid(m.tid));
             info!("validating transaction {ttid:?} as {tid:?}");
-            st.db.call_durable(move |b| b.lock(ttid, tid)).await??;
+            st.db.call_durable(move |b| b.lock(ttid, tid, &[])).await??;
             unlock_or_stop(st, ttid, tid).await?;
+            st.tm.release(ttid);
+        }
+        Body::DropTransaction(m) => {
+            let ttid = Tid(m.ttid);
+            warn!("dropping transaction {ttid:?}: locked here but never acknowledged (a replica lost its vote)");
+            st.db.call_durable(move |b| b.abort(ttid)).await??;
             st.tm.release(ttid);
         }
         Body::AskLastIds(_) => {
@@ -313,7 +319,8 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
                 return Ok(None);
             }
             st.tm.set_locked(ttid, tid);
-            st.db.call_durable(move |b| b.lock(ttid, tid)).await??;
+            let partitions = m.partitions;
+            st.db.call_durable(move |b| b.lock(ttid, tid, &partitions)).await??;
             let _ = link.answer(id, msg::AnswerInformationLocked { ttid: ttid.0 }).await;
         }
         Body::NotifyUnlockInformation(m) => {
@@ -697,7 +704,8 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
         .ok_or_else(|| proto::error(ErrorCode::ProtocolError, format!("unknown transaction {ttid:?}")))?;
     let meta_partition = ttid.partition(st.np());
     // One database job and transaction: the data rows, the temporary objects and the
-    // metadata, with one durable commit.
+    // metadata. Not synced: the lock's sync makes it durable (the log is written in order);
+    // if a crash loses it, no storage acknowledged this commit and verification drops it.
     let mut checks: Vec<(u32, Oid, Tid)> =
         objects.iter().filter_map(|(oid, s)| s.base_serial.map(|b| (s.partition, *oid, b))).collect();
     checks.extend(checked);
@@ -710,7 +718,7 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
         .collect();
     let result = st
         .db
-        .call_durable(move |b| {
+        .call(move |b| {
             let mut conflicts = Vec::new();
             for (partition, oid, base) in checks {
                 let committed = b.last_serial(partition, oid)?.unwrap_or(Tid::ZERO);
@@ -721,7 +729,7 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
             if conflicts.is_empty() {
                 b.vote_data(ttid, &objects, meta.as_ref().map(|m| (meta_partition, m)))?;
             }
-            Ok(conflicts)
+            Ok::<_, BackendError>(conflicts)
         })
         .await;
     let conflicts = result.map_err(internal)?.map_err(internal)?;

@@ -46,6 +46,7 @@ body_from!(
     AskFinalTid,
     AnswerFinalTid,
     ValidateTransaction,
+    DropTransaction,
     StartOperation,
     StopOperation,
     NotifyReady,

@@ -219,6 +219,21 @@ impl Cluster {
         &self.databases[i]
     }
 
+    /// Run `f` on the database of storage `i`, opened directly (while the storage is stopped)
+    /// on a thread of its own (a backend may not run inside the async runtime): to set up what
+    /// a crash would leave behind, or look at it.
+    pub fn with_storage_db<R: Send>(
+        &self,
+        i: usize,
+        f: impl FnOnce(&mut dyn neo_storage::backend::Backend) -> R + Send,
+    ) -> R {
+        let cfg = self.config(
+            NodeType::Storage,
+            &[("bind", self.storage_addrs[i].to_string()), ("database", self.storage_db(i).to_string())],
+        );
+        std::thread::scope(|s| s.spawn(move || f(neo_storage::open_backend(&cfg).unwrap().as_mut())).join().unwrap())
+    }
+
     fn spawn_storage(&mut self, i: usize, l: TcpListener) {
         let cfg = self.config(
             NodeType::Storage,

@@ -45,6 +45,19 @@ pub(crate) fn encode_oids(oids: &[Oid]) -> Vec<u8> {
     oids.iter().flat_map(|o| o.to_bytes()).collect()
 }
 
+/// The partition list a lock records (`ttrans.lock_partitions`): 4 big-endian bytes each;
+/// NULL (None) when empty.
+pub(crate) fn encode_partitions(partitions: &[u32]) -> Option<Vec<u8>> {
+    (!partitions.is_empty()).then(|| partitions.iter().flat_map(|p| p.to_be_bytes()).collect())
+}
+
+pub(crate) fn decode_partitions(blob: &[u8], what: &dyn Fn() -> String) -> Result<Vec<u32>> {
+    if !blob.len().is_multiple_of(4) {
+        return Err(corrupt(format!("{}: partition list of {} bytes is not a multiple of 4", what(), blob.len())));
+    }
+    Ok(blob.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
 /// Bind value of a u64 id (bit cast, as stored).
 pub(crate) fn id64(v: u64) -> i64 {
     v as i64

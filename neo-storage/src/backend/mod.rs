@@ -6,10 +6,12 @@
 //! never from async worker threads.
 //!
 //! Commit discipline: `set_config`, `save_pt`, `drop_unfinished` and `pack` are durable when
-//! they return; `vote`, `vote_data` and `lock` are durable after the following `sync` (the node
-//! answers them only then, and groups the syncs of concurrent transactions); `unlock` and `abort`
-//! need not be durable: a lost unlock is replayed by verification from the durable lock, a lost
-//! abort by `drop_unfinished`.
+//! they return; `vote`, `vote_data` and `lock` are durable after the following `sync`. The node
+//! answers a vote without syncing and a lock only after it (grouping the syncs of concurrent
+//! transactions): commits reach the disk in order, so a durable lock makes its vote durable
+//! too, and a vote lost in a crash is one no storage acknowledged the commit of (verification
+//! then drops it, see the master's recovery). `unlock` and `abort` need not be durable: a lost
+//! unlock is replayed by verification from the durable lock, a lost abort by `drop_unfinished`.
 
 mod common;
 pub mod mysql;
@@ -19,6 +21,17 @@ mod tests;
 
 use neo_lib::pt::PartitionTable;
 use neo_lib::{Oid, Tid};
+
+/// A transaction with temporary data, as verification sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockedTxn {
+    pub ttid: Tid,
+    /// The final tid once locked.
+    pub tid: Option<Tid>,
+    /// Every partition the transaction writes, as its lock recorded them (empty if not locked
+    /// or unknown).
+    pub partitions: Vec<u32>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -207,15 +220,16 @@ pub trait Backend: Send {
     }
     /// Make every commit done so far durable (one fsync for all of them).
     fn sync(&mut self) -> Result<()>;
-    /// Record the commit decision: the final tid of `ttid`. Durable after `sync`.
-    fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()>;
+    /// Record the commit decision: the final tid of `ttid`, and every partition the transaction
+    /// writes (kept from an earlier lock when empty). Durable after `sync`.
+    fn lock(&mut self, ttid: Tid, tid: Tid, partitions: &[u32]) -> Result<()>;
     /// Make the transaction permanent under `tid`: temporary objects and metadata become
     /// committed. Idempotent. Not necessarily durable on return (see the commit discipline).
     fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()>;
     /// Delete the temporary data of `ttid` (no-op if unknown) and unreferenced data rows.
     fn abort(&mut self, ttid: Tid) -> Result<()>;
-    /// Transactions with temporary data: (ttid, final tid if locked).
-    fn locked_transactions(&mut self) -> Result<Vec<(Tid, Option<Tid>)>>;
+    /// Transactions with temporary data, in ttid order.
+    fn locked_transactions(&mut self) -> Result<Vec<LockedTxn>>;
     /// Final tid of a committed transaction, looked up by its ttid.
     fn final_tid(&mut self, ttid: Tid) -> Result<Option<Tid>>;
     /// Delete all temporary data of transactions that were not locked, and unreferenced data.

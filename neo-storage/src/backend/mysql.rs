@@ -32,11 +32,12 @@
 
 use super::common::{
     CHECKSUM_LEN, HeldData, Revision, UndoRevisions, check_data_args, compression_of, corrupt, decode_oids,
-    distinct_partitions, encode_oids, id64, merge_tids, partition_list, size_of, tid_of, tid_range, tid_upper,
-    undo_current_max, window_end,
+    decode_partitions, distinct_partitions, encode_oids, encode_partitions, id64, merge_tids, partition_list, size_of,
+    tid_of, tid_range, tid_upper, undo_current_max, window_end,
 };
 use super::{
-    Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta, UndoInfo,
+    Backend, BackendError, DataId, Load, LockedTxn, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta,
+    UndoInfo,
 };
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Row, Value};
@@ -45,7 +46,7 @@ use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
 use std::time::{Duration, Instant};
 
 /// Current schema version: the number of `MIGRATIONS` a database has applied.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Schema migrations in order: a database at version N has applied the first N entries, each a
 /// list of statements. DDL commits implicitly in MySQL, so a migration cannot be rolled back:
@@ -119,6 +120,9 @@ const MIGRATIONS: &[&[&str]] = &[
             KEY (data_id)
         ) ENGINE = InnoDB",
     ],
+    // Version 2: the partitions a lock covers (verification checks every readable cell of
+    // them holds the transaction).
+    &["ALTER TABLE ttrans ADD COLUMN IF NOT EXISTS lock_partitions BLOB NULL"],
 ];
 
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
@@ -1301,11 +1305,14 @@ impl Backend for MysqlBackend {
         Ok(())
     }
 
-    fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
+    fn lock(&mut self, ttid: Tid, tid: Tid, partitions: &[u32]) -> Result<()> {
+        let parts = encode_partitions(partitions);
         on_conn!(self, RETRY, c, async {
             c.exec_drop(
-                "INSERT INTO ttrans (ttid, tid, meta) VALUES (?, ?, 0) ON DUPLICATE KEY UPDATE tid = VALUES(tid)",
-                (id64(ttid.0), id64(tid.0)),
+                "INSERT INTO ttrans (ttid, tid, meta, lock_partitions) VALUES (?, ?, 0, ?)
+                 ON DUPLICATE KEY UPDATE tid = VALUES(tid),
+                   lock_partitions = COALESCE(VALUES(lock_partitions), lock_partitions)",
+                (id64(ttid.0), id64(tid.0), parts.clone()),
             )
             .await
             .map_err(db)
@@ -1360,14 +1367,17 @@ impl Backend for MysqlBackend {
         Ok(())
     }
 
-    fn locked_transactions(&mut self) -> Result<Vec<(Tid, Option<Tid>)>> {
+    fn locked_transactions(&mut self) -> Result<Vec<LockedTxn>> {
         on_conn!(self, RETRY, c, async {
-            let rows: Vec<Row> = c.exec("SELECT ttid, tid FROM ttrans ORDER BY ttid", ()).await.map_err(db)?;
+            let rows: Vec<Row> =
+                c.exec("SELECT ttid, tid, lock_partitions FROM ttrans ORDER BY ttid", ()).await.map_err(db)?;
             let mut out = Vec::with_capacity(rows.len());
             for mut row in rows {
                 let ttid = col_tid(&mut row, 0, "ttid", &|| "temporary transaction".to_string())?;
-                let final_tid = col_opt_tid(&mut row, 1, "tid", &|| format!("temporary transaction {ttid}"))?;
-                out.push((ttid, final_tid));
+                let what = || format!("temporary transaction {ttid}");
+                let tid = col_opt_tid(&mut row, 1, "tid", &what)?;
+                let partitions = decode_partitions(&col_blob(&mut row, 2, "lock_partitions", true, &what)?, &what)?;
+                out.push(LockedTxn { ttid, tid, partitions });
             }
             Ok(out)
         })

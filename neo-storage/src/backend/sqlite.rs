@@ -12,16 +12,18 @@
 //! Durability: the connection runs with `synchronous=NORMAL` in WAL mode (commits append to the
 //! log without fsync); `sync` fdatasyncs the log, making every commit so far durable.
 //! `set_config`, `save_pt`, `drop_unfinished` and `pack` sync themselves; `vote`, `vote_data` and
-//! `lock` rely on the caller's `sync` (group commit); `unlock` is never synced: the next
+//! `lock` rely on the caller's `sync` (group commit, done for locks: the log is appended in
+//! order, so syncing a lock also makes the votes before it durable); `unlock` is never synced: the next
 //! verification replays it from the durable `lock` if a crash loses it.
 
 use super::common::{
     CHECKSUM_LEN, HeldData, Revision, UndoRevisions, check_data_args, compression_of, corrupt, decode_oids,
-    distinct_partitions, encode_oids, id64, merge_tids, partition_list, size_of, tid_of, tid_range, tid_upper,
-    undo_current_max, window_end,
+    decode_partitions, distinct_partitions, encode_oids, encode_partitions, id64, merge_tids, partition_list, size_of,
+    tid_of, tid_range, tid_upper, undo_current_max, window_end,
 };
 use super::{
-    Backend, BackendError, DataId, Load, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta, UndoInfo,
+    Backend, BackendError, DataId, Load, LockedTxn, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta,
+    UndoInfo,
 };
 use neo_lib::pt::{Cell, PartitionTable};
 use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
@@ -31,7 +33,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Current schema version: the number of `MIGRATIONS` a database has applied.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Schema migrations in order: a database at version N has applied the first N entries. A new
 /// schema version appends an entry (and bumps `SCHEMA_VERSION`); entries are never edited.
@@ -94,6 +96,9 @@ const MIGRATIONS: &[&str] = &[
         value_tid INTEGER NULL,
         PRIMARY KEY (tid, oid)
     ) WITHOUT ROWID;",
+    // Version 2: the partitions a lock covers (verification checks every readable cell of
+    // them holds the transaction).
+    "ALTER TABLE ttrans ADD COLUMN lock_partitions BLOB NULL;",
 ];
 
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
@@ -728,14 +733,15 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
-    fn lock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
+    fn lock(&mut self, ttid: Tid, tid: Tid, partitions: &[u32]) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO ttrans (ttid, tid, meta) VALUES (?1, ?2, 0)
-                 ON CONFLICT (ttid) DO UPDATE SET tid = excluded.tid",
+                "INSERT INTO ttrans (ttid, tid, meta, lock_partitions) VALUES (?1, ?2, 0, ?3)
+                 ON CONFLICT (ttid) DO UPDATE SET tid = excluded.tid,
+                   lock_partitions = COALESCE(excluded.lock_partitions, ttrans.lock_partitions)",
             )
             .map_err(db)?
-            .execute(params![id64(ttid.0), id64(tid.0)])
+            .execute(params![id64(ttid.0), id64(tid.0), encode_partitions(partitions)])
             .map_err(db)?;
         // The commit point: durable after `sync`.
         Ok(())
@@ -755,15 +761,17 @@ impl Backend for SqliteBackend {
         self.abort_rows(ttid)
     }
 
-    fn locked_transactions(&mut self) -> Result<Vec<(Tid, Option<Tid>)>> {
-        let mut stmt = self.conn.prepare_cached("SELECT ttid, tid FROM ttrans ORDER BY ttid").map_err(db)?;
+    fn locked_transactions(&mut self) -> Result<Vec<LockedTxn>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT ttid, tid, lock_partitions FROM ttrans ORDER BY ttid").map_err(db)?;
         let mut q = stmt.query([]).map_err(db)?;
         let mut out = Vec::new();
         while let Some(row) = q.next().map_err(db)? {
-            let what = || "temporary transaction".to_string();
-            let ttid = col_tid(row, 0, "ttid", &what)?;
-            let final_tid = col_opt_tid(row, 1, "tid", &|| format!("temporary transaction {ttid}"))?;
-            out.push((ttid, final_tid));
+            let ttid = col_tid(row, 0, "ttid", &|| "temporary transaction".to_string())?;
+            let what = || format!("temporary transaction {ttid}");
+            let tid = col_opt_tid(row, 1, "tid", &what)?;
+            let partitions = decode_partitions(&col_blob(row, 2, "lock_partitions", true, &what)?, &what)?;
+            out.push(LockedTxn { ttid, tid, partitions });
         }
         Ok(out)
     }

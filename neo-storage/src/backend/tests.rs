@@ -7,7 +7,9 @@
 //! own wrappers calling the same functions.
 #![allow(clippy::unwrap_used)]
 
-use super::{Backend, BackendError, DataId, Load, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta, UndoInfo};
+use super::{
+    Backend, BackendError, DataId, Load, LockedTxn, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta, UndoInfo,
+};
 use neo_lib::pt::{Cell, CellChange, PartitionTable};
 use neo_lib::{CellState, Nid, NodeType, Oid, Ptid, Tid};
 
@@ -64,7 +66,7 @@ fn commit_objects(b: &mut dyn Backend, tid: u64, objects: &[TempObject]) -> TxnM
     let ttid = Tid(tid - 1);
     let meta = meta_for(&format!("user{tid}"), objects);
     b.vote(ttid, &with_parts(objects), Some((part(ttid.0), &meta))).unwrap();
-    b.lock(ttid, Tid(tid)).unwrap();
+    b.lock(ttid, Tid(tid), &[]).unwrap();
     b.unlock(ttid, Tid(tid)).unwrap();
     meta
 }
@@ -116,9 +118,14 @@ fn sorted_pt(pt: &PartitionTable) -> PartitionTable {
 }
 
 fn sorted_locked(b: &mut dyn Backend) -> Vec<(Tid, Option<Tid>)> {
-    let mut v = b.locked_transactions().unwrap();
+    let mut v = locked(b);
     v.sort();
     v
+}
+
+/// (ttid, final tid) of the transactions with temporary data.
+fn locked(b: &mut dyn Backend) -> Vec<(Tid, Option<Tid>)> {
+    b.locked_transactions().unwrap().into_iter().map(|t| (t.ttid, t.tid)).collect()
 }
 
 fn assert_corrupt<T: std::fmt::Debug>(r: Result<T>, needle: &str) {
@@ -151,8 +158,8 @@ pub(crate) fn vote_data_stores_data_objects_and_metadata(b: &mut dyn Backend) {
     let meta = TxnMeta { user: b"u".to_vec(), oids: vec![Oid(1), Oid(2), Oid(3)], ..Default::default() };
     b.vote_data(Tid(50), &objs, Some((part(50), &meta))).unwrap();
     assert_eq!(b.load(part(1), Oid(1), None, None).unwrap(), Load::DoesNotExist);
-    assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(50), None)]);
-    b.lock(Tid(50), Tid(60)).unwrap();
+    assert_eq!(locked(b), vec![(Tid(50), None)]);
+    b.lock(Tid(50), Tid(60), &[]).unwrap();
     b.unlock(Tid(50), Tid(60)).unwrap();
     for oid in [1, 2] {
         match b.load(part(oid), Oid(oid), None, None).unwrap() {
@@ -292,11 +299,15 @@ pub(crate) fn commit_visibility(b: &mut dyn Backend) {
     b.vote(ttid, &with_parts(&objs), Some((mp, &meta))).unwrap();
     assert_eq!(load(b, 5, None, None), Load::DoesNotExist);
     assert_eq!(b.last_serial(part(5), Oid(5)).unwrap(), None);
-    assert_eq!(b.locked_transactions().unwrap(), vec![(ttid, None)]);
+    assert_eq!(locked(b), vec![(ttid, None)]);
     assert_eq!(b.last_ids().unwrap(), (None, Some(Oid(6))));
 
-    b.lock(ttid, tid).unwrap();
-    assert_eq!(b.locked_transactions().unwrap(), vec![(ttid, Some(tid))]);
+    b.lock(ttid, tid, &[mp, part(5)]).unwrap();
+    let expected = LockedTxn { ttid, tid: Some(tid), partitions: vec![mp, part(5)] };
+    assert_eq!(b.locked_transactions().unwrap(), vec![expected.clone()]);
+    // Locking again without partitions (verification's validation) keeps them.
+    b.lock(ttid, tid, &[]).unwrap();
+    assert_eq!(b.locked_transactions().unwrap(), vec![expected]);
     assert_eq!(load(b, 5, None, None), Load::DoesNotExist);
     assert_eq!(b.final_tid(ttid).unwrap(), None);
     assert_eq!(b.transaction(mp, tid).unwrap(), None);
@@ -322,7 +333,7 @@ pub(crate) fn commit_visibility(b: &mut dyn Backend) {
     let objs = [store(b, 7, b"seven")];
     let empty = TxnMeta::default();
     b.vote(Tid(70), &with_parts(&objs), Some((part(70), &empty))).unwrap();
-    b.lock(Tid(70), Tid(80)).unwrap();
+    b.lock(Tid(70), Tid(80), &[]).unwrap();
     b.unlock(Tid(70), Tid(80)).unwrap();
     let t = b.transaction(part(70), Tid(80)).unwrap().unwrap();
     assert_eq!(t.meta, empty);
@@ -332,7 +343,7 @@ pub(crate) fn commit_visibility(b: &mut dyn Backend) {
 pub(crate) fn metadata_only_on_holders(b: &mut dyn Backend) {
     let objs = [store(b, 1, b"one")];
     b.vote(Tid(70), &with_parts(&objs), None).unwrap();
-    b.lock(Tid(70), Tid(80)).unwrap();
+    b.lock(Tid(70), Tid(80), &[]).unwrap();
     b.unlock(Tid(70), Tid(80)).unwrap();
     assert_eq!(latest(b, 1).serial, Tid(80));
     for p in 0..NP {
@@ -347,7 +358,7 @@ pub(crate) fn metadata_only_on_holders(b: &mut dyn Backend) {
     let meta = meta_for("bob", &[first[0].clone(), second[0].clone()]);
     b.vote(Tid(90), &with_parts(&first), Some((part(90), &meta))).unwrap();
     b.vote(Tid(90), &with_parts(&second), None).unwrap();
-    b.lock(Tid(90), Tid(95)).unwrap();
+    b.lock(Tid(90), Tid(95), &[]).unwrap();
     b.unlock(Tid(90), Tid(95)).unwrap();
     assert_eq!(latest(b, 2).serial, Tid(95));
     assert_eq!(latest(b, 3).serial, Tid(95));
@@ -359,7 +370,7 @@ pub(crate) fn metadata_only_on_holders(b: &mut dyn Backend) {
     let meta = meta_for("carol", &[first[0].clone(), second[0].clone()]);
     b.vote(Tid(110), &with_parts(&first), None).unwrap();
     b.vote(Tid(110), &with_parts(&second), Some((part(110), &meta))).unwrap();
-    b.lock(Tid(110), Tid(120)).unwrap();
+    b.lock(Tid(110), Tid(120), &[]).unwrap();
     b.unlock(Tid(110), Tid(120)).unwrap();
     assert_eq!(latest(b, 4).data, b"four");
     assert_eq!(latest(b, 5).data, b"five");
@@ -370,7 +381,7 @@ pub(crate) fn metadata_only_on_holders(b: &mut dyn Backend) {
     // Metadata only, no object on this node.
     let meta = TxnMeta { oids: vec![Oid(42)], ..meta_for("dave", &[]) };
     b.vote(Tid(130), &[], Some((part(130), &meta))).unwrap();
-    b.lock(Tid(130), Tid(140)).unwrap();
+    b.lock(Tid(130), Tid(140), &[]).unwrap();
     b.unlock(Tid(130), Tid(140)).unwrap();
     assert_eq!(b.transaction(part(130), Tid(140)).unwrap().unwrap().meta, meta);
 }
@@ -419,7 +430,7 @@ pub(crate) fn shared_data_survives_abort(b: &mut dyn Backend) {
     let t3 = [store(b, 3, b"dup")];
     b.vote(Tid(30), &with_parts(&t3), None).unwrap();
     b.abort(Tid(30)).unwrap();
-    b.lock(Tid(20), Tid(25)).unwrap();
+    b.lock(Tid(20), Tid(25), &[]).unwrap();
     b.unlock(Tid(20), Tid(25)).unwrap();
     let r = latest(b, 2);
     assert_eq!((r.serial, r.data.as_slice()), (Tid(25), &b"dup"[..]));
@@ -435,9 +446,9 @@ pub(crate) fn locked_and_final(b: &mut dyn Backend) {
     let o2 = [store(b, 2, b"b")];
     let m2 = meta_for("m2", &o2);
     b.vote(Tid(20), &with_parts(&o2), Some((part(20), &m2))).unwrap();
-    b.lock(Tid(20), Tid(25)).unwrap();
+    b.lock(Tid(20), Tid(25), &[]).unwrap();
     // Lock without a vote on this node (its objects are elsewhere): still recorded.
-    b.lock(Tid(30), Tid(35)).unwrap();
+    b.lock(Tid(30), Tid(35), &[]).unwrap();
     assert_eq!(sorted_locked(b), vec![(Tid(10), None), (Tid(20), Some(Tid(25))), (Tid(30), Some(Tid(35)))]);
     b.unlock(Tid(20), Tid(25)).unwrap();
     assert_eq!(b.final_tid(Tid(20)).unwrap(), Some(Tid(25)));
@@ -451,8 +462,8 @@ pub(crate) fn locked_and_final(b: &mut dyn Backend) {
     let o = [store(b, 3, b"c")];
     let m = meta_for("max", &o);
     b.vote(Tid(Tid::MAX.0 - 1), &with_parts(&o), Some((0, &m))).unwrap();
-    b.lock(Tid(Tid::MAX.0 - 1), Tid::MAX).unwrap();
-    assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(Tid::MAX.0 - 1), Some(Tid::MAX))]);
+    b.lock(Tid(Tid::MAX.0 - 1), Tid::MAX, &[]).unwrap();
+    assert_eq!(locked(b), vec![(Tid(Tid::MAX.0 - 1), Some(Tid::MAX))]);
     b.unlock(Tid(Tid::MAX.0 - 1), Tid::MAX).unwrap();
     assert_eq!(b.final_tid(Tid(Tid::MAX.0 - 1)).unwrap(), Some(Tid::MAX));
     assert_eq!(latest(b, 3).serial, Tid::MAX);
@@ -469,11 +480,11 @@ pub(crate) fn drop_unfinished(b: &mut dyn Backend) {
     let o2 = [store(b, 8, b"locked")];
     let m2 = meta_for("l", &o2);
     b.vote(Tid(20), &with_parts(&o2), Some((part(20), &m2))).unwrap();
-    b.lock(Tid(20), Tid(25)).unwrap();
+    b.lock(Tid(20), Tid(25), &[]).unwrap();
     assert_eq!(b.last_ids().unwrap().1, Some(Oid(1000)));
 
     b.drop_unfinished().unwrap();
-    assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(20), Some(Tid(25)))]);
+    assert_eq!(locked(b), vec![(Tid(20), Some(Tid(25)))]);
     assert_eq!(b.last_ids().unwrap(), (Some(Tid(5)), Some(Oid(8))));
     assert_eq!(load(b, 1000, None, None), Load::DoesNotExist);
     assert_eq!(latest(b, 1).data, b"base");
@@ -527,7 +538,7 @@ pub(crate) fn last_ids(b: &mut dyn Backend) {
     let o = [store(b, 9, b"z")];
     b.vote(Tid(200), &with_parts(&o), Some((part(200), &meta_for("v", &o)))).unwrap();
     assert_eq!(b.last_ids().unwrap(), (Some(Tid(150)), Some(Oid(9))));
-    b.lock(Tid(200), Tid(210)).unwrap();
+    b.lock(Tid(200), Tid(210), &[]).unwrap();
     assert_eq!(b.last_ids().unwrap(), (Some(Tid(150)), Some(Oid(9))));
     b.unlock(Tid(200), Tid(210)).unwrap();
     assert_eq!(b.last_ids().unwrap(), (Some(Tid(210)), Some(Oid(9))));
@@ -647,7 +658,7 @@ pub(crate) fn object_history(b: &mut dyn Backend) {
     // Voted and locked: not yet a revision.
     let o = [store(b, 2, b"voted")];
     b.vote(Tid(700), &with_parts(&o), None).unwrap();
-    b.lock(Tid(700), Tid(710)).unwrap();
+    b.lock(Tid(700), Tid(710), &[]).unwrap();
     assert_eq!(history(b, 2, 0, 10), [(100, 3)]);
     b.unlock(Tid(700), Tid(710)).unwrap();
     assert_eq!(history(b, 2, 0, 10), [(710, 5), (100, 3)]);
@@ -664,12 +675,12 @@ pub(crate) fn tids_and_tids_from(b: &mut dyn Backend) {
     // Objects without metadata on this node: not one of its transactions.
     let o = [store(b, 9, b"nine")];
     b.vote(Tid(700), &with_parts(&o), None).unwrap();
-    b.lock(Tid(700), Tid(707)).unwrap();
+    b.lock(Tid(700), Tid(707), &[]).unwrap();
     b.unlock(Tid(700), Tid(707)).unwrap();
     // Locked, not unlocked: not committed yet (metadata in partition 3).
     let o = [store(b, 10, b"ten")];
     b.vote(Tid(807), &with_parts(&o), Some((part(807), &meta_for("locked", &o)))).unwrap();
-    b.lock(Tid(807), Tid(808)).unwrap();
+    b.lock(Tid(807), Tid(808), &[]).unwrap();
 
     assert_eq!(tids(b, &ALL, 0, 100), [606, 505, 404, 303, 202, 101]);
     assert_eq!(tids(b, &ALL, 0, u32::MAX), [606, 505, 404, 303, 202, 101]);
@@ -785,7 +796,7 @@ pub(crate) fn undo_info(b: &mut dyn Backend) {
     assert_eq!(b.undo_info(part(1) + 1, Oid(1), Tid(100), None).unwrap(), None);
     let o = [store(b, 1, b"voted")];
     b.vote(Tid(900), &with_parts(&o), None).unwrap();
-    b.lock(Tid(900), Tid(910)).unwrap();
+    b.lock(Tid(900), Tid(910), &[]).unwrap();
     assert_eq!(undo(b, 1, 910, None), None);
     b.unlock(Tid(900), Tid(910)).unwrap();
     assert_eq!(undo(b, 1, 910, None), Some((910, Some(300), true)));
@@ -871,7 +882,7 @@ pub(crate) fn pack(b: &mut dyn Backend) {
         // The oldest revision left looks like a creation.
         assert_eq!(undo(b, 1, 303, None), Some((404, None, false)));
         // Temporary data is untouched.
-        assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(350), None)]);
+        assert_eq!(locked(b), vec![(Tid(350), None)]);
         assert_eq!(b.last_ids().unwrap(), (Some(Tid(505)), Some(Oid(13))));
     };
     b.pack(&[0, 1, 2], Tid(303)).unwrap();
@@ -885,7 +896,7 @@ pub(crate) fn pack(b: &mut dyn Backend) {
     check(b);
 
     // Data referenced by a temporary object or held by a store survived.
-    b.lock(Tid(350), Tid(606)).unwrap();
+    b.lock(Tid(350), Tid(606), &[]).unwrap();
     b.unlock(Tid(350), Tid(606)).unwrap();
     assert_eq!(latest(b, 10).data, b"t-old");
     commit_objects(b, 707, &[held]);
@@ -926,7 +937,7 @@ pub(crate) fn restart(open: Open<'_>) {
         let o2 = [store(&mut *b, 2, b"two")];
         let m2 = meta_for("two", &o2);
         b.vote(Tid(200), &with_parts(&o2), Some((part(200), &m2))).unwrap();
-        b.lock(Tid(200), Tid(210)).unwrap();
+        b.lock(Tid(200), Tid(210), &[]).unwrap();
         let o3 = [store(&mut *b, 3, b"three")];
         b.vote(Tid(300), &with_parts(&o3), None).unwrap();
         b.save_pt(&pt).unwrap();
@@ -944,7 +955,7 @@ pub(crate) fn restart(open: Open<'_>) {
         assert_eq!(b.get_config("nid").unwrap().as_deref(), Some("S1"));
         assert_eq!(b.get_config("name").unwrap().as_deref(), Some(CLUSTER));
         b.drop_unfinished().unwrap();
-        assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(200), Some(Tid(210)))]);
+        assert_eq!(locked(b.as_mut()), vec![(Tid(200), Some(Tid(210)))]);
         b.unlock(Tid(200), Tid(210)).unwrap();
         assert_eq!(latest(&mut *b, 2).data, b"two");
         assert_eq!(load(&mut *b, 3, None, None), Load::DoesNotExist);
@@ -986,6 +997,26 @@ pub(crate) fn schema_too_new(open: Open<'_>, raw: RawSql<'_>) {
     }
 }
 
+/// A version 1 database (before locks recorded their partitions) is upgraded on open and keeps
+/// its locked transactions.
+pub(crate) fn schema_upgrade_from_v1(open: Open<'_>, raw: RawSql<'_>) {
+    {
+        let mut b = open(CLUSTER).unwrap();
+        b.lock(Tid(10), Tid(11), &[]).unwrap();
+        b.sync().unwrap();
+    }
+    raw("ALTER TABLE ttrans DROP COLUMN lock_partitions");
+    raw("UPDATE config SET value = '1' WHERE name = 'version'");
+    let mut b = open(CLUSTER).unwrap();
+    assert_eq!(b.get_config("version").unwrap().as_deref(), Some("2"));
+    assert_eq!(
+        b.locked_transactions().unwrap(),
+        vec![LockedTxn { ttid: Tid(10), tid: Some(Tid(11)), partitions: vec![] }]
+    );
+    b.lock(Tid(12), Tid(13), &[2]).unwrap();
+    assert_eq!(b.locked_transactions().unwrap()[1].partitions, vec![2]);
+}
+
 /// Garbage in the database is reported as `Corrupt`, naming what is wrong, never a panic.
 pub(crate) fn corrupt_rows(open: Open<'_>, raw: RawSql<'_>) {
     let mut b = open(CLUSTER).unwrap();
@@ -1018,7 +1049,7 @@ pub(crate) fn corrupt_rows(open: Open<'_>, raw: RawSql<'_>) {
     raw("UPDATE config SET value = 'many' WHERE name = 'partitions'");
     assert_corrupt(b.load_pt(), "partitions");
 
-    b.lock(Tid(500), Tid(510)).unwrap();
+    b.lock(Tid(500), Tid(510), &[]).unwrap();
     raw("UPDATE ttrans SET tid = -1 WHERE ttid = 500");
     assert_corrupt(b.locked_transactions(), &Tid(500).to_string());
 }
@@ -1130,6 +1161,12 @@ mod sqlite {
     fn schema_too_new() {
         let db = FileDb::new();
         super::schema_too_new(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    #[test]
+    fn schema_upgrade_from_v1() {
+        let db = FileDb::new();
+        super::schema_upgrade_from_v1(&|c| db.open(c), &|sql| db.raw(sql));
     }
 
     #[test]
@@ -1392,6 +1429,12 @@ mod mysql {
     }
 
     #[test]
+    fn schema_upgrade_from_v1() {
+        let Some(db) = TestDb::new() else { return };
+        super::schema_upgrade_from_v1(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    #[test]
     fn corrupt_rows() {
         let Some(db) = TestDb::new() else { return };
         super::corrupt_rows(&|c| db.open(c), &|sql| db.raw(sql));
@@ -1518,9 +1561,9 @@ mod mysql {
         let meta = meta_for("u200", &o);
         b.vote(Tid(199), &with_parts(&o), Some((part(199), &meta))).unwrap();
         kill(&db, &mut b);
-        b.lock(Tid(199), Tid(200)).unwrap();
+        b.lock(Tid(199), Tid(200), &[]).unwrap();
         kill(&db, &mut b);
-        assert_eq!(b.locked_transactions().unwrap(), vec![(Tid(199), Some(Tid(200)))]);
+        assert_eq!(locked(&mut b), vec![(Tid(199), Some(Tid(200)))]);
         kill(&db, &mut b);
         b.unlock(Tid(199), Tid(200)).unwrap();
         kill(&db, &mut b);
@@ -1546,7 +1589,7 @@ mod mysql {
         let before = b.reconnects();
         match b.vote_data(Tid(299), &objs, Some((part(299), &meta))) {
             Ok(()) => {
-                b.lock(Tid(299), Tid(300)).unwrap();
+                b.lock(Tid(299), Tid(300), &[]).unwrap();
                 b.unlock(Tid(299), Tid(300)).unwrap();
                 assert_eq!(latest(&mut b, 5).data, data);
             }
@@ -1640,7 +1683,7 @@ mod mysql {
         assert!(format!("{e}").contains("other"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(4), "a permanent failure is not retried");
         // Every call tries again, and fails the same way.
-        assert!(b.lock(Tid(1), Tid(2)).is_err());
+        assert!(b.lock(Tid(1), Tid(2), &[]).is_err());
         db.raw(&format!("UPDATE config SET value = '{CLUSTER}' WHERE name = 'name'"));
         assert_eq!(b.last_ids().unwrap(), (Some(Tid(100)), Some(Oid(1))));
         // An unreachable server is waited for, for a bounded time.

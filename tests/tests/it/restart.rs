@@ -1,7 +1,8 @@
 //! Restarts: the whole cluster, and a storage at a time.
 
 use crate::commit::commit;
-use neo_lib::{ClusterState, NodeType, Tid};
+use neo_lib::{CellState, ClusterState, NodeType, Tid};
+use neo_storage::backend::{Backend, NewData, NewObject, TxnMeta};
 use neo_tests::{Cluster, Options};
 use proto::msg;
 use proto::net::{connect_identified, identification};
@@ -83,7 +84,121 @@ async fn a_storage_lost_during_commits_leaves_the_cluster_running_and_data_intac
     }
 }
 
+/// A transaction as a crash leaves it in a storage's database: voted (temporary data), and
+/// locked with its final tid if `tid` is given, or fully committed if `unlock`.
+fn leave_transaction(
+    db: &mut dyn Backend,
+    np: u32,
+    ttid: Tid,
+    tid: Option<Tid>,
+    unlock: bool,
+    objects: &[(neo_lib::Oid, &[u8])],
+) {
+    let part = |id: u64| (id % u64::from(np)) as u32;
+    let new: Vec<(u32, NewObject)> = objects
+        .iter()
+        .map(|(oid, data)| {
+            let data = NewData { checksum: neo_storage::sha1(data).to_vec(), compression: 0, data: data.to_vec() };
+            (part(oid.0), NewObject { oid: *oid, data: Some(data), data_serial: None })
+        })
+        .collect();
+    let meta =
+        TxnMeta { user: b"crash".to_vec(), oids: objects.iter().map(|(o, _)| *o).collect(), ..Default::default() };
+    db.vote_data(ttid, &new, Some((part(ttid.0), &meta))).unwrap();
+    if let Some(tid) = tid {
+        let mut partitions: Vec<u32> = objects.iter().map(|(o, _)| part(o.0)).chain([part(ttid.0)]).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        db.lock(ttid, tid, &partitions).unwrap();
+        if unlock {
+            db.unlock(ttid, tid).unwrap();
+        }
+    }
+    db.sync().unwrap();
+}
+
+/// The cell states of the partition table, as the admin reports them.
+async fn cell_states(cluster: &Cluster) -> Vec<CellState> {
+    let b = cluster.admin_ask(msg::AskPartitionList { min_offset: 0, max_offset: 0, nid: None }).await.unwrap();
+    let pt = proto::convert::pt_from_msg(&proto::expect_answer!(b, AnswerPartitionList).unwrap()).unwrap();
+    pt.rows().iter().flatten().map(|c| c.state).collect()
+}
+
+/// Power loss between vote and lock: votes are not synced, so one replica may come back with
+/// the transaction locked and the other without it. Then the commit was never acknowledged:
+/// verification drops it, and keeps every replica up to date. A transaction locked on one
+/// replica and voted on the other is committed on both.
+async fn a_transaction_one_replica_lost_before_locking_is_dropped_at_restart(opts: Options) {
+    let np = opts.partitions;
+    let mut cluster = Cluster::start(opts).await;
+    let c = cluster.client().await;
+    let kept = c.new_oid().await.unwrap();
+    let kept_tid = commit(&c, kept, Tid::ZERO, b"before the crash").await.unwrap();
+    let (lost, voted) = (c.new_oid().await.unwrap(), c.new_oid().await.unwrap());
+    c.close().await;
+    cluster.stop_all().await;
+
+    let (t1, t2) = (Tid(kept_tid.0 + 100 * u64::from(np)), Tid(kept_tid.0 + 200 * u64::from(np)));
+    let t2_objects: &[(neo_lib::Oid, &[u8])] = &[(voted, b"voted everywhere")];
+    cluster.with_storage_db(0, |db| {
+        // Locked on storage 0, lost by storage 1: never acknowledged.
+        let t1_objects: &[(neo_lib::Oid, &[u8])] = &[(kept, b"lost update"), (lost, b"lost")];
+        leave_transaction(db, np, t1, Some(Tid(t1.0 + u64::from(np))), false, t1_objects);
+        // Locked on storage 0, voted on storage 1: may have been acknowledged.
+        leave_transaction(db, np, t2, Some(Tid(t2.0 + u64::from(np))), false, t2_objects);
+    });
+    cluster.with_storage_db(1, |db| leave_transaction(db, np, t2, None, false, t2_objects));
+    cluster.restart().await;
+
+    let c = cluster.client().await;
+    let t2_tid = Tid(t2.0 + u64::from(np));
+    assert_eq!(c.last_transaction(), t2_tid);
+    assert_eq!(c.load(kept).await.unwrap(), (b"before the crash".to_vec(), kept_tid));
+    assert!(matches!(c.load(lost).await, Err(neo_client::ClientError::NotFound(_))), "{:?}", c.load(lost).await);
+    assert_eq!(c.load(voted).await.unwrap(), (b"voted everywhere".to_vec(), t2_tid));
+    assert!(cell_states(&cluster).await.iter().all(|s| *s == CellState::UpToDate));
+    assert_every_storage_holds(
+        &cluster,
+        &[(kept, kept_tid, b"before the crash".to_vec()), (voted, t2_tid, b"voted everywhere".to_vec())],
+    )
+    .await;
+    c.close().await;
+    cluster.stop_all().await;
+    for i in 0..2 {
+        assert!(cluster.with_storage_db(i, |db| db.locked_transactions().unwrap()).is_empty(), "storage {i}");
+    }
+}
+
+/// A transaction committed on one replica and locked on another was acknowledged: a third
+/// replica without it cannot serve it, so its cell is outdated and the commit kept.
+async fn a_replica_missing_an_acknowledged_transaction_is_outdated_at_restart(opts: Options) {
+    let np = opts.partitions;
+    let opts = Options { storages: 3, replicas: 2, ..opts };
+    let mut cluster = Cluster::start(opts).await;
+    let c = cluster.client().await;
+    let oid = c.new_oid().await.unwrap();
+    let first = commit(&c, oid, Tid::ZERO, b"first").await.unwrap();
+    c.close().await;
+    cluster.stop_all().await;
+    let ttid = Tid(first.0 + 100 * u64::from(np));
+    let tid = Tid(ttid.0 + u64::from(np));
+    let objects: &[(neo_lib::Oid, &[u8])] = &[(oid, b"second")];
+    cluster.with_storage_db(0, |db| leave_transaction(db, np, ttid, Some(tid), true, objects));
+    cluster.with_storage_db(1, |db| leave_transaction(db, np, ttid, Some(tid), false, objects));
+    cluster.restart().await;
+    let c = cluster.client().await;
+    assert_eq!(c.load(oid).await.unwrap(), (b"second".to_vec(), tid));
+    let states = cell_states(&cluster).await;
+    let out_of_date = states.iter().filter(|s| **s == CellState::OutOfDate).count();
+    // The partitions of the object and of the transaction's metadata, on storage 3 only.
+    let touched = if oid.0 % u64::from(np) == ttid.0 % u64::from(np) { 1 } else { 2 };
+    assert_eq!(out_of_date, touched, "{states:?}");
+    c.close().await;
+}
+
 crate::both_backends!(
     the_whole_cluster_restarts_and_everything_is_still_there,
-    a_storage_lost_during_commits_leaves_the_cluster_running_and_data_intact
+    a_storage_lost_during_commits_leaves_the_cluster_running_and_data_intact,
+    a_transaction_one_replica_lost_before_locking_is_dropped_at_restart,
+    a_replica_missing_an_acknowledged_transaction_is_outdated_at_restart
 );
