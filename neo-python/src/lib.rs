@@ -248,11 +248,43 @@ impl Client {
     }
 }
 
+/// Send the client's logs (`tracing`) to `logfile` (appended to), or to stderr when RUST_LOG
+/// is set; RUST_LOG filters them (default: info). Logging is per process: the first client
+/// that sets it up decides, later `logfile`s are only checked to be writable.
+fn init_logging(logfile: Option<&str>) -> PyResult<()> {
+    static DONE: Mutex<bool> = Mutex::new(false);
+    let file = match logfile {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("logfile {path}: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if *done {
+        return Ok(());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // try_init fails if the process already has a subscriber: then that one is kept.
+    match file {
+        Some(file) => drop(builder.with_ansi(false).with_writer(Mutex::new(file)).try_init()),
+        None if std::env::var_os("RUST_LOG").is_some() => drop(builder.with_writer(std::io::stderr).try_init()),
+        None => return Ok(()),
+    }
+    *done = true;
+    Ok(())
+}
+
 #[pymethods]
 impl Client {
     /// Connect to the cluster `name` through `masters` ("host:port host:port", spaces or commas).
     #[new]
-    #[pyo3(signature = (masters, name, read_only=false, ca=None, cert=None, key=None, cache_size=None, compress=true, connect_timeout=60.0))]
+    #[pyo3(signature = (masters, name, read_only=false, ca=None, cert=None, key=None, cache_size=None, compress=true, connect_timeout=60.0, logfile=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -265,7 +297,9 @@ impl Client {
         cache_size: Option<usize>,
         compress: bool,
         connect_timeout: f64,
+        logfile: Option<String>,
     ) -> PyResult<Client> {
+        init_logging(logfile.as_deref())?;
         let masters = masters
             .split(|c: char| c == ',' || c.is_whitespace())
             .filter(|s| !s.is_empty())

@@ -1,6 +1,8 @@
 """The Python package's entry points: the storage class, ZConfig (%import neo_rs +
 <NEOStorage>), the zodburi resolver, errors as ZODB's exceptions; against a real cluster."""
 
+import os
+import tempfile
 import threading
 import time
 import unittest
@@ -51,6 +53,32 @@ class ConfigTests(unittest.TestCase):
             self.roundtrip(db, "zconfig")
         finally:
             db.close()
+
+    def test_logfile(self):
+        # NEO's logfile key: the client appends its log there (one per process; this is the
+        # only test that sets it).
+        c = self.cluster
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "client.log")
+            db = ZODB.config.databaseFromString("""
+                %%import neo_rs
+                <zodb>
+                  <NEOStorage>
+                    master_nodes %s
+                    name %s
+                    logfile %s
+                  </NEOStorage>
+                </zodb>
+                """ % (c.master, c.name, path))
+            try:
+                self.roundtrip(db, "logfile")
+            finally:
+                db.close()
+            with open(path) as f:
+                log = f.read()
+            self.assertIn("connected to the primary master", log)
+            with self.assertRaises(OSError):
+                neo_rs.Storage(master_nodes=c.master, name=c.name, logfile=os.path.join(tmp, "no", "such.log"))
 
     def test_zconfig_read_only(self):
         c = self.cluster

@@ -173,7 +173,7 @@ class Storage(ConflictResolvingStorage):
                              ca=ca, cert=cert, key=key,
                              cache_size=None if cache_size is None else int(cache_size),
                              compress=True if compress is None else bool(compress),
-                             connect_timeout=float(connect_timeout))
+                             connect_timeout=float(connect_timeout), logfile=logfile)
         if self._read_only:
             for method in ("new_oid", "tpc_begin", "store", "undo", "deleteObject",
                            "checkCurrentSerialInTransaction", "pack"):

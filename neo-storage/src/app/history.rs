@@ -143,13 +143,18 @@ pub(super) async fn undo_serial(st: &Storage, m: msg::AskObjectUndoSerial) -> Bo
     )
 }
 
-/// Pack every readable partition of this node at `tid`.
+/// Pack every readable partition of this node at `tid`, one partition per database job, so
+/// that the commits and reads queued meanwhile run between them instead of waiting for the
+/// whole pack (each partition's pack is one database transaction, and packing again at the
+/// same tid changes nothing).
 pub(super) async fn pack(st: &Storage, tid: Tid) -> Body {
     let partitions = st.readable_partitions();
     info!("packing {} partition(s) at {tid:?}", partitions.len());
     answer(
         async {
-            job(st, move |b| b.pack(&partitions, tid)).await?;
+            for p in partitions {
+                job(st, move |b| b.pack(&[p], tid)).await?;
+            }
             Ok(msg::AnswerPack { tid: tid.0 }.into())
         }
         .await,
