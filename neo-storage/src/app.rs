@@ -6,6 +6,7 @@ use crate::backend::{BackendError, Load, NewData, NewObject, TxnMeta};
 use crate::db::Db;
 use std::collections::HashMap;
 mod history;
+mod reads;
 use crate::tm::{LockAttempt, Stored, Tm};
 use neo_lib::config::{Address, NodeConfig};
 use neo_lib::pt::PartitionTable;
@@ -45,6 +46,8 @@ pub struct Storage {
     shared: Mutex<Shared>,
     /// Links of the connected clients, by connection id (to notify deadlocks).
     clients: Mutex<HashMap<u64, Link>>,
+    /// Sockets of the read connections (`reads`), to shut them down when the node stops.
+    reads: Mutex<HashMap<u64, std::net::TcpStream>>,
     address: Address,
     shutdown: CancellationToken,
 }
@@ -116,6 +119,7 @@ pub async fn run(
         tm: Tm::default(),
         shared: Mutex::new(Shared { nid, pt, ready: false, fatal: None }),
         clients: Mutex::new(HashMap::new()),
+        reads: Mutex::new(HashMap::new()),
         address: address.clone(),
         shutdown: shutdown.clone(),
         cfg,
@@ -144,6 +148,7 @@ pub async fn run(
             }
         }
         peers.cancel();
+        reads::shut_down_all(&st);
         abort_unvoted(&st).await;
         info!("storage stopped");
     }
@@ -407,14 +412,11 @@ async fn accept_loop(st: Arc<Storage>, listener: TcpListener, token: Cancellatio
         };
         let (st, token) = (st.clone(), token.clone());
         tokio::spawn(async move {
-            let (link, incoming) = match proto::net::accept(tcp, &st.net).await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("connection from {peer} refused: {e}");
-                    return;
-                }
-            };
-            serve_peer(st, link, incoming, token).await;
+            match proto::net::accept_any(tcp, &st.net).await {
+                Ok(proto::net::Accepted::Link(link, incoming)) => serve_peer(st, link, incoming, token).await,
+                Ok(proto::net::Accepted::Reads(conn, socket)) => reads::start(st, conn, socket),
+                Err(e) => warn!("connection from {peer} refused: {e}"),
+            }
         });
     }
 }
@@ -752,7 +754,12 @@ async fn load(st: &Storage, m: msg::AskObject) -> Body {
         return e;
     }
     let (at, before) = (m.at.map(Tid), m.before.map(Tid));
-    match st.db.call(move |b| b.load(partition, oid, at, before)).await {
+    object_answer(oid, st.db.call(move |b| b.load(partition, oid, at, before)).await)
+}
+
+/// The answer to AskObject, from what the database returned.
+fn object_answer(oid: Oid, loaded: Result<Result<Load, BackendError>, crate::db::DbClosed>) -> Body {
+    match loaded {
         Ok(Ok(Load::Found(r))) => {
             let deleted = r.checksum[..] == ZERO_HASH[..] && r.data.is_empty();
             msg::AnswerObject {

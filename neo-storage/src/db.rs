@@ -83,6 +83,20 @@ impl Db {
         rx.await.map_err(|_| DbClosed)
     }
 
+    /// `call` from a thread outside the async runtime (which it blocks until the answer).
+    pub fn call_blocking<R, F>(&self, f: F) -> Result<R, DbClosed>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn Backend) -> R + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |b| {
+            let _ = tx.send(f(b));
+        });
+        self.tx.blocking_send(Msg::Job(job)).map_err(|_| DbClosed)?;
+        rx.blocking_recv().map_err(|_| DbClosed)
+    }
+
     /// Run `f` on the database thread; its result is delivered once what it committed is
     /// durable (`Backend::sync`, shared with the other durable jobs queued meanwhile).
     pub async fn call_durable<T, F>(&self, f: F) -> Result<Result<T, BackendError>, DbClosed>

@@ -82,6 +82,19 @@ pub fn open_backend(cfg: &NodeConfig) -> Result<Box<dyn Backend>, StorageError> 
     opened.map_err(|err| StorageError::Open { database: display, err })
 }
 
+/// A read-only connection of its own to the database of `cfg`, for a thread that serves
+/// loads (`app::reads`): SQLite files only (None otherwise: loads go through the database
+/// thread). Blocking.
+pub fn open_reader(cfg: &NodeConfig) -> Option<Result<Box<dyn Backend>, BackendError>> {
+    let database = cfg.database.as_deref()?;
+    match engine(database, cfg.adapter.as_deref()).ok()? {
+        Engine::Sqlite(path) if path != std::path::Path::new(":memory:") => {
+            Some(backend::sqlite::SqliteBackend::open_reader(&path).map(|b| Box::new(b) as _))
+        }
+        _ => None,
+    }
+}
+
 /// A MySQL URL without its password, for messages.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -4,7 +4,7 @@
 //! about 20 µs each on a small VM. Same magic, framing, TLS and identification as `net`; one
 //! request at a time; after any error the connection must be dropped.
 
-use crate::frame::{self, FrameError, MAGIC};
+use crate::frame::{self, FrameError, MAGIC, READ_MAGIC};
 use crate::link::{LinkError, remote_error};
 use crate::msg::{Packet, RequestIdentification};
 use crate::net::{HANDSHAKE_TIMEOUT, NetConfig, NetError};
@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-trait Stream: Read + Write + Send {}
+pub trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
 pub struct BlockingConn {
@@ -40,6 +40,52 @@ impl BlockingConn {
         net: &NetConfig,
         req: RequestIdentification,
         timeout: Duration,
+    ) -> Result<BlockingConn, NetError> {
+        Self::connect_with(addr, net, req, timeout, MAGIC)
+    }
+
+    /// `connect_identified` for a connection that only loads objects (`READ_MAGIC`): a
+    /// storage serves it on a thread of its own.
+    pub fn connect_reads(
+        addr: &Address,
+        net: &NetConfig,
+        req: RequestIdentification,
+        timeout: Duration,
+    ) -> Result<BlockingConn, NetError> {
+        Self::connect_with(addr, net, req, timeout, READ_MAGIC)
+    }
+
+    /// The server's end of a read connection whose `READ_MAGIC` was received: sends `MAGIC`.
+    pub fn accepted_reads(stream: Box<dyn Stream>, peer: String, max: usize) -> Result<BlockingConn, LinkError> {
+        let mut c = BlockingConn { stream, buf: BytesMut::with_capacity(16 * 1024), max, next_id: 1, peer };
+        c.stream.write_all(MAGIC).and_then(|_| c.stream.flush()).map_err(|e| c.io(e))?;
+        Ok(c)
+    }
+
+    /// Server side: the next request (id, body); answers and packets without body are
+    /// skipped.
+    pub fn next_request(&mut self) -> Result<(u32, Body), LinkError> {
+        loop {
+            let p = self.read_packet()?;
+            if let (false, Some(body)) = (p.answer, p.body) {
+                return Ok((p.id, body));
+            }
+        }
+    }
+
+    /// Server side: answer request `id`.
+    pub fn answer(&mut self, id: u32, body: Body) -> Result<(), LinkError> {
+        let mut out = BytesMut::new();
+        frame::encode(&Packet { id, answer: true, body: Some(body) }, &mut out);
+        self.stream.write_all(&out).and_then(|_| self.stream.flush()).map_err(|e| self.io(e))
+    }
+
+    fn connect_with(
+        addr: &Address,
+        net: &NetConfig,
+        req: RequestIdentification,
+        timeout: Duration,
+        magic: &[u8; 8],
     ) -> Result<BlockingConn, NetError> {
         let peer = addr.to_string();
         let connect_err = |err| NetError::Connect { addr: peer.clone(), err };
@@ -76,7 +122,7 @@ impl BlockingConn {
         let mut c =
             BlockingConn { stream, buf: BytesMut::with_capacity(64 * 1024), max: net.max_frame, next_id: 1, peer };
         let link_err = |err| NetError::Link { addr: addr.to_string(), err };
-        c.stream.write_all(MAGIC).and_then(|_| c.stream.flush()).map_err(|e| link_err(c.io(e)))?;
+        c.stream.write_all(magic).and_then(|_| c.stream.flush()).map_err(|e| link_err(c.io(e)))?;
         c.read_magic().map_err(link_err)?;
         let ans = c.ask(req.into()).map_err(link_err)?;
         expect_answer!(ans, AcceptIdentification).map_err(link_err)?;
@@ -220,5 +266,78 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("magic"), "{e}");
         http.join().unwrap();
+    }
+
+    /// `accept_any` tells a read connection from a link by its magic; the read connection is
+    /// then served with blocking IO (identification, then one answer per request).
+    #[test]
+    fn accept_any_serves_read_connections_and_links() {
+        use crate::net::{Accepted, accept_any, connect_identified};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = addr(&l);
+        let server = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                l.set_nonblocking(true).unwrap();
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                let mut kinds = Vec::new();
+                for _ in 0..2 {
+                    let (tcp, _) = l.accept().await.unwrap();
+                    match accept_any(tcp, &NetConfig::default()).await.unwrap() {
+                        Accepted::Reads(mut conn, _socket) => {
+                            kinds.push("reads");
+                            std::thread::spawn(move || {
+                                let (id, body) = conn.next_request().unwrap();
+                                assert!(matches!(body, Body::RequestIdentification(_)));
+                                let acc = msg::AcceptIdentification {
+                                    node_type: NodeType::Storage as i32,
+                                    ..Default::default()
+                                };
+                                conn.answer(id, acc.into()).unwrap();
+                                while let Ok((id, body)) = conn.next_request() {
+                                    let ans = match body {
+                                        Body::AskObject(m) => {
+                                            msg::AnswerObject { oid: m.oid, ..Default::default() }.into()
+                                        }
+                                        _ => crate::error(ErrorCode::ProtocolError, "no"),
+                                    };
+                                    conn.answer(id, ans).unwrap();
+                                }
+                            })
+                            .join()
+                            .unwrap();
+                        }
+                        Accepted::Link(link, mut incoming) => {
+                            kinds.push("link");
+                            let (id, _) = receive_identification(&link, &mut incoming, "test").await.unwrap();
+                            let acc =
+                                msg::AcceptIdentification { node_type: NodeType::Storage as i32, ..Default::default() };
+                            link.answer(id, acc).await.unwrap();
+                            let r = incoming.recv().await.unwrap();
+                            link.answer(r.id, msg::Pong {}).await.unwrap();
+                            link.closed().await;
+                        }
+                    }
+                }
+                kinds
+            })
+        });
+        let mut c = BlockingConn::connect_reads(&a, &NetConfig::default(), request(), Duration::from_secs(10)).unwrap();
+        for oid in [3, 4] {
+            match c.ask(msg::AskObject { oid, at: None, before: None }.into()).unwrap() {
+                Body::AnswerObject(o) => assert_eq!(o.oid, oid),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(c.ask(msg::Ping {}.into()), Err(LinkError::Remote { code: ErrorCode::ProtocolError, .. })));
+        drop(c);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (link, _incoming, _) = connect_identified(&a, &NetConfig::default(), request()).await.unwrap();
+            assert!(matches!(link.ask(msg::Ping {}).await, Ok(Body::Pong(_))));
+            link.close().await;
+            link.closed().await;
+        });
+        assert_eq!(server.join().unwrap(), ["reads", "link"]);
     }
 }

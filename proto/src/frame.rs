@@ -8,6 +8,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Sent first by both ends of every connection. The last byte is the framing version.
 pub const MAGIC: &[u8; 8] = b"NEO-RS\x00\x01";
+/// Sent first by a client instead of `MAGIC` on a connection that only loads objects, one at a
+/// time, waiting for each answer: a storage serves it from a thread of its own, with blocking
+/// IO (see `blocking`). The server answers with `MAGIC`.
+pub const READ_MAGIC: &[u8; 8] = b"NEO-RS\x01\x01";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

@@ -115,6 +115,21 @@ impl Link {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        Self::spawn_with(stream, peer, max_frame, false)
+    }
+
+    /// `spawn` for a connection whose peer's magic was already read (and checked).
+    pub fn spawn_magic_read<S>(stream: S, peer: String, max_frame: usize) -> (Link, Incoming)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Self::spawn_with(stream, peer, max_frame, true)
+    }
+
+    fn spawn_with<S>(stream: S, peer: String, max_frame: usize, magic_read: bool) -> (Link, Incoming)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let (r, w) = tokio::io::split(stream);
         let (tx, out_rx) = mpsc::channel(OUT_QUEUE);
         let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
@@ -130,7 +145,7 @@ impl Link {
         }));
         let span = tracing::debug_span!("link", conn = conn_id, peer = %link.0.peer);
         tokio::spawn(writer(w, out_rx, link.0.closed.clone()).instrument(span.clone()));
-        tokio::spawn(reader(FrameReader::new(r, max_frame), in_tx, link.clone()).instrument(span));
+        tokio::spawn(reader(FrameReader::new(r, max_frame), in_tx, link.clone(), magic_read).instrument(span));
         (link, in_rx)
     }
 
@@ -293,15 +308,22 @@ async fn writer<W: AsyncWrite>(w: W, mut rx: mpsc::Receiver<Out>, closed: Cancel
     closed.cancel();
 }
 
-async fn reader<R: AsyncRead + Unpin>(mut r: FrameReader<R>, in_tx: mpsc::Sender<Request>, link: Link) {
+async fn reader<R: AsyncRead + Unpin>(
+    mut r: FrameReader<R>,
+    in_tx: mpsc::Sender<Request>,
+    link: Link,
+    magic_read: bool,
+) {
     let closed = link.0.closed.clone();
     let res: Result<(), FrameError> = async {
-        tokio::select! {
-            _ = closed.cancelled() => return Ok(()),
-            m = tokio::time::timeout(MAGIC_TIMEOUT, r.read_magic()) => match m {
-                Ok(res) => res?,
-                Err(_) => return Err(FrameError::BadMagic(Vec::new())),
-            },
+        if !magic_read {
+            tokio::select! {
+                _ = closed.cancelled() => return Ok(()),
+                m = tokio::time::timeout(MAGIC_TIMEOUT, r.read_magic()) => match m {
+                    Ok(res) => res?,
+                    Err(_) => return Err(FrameError::BadMagic(Vec::new())),
+                },
+            }
         }
         loop {
             let p = tokio::select! {

@@ -98,6 +98,79 @@ pub async fn accept(tcp: TcpStream, net: &NetConfig) -> Result<(Link, Incoming),
     Ok(Link::spawn(stream, a, net.max_frame))
 }
 
+/// A connection accepted by `accept_any`.
+pub enum Accepted {
+    Link(Link, Incoming),
+    /// A read connection (`READ_MAGIC`), to serve on a thread of its own, and a handle on its
+    /// socket (to shut it down from elsewhere).
+    Reads(crate::blocking::BlockingConn, std::net::TcpStream),
+}
+
+/// `accept`, for a node that also serves read connections: the peer's magic tells which.
+pub async fn accept_any(tcp: TcpStream, net: &NetConfig) -> Result<Accepted, NetError> {
+    use crate::frame::{MAGIC, READ_MAGIC};
+    use tokio::io::AsyncReadExt;
+    let a = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let _ = tcp.set_nodelay(true);
+    let io_err = |err: std::io::Error| NetError::Link { addr: a.clone(), err: LinkError::Closed(err.to_string()) };
+    async fn magic_of<S: AsyncRead + Unpin>(s: &mut S, a: &str) -> Result<[u8; 8], NetError> {
+        let mut m = [0u8; 8];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, s.read_exact(&mut m)).await {
+            Ok(Ok(_)) => Ok(m),
+            Ok(Err(e)) => Err(NetError::Link { addr: a.to_string(), err: LinkError::Closed(e.to_string()) }),
+            Err(_) => Err(NetError::Timeout { addr: a.to_string() }),
+        }
+    }
+    let bad_magic =
+        |m: [u8; 8]| NetError::Link { addr: a.clone(), err: LinkError::Closed(format!("bad magic {m:02x?}")) };
+    // A blocking socket for a read connection's thread (writes give up after a minute).
+    let blocking = |tcp: TcpStream| -> Result<(std::net::TcpStream, std::net::TcpStream), NetError> {
+        let std = tcp.into_std().map_err(io_err)?;
+        std.set_nonblocking(false).map_err(io_err)?;
+        std.set_write_timeout(Some(Duration::from_secs(60))).map_err(io_err)?;
+        let handle = std.try_clone().map_err(io_err)?;
+        Ok((std, handle))
+    };
+    match &net.tls {
+        None => {
+            let mut tcp = tcp;
+            let m = magic_of(&mut tcp, &a).await?;
+            if &m == MAGIC {
+                let (link, incoming) = Link::spawn_magic_read(Box::pin(tcp) as BoxStream, a, net.max_frame);
+                Ok(Accepted::Link(link, incoming))
+            } else if &m == READ_MAGIC {
+                let (std, handle) = blocking(tcp)?;
+                let conn = crate::blocking::BlockingConn::accepted_reads(Box::new(std), a.clone(), net.max_frame)
+                    .map_err(|err| NetError::Link { addr: a.clone(), err })?;
+                Ok(Accepted::Reads(conn, handle))
+            } else {
+                Err(bad_magic(m))
+            }
+        }
+        Some(tls) => {
+            let acc = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+            let mut s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp))
+                .await
+                .map_err(|_| NetError::Timeout { addr: a.clone() })?
+                .map_err(|err| NetError::Tls { addr: a.clone(), err })?;
+            let m = magic_of(&mut s, &a).await?;
+            if &m == MAGIC {
+                let (link, incoming) = Link::spawn_magic_read(Box::pin(s) as BoxStream, a, net.max_frame);
+                Ok(Accepted::Link(link, incoming))
+            } else if &m == READ_MAGIC {
+                let (tcp, conn) = s.into_inner();
+                let (std, handle) = blocking(tcp)?;
+                let stream = rustls::StreamOwned::new(conn, std);
+                let conn = crate::blocking::BlockingConn::accepted_reads(Box::new(stream), a.clone(), net.max_frame)
+                    .map_err(|err| NetError::Link { addr: a.clone(), err })?;
+                Ok(Accepted::Reads(conn, handle))
+            } else {
+                Err(bad_magic(m))
+            }
+        }
+    }
+}
+
 /// Bind a listener on `addr` (port 0 picks a free port).
 pub async fn listen(addr: &Address) -> std::io::Result<TcpListener> {
     TcpListener::bind((addr.host.as_str(), addr.port)).await
@@ -166,16 +239,21 @@ pub async fn receive_identification(
             return None;
         }
     };
-    if req.protocol_version != PROTOCOL_VERSION {
-        warn!("{}: refused: protocol version {} (ours is {})", link.peer(), req.protocol_version, PROTOCOL_VERSION);
-        let msg = format!("protocol version mismatch: yours {}, ours {}", req.protocol_version, PROTOCOL_VERSION);
+    if let Err(msg) = check_identification(&req, cluster) {
+        warn!("{}: refused: {msg}", link.peer());
         link.refuse(id, ErrorCode::ProtocolError, msg).await;
         return None;
     }
-    if req.cluster != cluster {
-        warn!("{}: refused: cluster name {:?} (ours is {:?})", link.peer(), req.cluster, cluster);
-        link.refuse(id, ErrorCode::ProtocolError, format!("invalid cluster name {:?}", req.cluster)).await;
-        return None;
-    }
     Some((id, req))
+}
+
+/// Check a peer's identification against our protocol version and cluster name.
+pub fn check_identification(req: &RequestIdentification, cluster: &str) -> Result<(), String> {
+    if req.protocol_version != PROTOCOL_VERSION {
+        return Err(format!("protocol version mismatch: yours {}, ours {}", req.protocol_version, PROTOCOL_VERSION));
+    }
+    if req.cluster != cluster {
+        return Err(format!("invalid cluster name {:?} (ours is {cluster:?})", req.cluster));
+    }
+    Ok(())
 }

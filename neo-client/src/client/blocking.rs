@@ -65,7 +65,7 @@ impl Client {
             (s.nodes.get(&nid).and_then(|n| n.address.clone())?, s.nid)
         };
         let req = identification(&self.0.cfg.cluster, NodeType::Client, me, None);
-        match BlockingConn::connect_identified(&addr, &self.0.net, req, BLOCKING_TIMEOUT) {
+        match BlockingConn::connect_reads(&addr, &self.0.net, req, BLOCKING_TIMEOUT) {
             Ok(c) => Some(c),
             Err(e) => {
                 // Like a failed link: later loads try the other cells first.

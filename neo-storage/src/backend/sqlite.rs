@@ -153,6 +153,9 @@ pub struct SqliteBackend {
     wal: Option<std::path::PathBuf>,
     /// Data rows handed out by `store_data` and not voted yet (see `HeldData`).
     held: HeldData,
+    /// The lock file that makes this process the owner of the database (None in memory, for
+    /// tests' shared opens and for readers).
+    _owner: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -226,24 +229,23 @@ impl SqliteBackend {
         Self::open_with(path, cluster, true)
     }
 
-    /// Like `open`, without exclusive locking, so tests can alter the file from another
+    /// Like `open`, without the lock file, so tests can alter the file from another
     /// connection while the backend is open.
     #[cfg(test)]
     pub fn open_shared(path: &Path, cluster: &str) -> Result<SqliteBackend> {
         Self::open_with(path, cluster, false)
     }
 
-    fn open_with(path: &Path, cluster: &str, exclusive: bool) -> Result<SqliteBackend> {
+    fn open_with(path: &Path, cluster: &str, take_lock: bool) -> Result<SqliteBackend> {
         let memory = path == Path::new(":memory:");
+        // One storage process owns the file: a second one on the same file fails (instead of
+        // writing beside the first) on the lock of `<path>.lock`, held while the backend is
+        // open. SQLite's own locking stays normal, so read connections (`open_reader`) can
+        // read while this one writes.
+        let owner = if memory || !take_lock { None } else { Some(lock_owner(path)?) };
         let mut conn = if memory { Connection::open_in_memory() } else { Connection::open(path) }.map_err(db)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
         if !memory {
-            // One process owns the file: exclusive locking avoids file locks at every
-            // transaction, keeps the WAL index in memory, and makes a second storage process
-            // on the same file fail (after the busy timeout) instead of corrupting it.
-            if exclusive {
-                conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE").map_err(db)?;
-            }
             let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(db)?;
             if !mode.eq_ignore_ascii_case("wal") {
                 return Err(BackendError::Db(format!(
@@ -262,7 +264,19 @@ impl SqliteBackend {
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db)?;
         Self::init_schema(&mut conn, cluster)?;
         let wal = if memory { None } else { Some(wal_path(path)) };
-        Ok(SqliteBackend { conn, wal, held: HeldData::default() })
+        Ok(SqliteBackend { conn, wal, held: HeldData::default(), _owner: owner })
+    }
+
+    /// A read-only connection to the database of a running storage, for loads on a thread of
+    /// their own (each statement reads the last commit). Only reads may be called on it.
+    pub fn open_reader(path: &Path) -> Result<SqliteBackend> {
+        use rusqlite::OpenFlags;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags).map_err(db)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+        conn.set_prepared_statement_cache_capacity(16);
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db)?;
+        Ok(SqliteBackend { conn, wal: None, held: HeldData::default(), _owner: None })
     }
 
     /// Create or upgrade the schema and check the cluster name, in one transaction (rolled back
@@ -858,6 +872,31 @@ fn read_tids(mut q: rusqlite::Rows<'_>, out: &mut Vec<Tid>) -> Result<()> {
         out.push(col_tid(row, 0, "tid", &|| "transaction".to_string())?);
     }
     Ok(())
+}
+
+/// Take the lock that makes one process the owner of the database at `path` (released when
+/// the returned file is closed, also by a crash).
+fn lock_owner(path: &Path) -> Result<std::fs::File> {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".lock");
+    let lock_path = std::path::PathBuf::from(p);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| BackendError::Db(format!("{}: {e}", lock_path.display())))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(BackendError::Db(format!(
+            "{} is in use by another process (locked: {})",
+            path.display(),
+            lock_path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(BackendError::Db(format!("cannot lock {}: {e}", lock_path.display())))
+        }
+    }
 }
 
 /// Path of the write-ahead log of the database at `path`.

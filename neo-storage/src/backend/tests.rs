@@ -1228,6 +1228,23 @@ mod sqlite {
         assert_eq!(history(&mut *b, 1, 0, 1), [(200, 1)]);
     }
 
+    /// A reader sees every commit of the storage's connection, while it is open, and cannot
+    /// write.
+    #[test]
+    fn a_reader_sees_the_commits_of_the_open_backend() {
+        let db = FileDb::new();
+        let mut b = SqliteBackend::open(&db.path, CLUSTER).unwrap();
+        commit(&mut b, 100, &[(1, Some(b"a"))]);
+        let mut r = SqliteBackend::open_reader(&db.path).unwrap();
+        assert_eq!(latest(&mut r, 1).data, b"a");
+        commit(&mut b, 200, &[(1, Some(b"b")), (2, Some(b"c"))]);
+        assert_eq!(latest(&mut r, 1).data, b"b");
+        assert_eq!(latest(&mut r, 2).data, b"c");
+        assert_eq!(load(&mut r, 3, None, None), Load::DoesNotExist);
+        assert!(r.set_config("k", Some("v")).is_err());
+        assert_eq!(latest(&mut b, 1).data, b"b");
+    }
+
     /// A second process (connection) cannot use a database a storage has open.
     #[test]
     fn a_second_open_of_the_same_file_fails() {
