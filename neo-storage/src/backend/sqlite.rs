@@ -276,6 +276,8 @@ impl SqliteBackend {
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
         conn.set_prepared_statement_cache_capacity(16);
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db)?;
+        // One reader per read connection: a small page cache each (the OS caches the file).
+        conn.execute_batch("PRAGMA cache_size = -1024").map_err(db)?;
         Ok(SqliteBackend { conn, wal: None, held: HeldData::default(), _owner: None })
     }
 

@@ -122,7 +122,65 @@ async fn a_wrong_protocol_version_or_cluster_name_is_refused_with_an_error_code(
     still_serving(&cluster).await;
 }
 
+/// Read connections (a storage serves them on a thread of their own) check the
+/// identification like links do, refuse anything but loads with an error answer and stay
+/// usable, and are refused by masters.
+async fn read_connections_check_identification_and_answer_only_loads(opts: Options) {
+    use proto::blocking::BlockingConn;
+    let mut cluster = Cluster::start(opts).await;
+    let c = cluster.client().await;
+    let oid = c.new_oid().await.unwrap();
+    let tid = commit(&c, oid, Tid::ZERO, b"read me").await.unwrap();
+    let (net, name, storage, master) =
+        (cluster.net(), cluster.name.clone(), cluster.storage_addrs[0].clone(), cluster.master_addr.clone());
+    let conn = tokio::task::spawn_blocking(move || {
+        let t = Duration::from_secs(10);
+        let mut req = identification(&name, NodeType::Client, None, None);
+        req.protocol_version += 1;
+        let e = BlockingConn::connect_reads(&storage, &net, req, t).unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::ProtocolError), "{e}");
+        let req = identification("another-cluster", NodeType::Client, None, None);
+        let e = BlockingConn::connect_reads(&storage, &net, req, t).unwrap_err();
+        assert!(e.to_string().contains("cluster name"), "{e}");
+        let req = identification(&name, NodeType::Client, None, None);
+        assert!(BlockingConn::connect_reads(&master, &net, req.clone(), t).is_err(), "a master took a read connection");
+        let mut conn = BlockingConn::connect_reads(&storage, &net, req, t).unwrap();
+        let e = conn.ask(proto::msg::AskLastTransaction {}.into()).unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::ProtocolError), "{e}");
+        // NOT_READY while the storage has not unlocked the commit yet (a client then loads
+        // through its async path, which waits).
+        let mut b = None;
+        for _ in 0..100 {
+            match conn.ask(proto::msg::AskObject { oid: oid.0, at: None, before: None }.into()) {
+                Err(e) if e.code() == Some(ErrorCode::NotReady) => std::thread::sleep(Duration::from_millis(20)),
+                r => {
+                    b = Some(r.unwrap());
+                    break;
+                }
+            }
+        }
+        let a = proto::expect_answer!(b.expect("still NOT_READY after 2 s"), AnswerObject).unwrap();
+        assert_eq!(a.serial, tid.0);
+        let e = conn.ask(proto::msg::AskObject { oid: oid.0 + 1, at: None, before: None }.into()).unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::OidDoesNotExist), "{e}");
+        conn
+    })
+    .await
+    .unwrap();
+    still_serving(&cluster).await;
+    c.close().await;
+    // A storage that stops closes its read connections.
+    cluster.stop_storage(0).await;
+    let mut conn = conn;
+    let r =
+        tokio::task::spawn_blocking(move || conn.ask(proto::msg::AskObject { oid: 0, at: None, before: None }.into()))
+            .await
+            .unwrap();
+    assert!(matches!(r, Err(proto::LinkError::Closed(_))), "{r:?}");
+}
+
 crate::both_backends!(
+    read_connections_check_identification_and_answer_only_loads,
     a_node_whose_certificate_comes_from_another_ca_is_refused,
     random_bytes_and_oversized_frames_are_refused_while_nodes_keep_serving,
     a_wrong_protocol_version_or_cluster_name_is_refused_with_an_error_code
