@@ -2,9 +2,10 @@
 //! time, waiting for each answer (a Python thread in a ZODB load), is served by a thread of
 //! its own with blocking IO and, on SQLite, a read-only database connection of its own. A
 //! load then wakes one thread here instead of three (network task, database thread, network
-//! task again), which is most of its cost on a small VM. Anything unusual (a cell that is not
-//! readable, an object between lock and unlock, a database error) is answered NOT_READY or
-//! NON_READABLE_CELL, and the client takes its async path, which knows how to wait and retry.
+//! task again), which is most of its cost on a small VM. A load of an object between lock and
+//! unlock waits for the unlock (polling, up to 2 s). Anything unusual (a cell that is not
+//! readable, a longer wait, a database error) is answered NOT_READY or NON_READABLE_CELL, and
+//! the client takes its async path, which knows how to wait and retry.
 
 use super::{Storage, object_answer};
 use crate::backend::Backend;
@@ -13,9 +14,14 @@ use proto::blocking::BlockingConn;
 use proto::{Body, LinkError, msg};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tracing::{debug, warn};
 
 static IDS: AtomicU64 = AtomicU64::new(1);
+
+/// How long a load waits for the unlock of the object it reads, and how often it looks.
+const READ_LOCK_WAIT: Duration = Duration::from_secs(2);
+const READ_LOCK_POLL: Duration = Duration::from_micros(200);
 
 /// Serve an accepted read connection on a new thread.
 pub(super) fn start(st: Arc<Storage>, conn: BlockingConn, socket: std::net::TcpStream) {
@@ -106,9 +112,15 @@ fn load(st: &Storage, reader: Option<&mut (dyn Backend + 'static)>, m: msg::AskO
     if !state.is_readable() {
         return proto::error(ErrorCode::NonReadableCell, format!("cell {partition} is {state}"));
     }
-    if st.tm.is_read_locked(oid) {
-        // Being committed: the async path waits for the unlock.
-        return proto::error(ErrorCode::NotReady, format!("oid {oid} is being committed"));
+    // Between lock and unlock (usually well under a millisecond): wait for the unlock, a while;
+    // after that the client's async path waits.
+    let mut waited = Duration::ZERO;
+    while st.tm.is_read_locked(oid) {
+        if waited >= READ_LOCK_WAIT || st.shutdown.is_cancelled() {
+            return proto::error(ErrorCode::NotReady, format!("oid {oid} is being committed"));
+        }
+        std::thread::sleep(READ_LOCK_POLL);
+        waited += READ_LOCK_POLL;
     }
     let (at, before) = (m.at.map(Tid), m.before.map(Tid));
     let loaded = match reader {
