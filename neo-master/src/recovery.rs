@@ -16,6 +16,8 @@ struct Unfinished {
     tid: Option<Tid>,
     /// Storages holding it as voted or locked.
     holders: BTreeSet<Nid>,
+    /// Those of `holders` that hold its lock.
+    locked_on: BTreeSet<Nid>,
     /// Storages that already committed it.
     committed_on: BTreeSet<Nid>,
     /// Every partition it writes, as its locks recorded them (empty if unknown).
@@ -236,6 +238,7 @@ impl Master {
                     if let Some(tid) = t.tid {
                         e.tid = Some(Tid(tid));
                         e.partitions.extend(t.partitions);
+                        e.locked_on.insert(nid);
                     }
                     e.holders.insert(nid);
                 }
@@ -302,10 +305,13 @@ impl Master {
     /// Locked somewhere: acknowledged only if every readable cell of every partition it writes
     /// locked it durably (a vote is not synced, the lock is; the master locks again on the
     /// survivors when it loses a storage before acknowledging, so the table they saved is the
-    /// one of the acknowledgement). So if some readable cell has neither the vote nor the
-    /// commit, the transaction was never acknowledged and is dropped everywhere; otherwise it
-    /// is committed everywhere it voted. Committed on some storage means acknowledged: it is
-    /// kept even then, and the cells without it are outdated.
+    /// one of the acknowledgement). So if some readable cell has neither its lock nor its
+    /// commit, it was never acknowledged and is dropped everywhere. Otherwise it is committed
+    /// where it is locked, and dropped where it only voted: an unsynced vote may be older than
+    /// the last one (a vote again after a relock or a conflict), and such a cell is not
+    /// readable anyway. Committed on some storage means acknowledged: it is kept even then,
+    /// and the readable cells without it are outdated. Locks written before they recorded
+    /// partitions (no partitions known): committed everywhere it voted, as votes were synced.
     async fn validate_and_ask_last_ids(&mut self) {
         let mut outdate = Vec::new();
         for (ttid, u) in std::mem::take(&mut self.recovery.locked) {
@@ -313,35 +319,45 @@ impl Master {
                 info!("verification: dropping unfinished transaction {ttid:?}");
                 continue;
             };
-            let lacking: Vec<(u32, Nid)> = match &self.pt {
-                Some(pt) => u
-                    .partitions
-                    .iter()
-                    .flat_map(|p| pt.readable_cells(*p).map(move |c| (*p, c.nid)))
-                    .filter(|(_, n)| !u.holders.contains(n) && !u.committed_on.contains(n))
-                    .collect(),
-                None => Vec::new(),
-            };
-            if !lacking.is_empty() && u.committed_on.is_empty() {
-                warn!(
-                    "verification: dropping transaction {ttid:?} (locked as {tid:?} on {:?}): the readable cells {lacking:?} never voted it, so it was not acknowledged",
-                    u.holders
-                );
-                for n in &u.holders {
-                    if let Some(c) = self.conn_of_node(*n) {
-                        self.notify(c, msg::DropTransaction { ttid: ttid.0 }).await;
+            let (validate, drop): (Vec<Nid>, Vec<Nid>) = if u.partitions.is_empty() {
+                (u.holders.iter().copied().collect(), Vec::new())
+            } else {
+                let lacking: Vec<(u32, Nid)> = match &self.pt {
+                    Some(pt) => u
+                        .partitions
+                        .iter()
+                        .flat_map(|p| pt.readable_cells(*p).map(move |c| (*p, c.nid)))
+                        .filter(|(_, n)| !u.locked_on.contains(n) && !u.committed_on.contains(n))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                if !lacking.is_empty() && u.committed_on.is_empty() {
+                    warn!(
+                        "verification: dropping transaction {ttid:?} (locked as {tid:?} on {:?}): the readable cells {lacking:?} did not lock it, so it was not acknowledged",
+                        u.locked_on
+                    );
+                    (Vec::new(), u.holders.iter().copied().collect())
+                } else {
+                    if !lacking.is_empty() {
+                        warn!(
+                            "verification: {ttid:?} committed as {tid:?} but missing from cells {lacking:?}: outdating them"
+                        );
+                        outdate.extend(lacking);
                     }
+                    (u.locked_on.iter().copied().collect(), u.holders.difference(&u.locked_on).copied().collect())
                 }
-                continue;
+            };
+            if !validate.is_empty() {
+                info!("verification: validating transaction {ttid:?} as {tid:?} on {validate:?}");
             }
-            if !lacking.is_empty() {
-                warn!("verification: {ttid:?} committed as {tid:?} but missing from cells {lacking:?}: outdating them");
-                outdate.extend(lacking);
-            }
-            info!("verification: validating transaction {ttid:?} as {tid:?} on {:?}", u.holders);
-            for n in &u.holders {
-                if let Some(c) = self.conn_of_node(*n) {
+            for n in validate {
+                if let Some(c) = self.conn_of_node(n) {
                     self.notify(c, msg::ValidateTransaction { ttid: ttid.0, tid: tid.0 }).await;
+                }
+            }
+            for n in drop {
+                if let Some(c) = self.conn_of_node(n) {
+                    self.notify(c, msg::DropTransaction { ttid: ttid.0 }).await;
                 }
             }
         }

@@ -285,7 +285,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
         }
         Body::DropTransaction(m) => {
             let ttid = Tid(m.ttid);
-            warn!("dropping transaction {ttid:?}: locked here but never acknowledged (a replica lost its vote)");
+            warn!("dropping transaction {ttid:?} (verification: never acknowledged, or only voted here)");
             st.db.call_durable(move |b| b.abort(ttid)).await??;
             st.tm.release(ttid);
         }
