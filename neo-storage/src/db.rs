@@ -75,10 +75,7 @@ impl Db {
         R: Send + 'static,
         F: FnOnce(&mut dyn Backend) -> R + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |b| {
-            let _ = tx.send(f(b));
-        });
+        let (job, rx) = job(f);
         self.tx.send(Msg::Job(job)).await.map_err(|_| DbClosed)?;
         rx.await.map_err(|_| DbClosed)
     }
@@ -89,10 +86,7 @@ impl Db {
         R: Send + 'static,
         F: FnOnce(&mut dyn Backend) -> R + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |b| {
-            let _ = tx.send(f(b));
-        });
+        let (job, rx) = job(f);
         self.tx.blocking_send(Msg::Job(job)).map_err(|_| DbClosed)?;
         rx.blocking_recv().map_err(|_| DbClosed)
     }
@@ -128,6 +122,19 @@ impl Db {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
     }
+}
+
+/// A job running `f`, and the receiver of its result.
+fn job<R, F>(f: F) -> (Job, oneshot::Receiver<R>)
+where
+    R: Send + 'static,
+    F: FnOnce(&mut dyn Backend) -> R + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let job: Job = Box::new(move |b| {
+        let _ = tx.send(f(b));
+    });
+    (job, rx)
 }
 
 /// The database thread's loop (see the module comment for group commit).
