@@ -123,14 +123,13 @@ pub async fn accept_any(tcp: TcpStream, net: &NetConfig) -> Result<Accepted, Net
     }
     let bad_magic =
         |m: [u8; 8]| NetError::Link { addr: a.clone(), err: LinkError::Closed(format!("bad magic {m:02x?}")) };
-    // A blocking socket for a read connection's thread: writes give up after a minute, and a
-    // connection idle for 10 minutes is closed (a client that comes back after that finds it
-    // closed and loads through its async path meanwhile).
+    // A blocking socket for a read connection's thread: writes give up after a minute, reads
+    // after HANDSHAKE_TIMEOUT (the server may allow more once the peer identified itself).
     let blocking = |tcp: TcpStream| -> Result<(std::net::TcpStream, std::net::TcpStream), NetError> {
         let std = tcp.into_std().map_err(io_err)?;
         std.set_nonblocking(false).map_err(io_err)?;
         std.set_write_timeout(Some(Duration::from_secs(60))).map_err(io_err)?;
-        std.set_read_timeout(Some(Duration::from_secs(600))).map_err(io_err)?;
+        std.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io_err)?;
         let handle = std.try_clone().map_err(io_err)?;
         Ok((std, handle))
     };
