@@ -743,12 +743,10 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
 
 async fn load(st: &Storage, m: msg::AskObject) -> Body {
     let oid = Oid(m.oid);
-    let Some((partition, state)) = st.cell_of(oid.0) else {
-        return proto::error(ErrorCode::NonReadableCell, "partition not assigned to this storage");
+    let partition = match history::readable_partition_of(st, oid.0) {
+        Ok(p) => p,
+        Err(e) => return e,
     };
-    if !state.is_readable() {
-        return proto::error(ErrorCode::NonReadableCell, format!("cell {partition} is {state}"));
-    }
     // Wait while a transaction that already reached its commit point changes this object.
     if let Err(e) = wait_while(st, |st| st.tm.is_read_locked(oid)).await {
         return e;

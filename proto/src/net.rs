@@ -86,16 +86,22 @@ pub async fn accept(tcp: TcpStream, net: &NetConfig) -> Result<(Link, Incoming),
     let _ = tcp.set_nodelay(true);
     let stream: BoxStream = match &net.tls {
         None => Box::pin(tcp),
-        Some(tls) => {
-            let acc = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-            let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp))
-                .await
-                .map_err(|_| NetError::Timeout { addr: a.clone() })?
-                .map_err(|err| NetError::Tls { addr: a.clone(), err })?;
-            Box::pin(s)
-        }
+        Some(tls) => Box::pin(tls_accept(tcp, tls, &a).await?),
     };
     Ok(Link::spawn(stream, a, net.max_frame))
+}
+
+/// The server's TLS handshake on an accepted connection.
+async fn tls_accept(
+    tcp: TcpStream,
+    tls: &TlsContext,
+    a: &str,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, NetError> {
+    let acc = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp))
+        .await
+        .map_err(|_| NetError::Timeout { addr: a.to_string() })?
+        .map_err(|err| NetError::Tls { addr: a.to_string(), err })
 }
 
 /// A connection accepted by `accept_any`.
@@ -108,69 +114,74 @@ pub enum Accepted {
 
 /// `accept`, for a node that also serves read connections: the peer's magic tells which.
 pub async fn accept_any(tcp: TcpStream, net: &NetConfig) -> Result<Accepted, NetError> {
-    use crate::frame::{MAGIC, READ_MAGIC};
-    use tokio::io::AsyncReadExt;
     let a = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let _ = tcp.set_nodelay(true);
-    let io_err = |err: std::io::Error| NetError::Link { addr: a.clone(), err: LinkError::Closed(err.to_string()) };
-    async fn magic_of<S: AsyncRead + Unpin>(s: &mut S, a: &str) -> Result<[u8; 8], NetError> {
-        let mut m = [0u8; 8];
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, s.read_exact(&mut m)).await {
-            Ok(Ok(_)) => Ok(m),
-            Ok(Err(e)) => Err(NetError::Link { addr: a.to_string(), err: LinkError::Closed(e.to_string()) }),
-            Err(_) => Err(NetError::Timeout { addr: a.to_string() }),
-        }
-    }
-    let bad_magic =
-        |m: [u8; 8]| NetError::Link { addr: a.clone(), err: LinkError::Closed(format!("bad magic {m:02x?}")) };
-    // A blocking socket for a read connection's thread: writes give up after a minute, reads
-    // after HANDSHAKE_TIMEOUT (the server may allow more once the peer identified itself).
-    let blocking = |tcp: TcpStream| -> Result<(std::net::TcpStream, std::net::TcpStream), NetError> {
-        let std = tcp.into_std().map_err(io_err)?;
-        std.set_nonblocking(false).map_err(io_err)?;
-        std.set_write_timeout(Some(Duration::from_secs(60))).map_err(io_err)?;
-        std.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io_err)?;
-        let handle = std.try_clone().map_err(io_err)?;
-        Ok((std, handle))
-    };
     match &net.tls {
         None => {
-            let mut tcp = tcp;
-            let m = magic_of(&mut tcp, &a).await?;
-            if &m == MAGIC {
-                let (link, incoming) = Link::spawn_magic_read(Box::pin(tcp) as BoxStream, a, net.max_frame);
-                Ok(Accepted::Link(link, incoming))
-            } else if &m == READ_MAGIC {
-                let (std, handle) = blocking(tcp)?;
-                let conn = crate::blocking::BlockingConn::accepted_reads(Box::new(std), a.clone(), net.max_frame)
-                    .map_err(|err| NetError::Link { addr: a.clone(), err })?;
-                Ok(Accepted::Reads(conn, handle))
-            } else {
-                Err(bad_magic(m))
-            }
+            dispatch(tcp, a, net, |tcp| {
+                let (std, handle) = blocking_socket(tcp)?;
+                Ok((Box::new(std), handle))
+            })
+            .await
         }
         Some(tls) => {
-            let acc = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-            let mut s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp))
-                .await
-                .map_err(|_| NetError::Timeout { addr: a.clone() })?
-                .map_err(|err| NetError::Tls { addr: a.clone(), err })?;
-            let m = magic_of(&mut s, &a).await?;
-            if &m == MAGIC {
-                let (link, incoming) = Link::spawn_magic_read(Box::pin(s) as BoxStream, a, net.max_frame);
-                Ok(Accepted::Link(link, incoming))
-            } else if &m == READ_MAGIC {
+            let s = tls_accept(tcp, tls, &a).await?;
+            dispatch(s, a, net, |s| {
                 let (tcp, conn) = s.into_inner();
-                let (std, handle) = blocking(tcp)?;
-                let stream = rustls::StreamOwned::new(conn, std);
-                let conn = crate::blocking::BlockingConn::accepted_reads(Box::new(stream), a.clone(), net.max_frame)
-                    .map_err(|err| NetError::Link { addr: a.clone(), err })?;
-                Ok(Accepted::Reads(conn, handle))
-            } else {
-                Err(bad_magic(m))
-            }
+                let (std, handle) = blocking_socket(tcp)?;
+                Ok((Box::new(rustls::StreamOwned::new(conn, std)), handle))
+            })
+            .await
         }
     }
+}
+
+/// A read connection's stream as blocking IO, and a handle on its socket.
+type BlockingParts = (Box<dyn crate::blocking::Stream>, std::net::TcpStream);
+
+/// Read the peer's magic on `s`: start a link, or turn `s` into a read connection with
+/// `blocking`.
+async fn dispatch<S>(
+    mut s: S,
+    a: String,
+    net: &NetConfig,
+    blocking: impl FnOnce(S) -> std::io::Result<BlockingParts>,
+) -> Result<Accepted, NetError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    use crate::frame::{MAGIC, READ_MAGIC};
+    use tokio::io::AsyncReadExt;
+    let closed = |a: &str, why: String| NetError::Link { addr: a.to_string(), err: LinkError::Closed(why) };
+    let mut m = [0u8; 8];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, s.read_exact(&mut m)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(closed(&a, e.to_string())),
+        Err(_) => return Err(NetError::Timeout { addr: a }),
+    }
+    if &m == MAGIC {
+        let (link, incoming) = Link::spawn_magic_read(s, a, net.max_frame);
+        return Ok(Accepted::Link(link, incoming));
+    }
+    if &m != READ_MAGIC {
+        return Err(closed(&a, format!("bad magic {m:02x?}")));
+    }
+    let (stream, handle) = blocking(s).map_err(|e| closed(&a, e.to_string()))?;
+    let conn = crate::blocking::BlockingConn::accepted_reads(stream, a.clone(), net.max_frame)
+        .map_err(|err| NetError::Link { addr: a, err })?;
+    Ok(Accepted::Reads(conn, handle))
+}
+
+/// A blocking socket for a read connection's thread (and a handle on it): writes give up after
+/// a minute, reads after HANDSHAKE_TIMEOUT (the server may allow more once the peer identified
+/// itself).
+fn blocking_socket(tcp: TcpStream) -> std::io::Result<(std::net::TcpStream, std::net::TcpStream)> {
+    let std = tcp.into_std()?;
+    std.set_nonblocking(false)?;
+    std.set_write_timeout(Some(Duration::from_secs(60)))?;
+    std.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let handle = std.try_clone()?;
+    Ok((std, handle))
 }
 
 /// Bind a listener on `addr` (port 0 picks a free port).

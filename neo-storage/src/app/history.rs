@@ -28,7 +28,8 @@ fn too_long(length: u32) -> Result<(), Body> {
     Ok(())
 }
 
-fn readable_partition_of(st: &Storage, id: u64) -> Result<u32, Body> {
+/// The partition of `id` if this node has a readable cell of it, else the error answer.
+pub(super) fn readable_partition_of(st: &Storage, id: u64) -> Result<u32, Body> {
     match st.cell_of(id) {
         Some((p, state)) if state.is_readable() => Ok(p),
         Some((p, state)) => Err(proto::error(ErrorCode::NonReadableCell, format!("cell {p} is {state}"))),

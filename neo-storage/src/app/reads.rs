@@ -116,12 +116,10 @@ fn serve(st: &Storage, mut conn: BlockingConn, socket: &std::net::TcpStream) -> 
 
 fn load(st: &Storage, reader: Option<&mut (dyn Backend + 'static)>, m: msg::AskObject) -> Body {
     let oid = Oid(m.oid);
-    let Some((partition, state)) = st.cell_of(oid.0) else {
-        return proto::error(ErrorCode::NonReadableCell, "partition not assigned to this storage");
+    let partition = match super::history::readable_partition_of(st, oid.0) {
+        Ok(p) => p,
+        Err(e) => return e,
     };
-    if !state.is_readable() {
-        return proto::error(ErrorCode::NonReadableCell, format!("cell {partition} is {state}"));
-    }
     // Between lock and unlock (usually well under a millisecond): wait for the unlock, a while;
     // after that the client's async path waits.
     let mut waited = Duration::ZERO;
