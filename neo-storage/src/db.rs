@@ -140,6 +140,9 @@ where
 /// The database thread's loop (see the module comment for group commit).
 fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
     let mut replies: Vec<Reply> = Vec::new();
+    // The jobs of a commit come one network round trip apart: waiting for the next one
+    // awake saves a thread wake-up (see `proto::spin`).
+    let mut spinner = proto::spin::Spinner::default();
     let mut next = rx.blocking_recv();
     loop {
         match next {
@@ -155,7 +158,10 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
                     r(synced.as_ref().map(|_| ()));
                 }
             }
-            next = rx.blocking_recv();
+            next = match spinner.spin(|| rx.try_recv().ok()) {
+                Some(m) => Some(m),
+                None => rx.blocking_recv(),
+            };
         }
     }
     if !replies.is_empty() {

@@ -8,6 +8,7 @@ pub mod frame;
 pub mod link;
 pub mod net;
 pub mod node;
+pub mod spin;
 pub mod tls;
 
 /// Generated protobuf types (package `neo`).

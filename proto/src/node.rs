@@ -33,7 +33,8 @@ pub fn spawn_signal_handlers(shutdown: CancellationToken, log: LogHandle) {
 }
 
 /// Run a node: load its configuration from `args` (exit 2 with a message naming file, section
-/// and key if invalid), set up logging and signals, then run `run` on a multi-threaded runtime.
+/// and key if invalid), set up logging and signals, then run `run` on the node's runtime (one
+/// thread that stays awake a little after each wake-up, see `crate::spin::node_runtime`).
 /// Exit 0 on a clean stop, 1 on a fatal error (printed on one line).
 pub fn run_node<F, Fut, E>(name: &str, node_type: NodeType, args: &NodeArgs, run: F) -> ExitCode
 where
@@ -55,7 +56,7 @@ where
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match crate::spin::node_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: cannot start runtime: {e}");
