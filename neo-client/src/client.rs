@@ -79,12 +79,21 @@ struct Inner {
     /// Serializes (re)connections to the master. An async mutex on purpose: it is held while
     /// connecting, and only protects that sequence.
     connecting: tokio::sync::Mutex<()>,
+    /// Serializes connections to each storage (async mutexes, as `connecting`): the many
+    /// stores of a transaction that find no connection to a storage wait for one instead of
+    /// each opening its own.
+    /// Each holds the last failure to connect to that storage, with its time.
+    storage_connecting: Mutex<HashMap<Nid, StorageGate>>,
+    /// Connections opened to storages so far (diagnostics).
+    storage_connects: std::sync::atomic::AtomicU64,
     closed: CancellationToken,
     /// Idle blocking connections to storages (`load_before_blocking`).
     blocking: Mutex<HashMap<Nid, Vec<proto::blocking::BlockingConn>>>,
     /// The process that opened the connections.
     pid: u32,
 }
+
+type StorageGate = Arc<tokio::sync::Mutex<Option<(Instant, LinkError)>>>;
 
 /// A connection to a NEO cluster. Cheap to clone; every clone shares the same connections,
 /// cache and state.
@@ -422,6 +431,8 @@ impl Client {
             connecting: tokio::sync::Mutex::new(()),
             closed: CancellationToken::new(),
             blocking: Mutex::new(HashMap::new()),
+            storage_connecting: Mutex::new(HashMap::new()),
+            storage_connects: Default::default(),
             pid: std::process::id(),
         }));
         client.master().await?;
@@ -596,14 +607,38 @@ impl Client {
 
     // ------------------------------------------------------------------ storages
 
+    /// The connection to storage `nid`, opened if needed (once, whoever else needs it
+    /// meanwhile).
     async fn storage_link(&self, nid: Nid) -> std::result::Result<Link, LinkError> {
+        if let Some(l) = self.live_storage_link(nid) {
+            return Ok(l);
+        }
+        let asked = Instant::now();
+        let gate = lock(&self.0.storage_connecting).entry(nid).or_default().clone();
+        let mut last_failure = gate.lock().await;
+        if let Some(l) = self.live_storage_link(nid) {
+            return Ok(l);
+        }
+        // Whoever held the gate while we waited failed to connect: so do we.
+        if let Some((when, e)) = last_failure.as_ref()
+            && *when >= asked
+        {
+            return Err(e.clone());
+        }
+        let connected = self.connect_storage(nid).await;
+        match &connected {
+            Ok(link) => {
+                *last_failure = None;
+                lock(&self.0.state).storages.insert(nid, link.clone());
+            }
+            Err(e) => *last_failure = Some((Instant::now(), e.clone())),
+        }
+        connected
+    }
+
+    async fn connect_storage(&self, nid: Nid) -> std::result::Result<Link, LinkError> {
         let (addr, me) = {
             let s = lock(&self.0.state);
-            if let Some(l) = s.storages.get(&nid)
-                && !l.is_closed()
-            {
-                return Ok(l.clone());
-            }
             let addr = s.nodes.get(&nid).and_then(|n| n.address.clone());
             (addr, s.nid)
         };
@@ -614,17 +649,17 @@ impl Client {
             other => LinkError::Closed(other.to_string()),
         })?;
         tokio::spawn(storage_pump(Arc::downgrade(&self.0), nid, link.clone(), incoming));
-        let mut s = lock(&self.0.state);
-        match s.storages.get(&nid) {
-            Some(l) if !l.is_closed() => {
-                link.abort();
-                Ok(l.clone())
-            }
-            _ => {
-                s.storages.insert(nid, link.clone());
-                Ok(link)
-            }
-        }
+        self.0.storage_connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(link)
+    }
+
+    /// How many connections this client opened to storages (read connections aside).
+    pub fn storage_connections_opened(&self) -> u64 {
+        self.0.storage_connects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn live_storage_link(&self, nid: Nid) -> Option<Link> {
+        lock(&self.0.state).storages.get(&nid).filter(|l| !l.is_closed()).cloned()
     }
 
     fn mark_failed(&self, nid: Nid) {

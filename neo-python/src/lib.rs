@@ -150,7 +150,7 @@ fn runtime() -> PyResult<Arc<Runtime>> {
         return Ok(rt.clone());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(std::env::var("NEO_WORKERS").ok().and_then(|s| s.parse().ok()).unwrap_or(2))
         .thread_name("neo-client")
         .enable_all()
         .build()

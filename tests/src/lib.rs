@@ -284,6 +284,13 @@ impl Cluster {
         r
     }
 
+    /// The cell states of the partition table, as the admin reports them.
+    pub async fn cell_states(&self) -> Vec<neo_lib::CellState> {
+        let b = self.admin_ask(msg::AskPartitionList { min_offset: 0, max_offset: 0, nid: None }).await.unwrap();
+        let pt = proto::convert::pt_from_msg(&expect_answer!(b, AnswerPartitionList).unwrap()).unwrap();
+        pt.rows().iter().flatten().map(|c| c.state).collect()
+    }
+
     pub async fn cluster_state(&self) -> Option<ClusterState> {
         let b = self.admin_ask(msg::AskClusterState {}).await.ok()?;
         expect_answer!(b, AnswerClusterState).ok().and_then(|a| ClusterState::from_i32(a.state))

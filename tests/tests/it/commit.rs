@@ -60,6 +60,41 @@ async fn two_clients_commit_1000_transactions_and_a_fresh_client_reads_them_all(
     assert!(misses >= 1000 && hits >= 1000, "hits {hits} misses {misses}");
 }
 
+/// The stores of a transaction go out at once; on a fresh client, each store finds no
+/// connection to its storage yet. They share one per storage (a storage swamped with
+/// hundreds of simultaneous connections reset some, and the client took that for a storage
+/// failure, which outdated it), even with several such clients at the same time.
+async fn the_stores_of_a_big_transaction_share_one_connection_per_storage(opts: Options) {
+    let storages = opts.storages as u64;
+    let cluster = Cluster::start(opts).await;
+    let mut tasks = Vec::new();
+    for client in 0..4 {
+        let c = cluster.client().await;
+        tasks.push(tokio::spawn(async move {
+            let mut t = c.tpc_begin(b"", b"", b"").await.unwrap();
+            let mut stored = Vec::new();
+            for n in 0..300 {
+                let oid = c.new_oid().await.unwrap();
+                c.store(&mut t, oid, Tid::ZERO, &payload(client, n)).unwrap();
+                stored.push((oid, payload(client, n)));
+            }
+            c.tpc_vote(&mut t).await.unwrap();
+            c.tpc_finish(t).await.unwrap();
+            assert_eq!(c.storage_connections_opened(), storages, "client {client}");
+            stored
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert!(cluster.cell_states().await.iter().all(|s| *s == neo_lib::CellState::UpToDate));
+    let fresh = cluster.client().await;
+    for (oid, data) in &all {
+        assert_eq!(&fresh.load(*oid).await.unwrap().0, data);
+    }
+}
+
 async fn two_clients_updating_the_same_object_one_gets_a_conflict_naming_the_oid(opts: Options) {
     let cluster = Cluster::start(opts).await;
     let (a, b) = (cluster.client().await, cluster.client().await);
@@ -175,6 +210,7 @@ async fn neoctl_stop_lets_in_flight_transactions_finish_and_every_node_exits(opt
 }
 
 crate::both_backends!(
+    the_stores_of_a_big_transaction_share_one_connection_per_storage,
     two_clients_commit_1000_transactions_and_a_fresh_client_reads_them_all,
     two_clients_updating_the_same_object_one_gets_a_conflict_naming_the_oid,
     a_client_sees_another_clients_commit_through_the_invalidation_callback,

@@ -117,13 +117,6 @@ fn leave_transaction(
     db.sync().unwrap();
 }
 
-/// The cell states of the partition table, as the admin reports them.
-async fn cell_states(cluster: &Cluster) -> Vec<CellState> {
-    let b = cluster.admin_ask(msg::AskPartitionList { min_offset: 0, max_offset: 0, nid: None }).await.unwrap();
-    let pt = proto::convert::pt_from_msg(&proto::expect_answer!(b, AnswerPartitionList).unwrap()).unwrap();
-    pt.rows().iter().flatten().map(|c| c.state).collect()
-}
-
 /// Power loss between vote and lock: votes are not synced, so one replica may come back with
 /// the transaction locked and the other without it, or with only its vote (maybe not the
 /// last one). Either way that replica never locked it, so the commit was never acknowledged:
@@ -156,7 +149,7 @@ async fn a_transaction_one_replica_did_not_lock_is_dropped_at_restart(opts: Opti
     for oid in [lost, voted] {
         assert!(matches!(c.load(oid).await, Err(neo_client::ClientError::NotFound(_))), "{:?}", c.load(oid).await);
     }
-    assert!(cell_states(&cluster).await.iter().all(|s| *s == CellState::UpToDate));
+    assert!(cluster.cell_states().await.iter().all(|s| *s == CellState::UpToDate));
     assert_every_storage_holds(&cluster, &[(kept, kept_tid, b"before the crash".to_vec())]).await;
     c.close().await;
     cluster.stop_all().await;
@@ -186,7 +179,7 @@ async fn a_replica_missing_an_acknowledged_transaction_is_outdated_at_restart(op
     cluster.restart().await;
     let c = cluster.client().await;
     assert_eq!(c.load(oid).await.unwrap(), (b"second".to_vec(), tid));
-    let states = cell_states(&cluster).await;
+    let states = cluster.cell_states().await;
     let out_of_date = states.iter().filter(|s| **s == CellState::OutOfDate).count();
     // The partitions of the object and of the transaction's metadata, on storage 3 only.
     let touched = if oid.0 % u64::from(np) == ttid.0 % u64::from(np) { 1 } else { 2 };
