@@ -171,7 +171,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     );
     let mut cfg = ClientConfig::new(vec![cluster.master.clone()], cluster.cluster.clone());
     cfg.tls = cluster.client_tls.clone();
-    let result = phases(&cli, &cfg).await;
+    let result = phases(&cli, &cfg, &cluster).await;
     println!("resident memory after the run:");
     for (name, kib) in cluster.rss_kib() {
         println!("  {name:<10} {:>8.1} MiB", kib as f64 / 1024.0);
@@ -188,7 +188,29 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     result
 }
 
-async fn phases(cli: &Cli, cfg: &ClientConfig) -> Result<(), BoxError> {
+/// CPU time used so far by each node process and by this process (the clients).
+fn cpu_times(cluster: &SimpleCluster) -> Vec<(String, Duration)> {
+    let mut t = cluster.cpu_times();
+    let me = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    t.push(("clients".into(), neosimple::launcher::cpu_time_of_stat(&me)));
+    t
+}
+
+/// Print the CPU time each process used per operation since `before`.
+fn print_cpu(cluster: &SimpleCluster, before: &[(String, Duration)], ops: usize, what: &str) {
+    let after = cpu_times(cluster);
+    let per_op = |a: Duration, b: Duration| a.saturating_sub(b).as_micros() as f64 / ops.max(1) as f64;
+    let mut total = 0.0;
+    let mut parts = Vec::new();
+    for ((name, a), (_, b)) in after.iter().zip(before) {
+        let us = per_op(*a, *b);
+        total += us;
+        parts.push(format!("{name} {us:.0}"));
+    }
+    println!("  CPU per {what}: {total:.0} µs ({})", parts.join(", "));
+}
+
+async fn phases(cli: &Cli, cfg: &ClientConfig, cluster: &SimpleCluster) -> Result<(), BoxError> {
     let n = cli.transactions;
     let size = cli.object_size;
     // Warm up connections.
@@ -205,13 +227,16 @@ async fn phases(cli: &Cli, cfg: &ClientConfig) -> Result<(), BoxError> {
     }
     Stats { n, elapsed: start.elapsed(), lat }.print("ping round trips to the master (baseline)", "pings");
 
+    let before = cpu_times(cluster);
     let (s, oids) = commits(&c1, n, 1, size, 1_000).await?;
     s.print("single-object commits, 1 client", "commits");
+    print_cpu(cluster, &before, n, "commit");
 
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(Client::connect(cfg.clone()).await?);
     }
+    let before = cpu_times(cluster);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (k, c) in clients.iter().enumerate() {
@@ -226,6 +251,7 @@ async fn phases(cli: &Cli, cfg: &ClientConfig) -> Result<(), BoxError> {
         more_oids.push(o);
     }
     merge(parts, start.elapsed()).print("single-object commits, 4 clients", "commits");
+    print_cpu(cluster, &before, n / 4 * 4, "commit");
 
     let (s, _) = commits(&c1, cli.big_transactions, 100, size, 50_000_000).await?;
     s.print("100-object commits, 1 client", "commits");
@@ -237,8 +263,10 @@ async fn phases(cli: &Cli, cfg: &ClientConfig) -> Result<(), BoxError> {
 
     // Cold loads: a new client with an empty cache.
     let cold = Client::connect(cfg.clone()).await?;
+    let before = cpu_times(cluster);
     let s = loads(&cold, &oids).await?;
     s.print("cold loads, 1 client", "loads");
+    print_cpu(cluster, &before, oids.len(), "load");
     let (hits, misses, _) = cold.cache_stats();
     let s = loads(&cold, &oids).await?;
     s.print("warm loads (client cache), 1 client", "loads");

@@ -250,6 +250,18 @@ impl SimpleCluster {
             .collect()
     }
 
+    /// CPU time (user + system) used so far by each node process, from `/proc` (zero where it
+    /// cannot be read).
+    pub fn cpu_times(&self) -> Vec<(String, Duration)> {
+        self.children
+            .iter()
+            .map(|(name, child)| {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+                (name.clone(), cpu_time_of_stat(&stat))
+            })
+            .collect()
+    }
+
     /// Stop the cluster cleanly (`set cluster STOPPING`) and wait for every process; processes
     /// still alive after `timeout` get SIGTERM, then SIGKILL.
     pub async fn stop(&mut self, timeout: Duration) {
@@ -325,4 +337,28 @@ pub fn node_main(args: &[OsString]) -> Option<ExitCode> {
             ExitCode::from(2)
         }
     })
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line (fields 14 and 15, counted after the
+/// parenthesised command name, which may hold spaces), in clock ticks of 10 ms.
+pub fn cpu_time_of_stat(stat: &str) -> Duration {
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // After ") ": state is field 3, so field n is at index n - 3.
+    Duration::from_millis((ticks(14 - 3) + ticks(15 - 3)) * 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        // A command name with spaces and parentheses; utime 150 and stime 25 ticks.
+        let stat = "4242 (neo (a) b) S 1 4242 4242 0 -1 4194560 1000 0 0 0 150 25 0 0 20 0 3 0 100 1000 200";
+        assert_eq!(cpu_time_of_stat(stat), Duration::from_millis(1750));
+        assert_eq!(cpu_time_of_stat(""), Duration::ZERO);
+        assert_eq!(cpu_time_of_stat("garbage"), Duration::ZERO);
+    }
 }
