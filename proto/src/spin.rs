@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Spinning budget when `NEO_SPIN_US` does not say otherwise.
-pub const DEFAULT_BUDGET: Duration = Duration::from_micros(200);
+pub const DEFAULT_BUDGET: Duration = Duration::from_micros(500);
 /// After this many misses in a row (waits that outlasted the budget) ...
 const MISSES_BEFORE_BACKOFF: u32 = 3;
 /// ... this many waits sleep at once.
