@@ -1,5 +1,6 @@
-//! Spinning before sleeping, for a thread that waits for an answer which usually comes within
-//! tens of microseconds (a load on a read connection, a commit step of a Python client).
+//! Spinning before sleeping, for a thread that waits for something which usually comes within
+//! tens or hundreds of microseconds (the answer to a load on a read connection, the next job of
+//! a storage's database thread, the next packet of a commit for a node).
 //!
 //! On a small VM, waking a sleeping thread costs more than the work it waits for: a loopback
 //! round trip between two processes that sleep in `recv` takes about 75 µs, against about 10 µs
