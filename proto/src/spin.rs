@@ -168,61 +168,41 @@ mod tests {
         assert_eq!(parse_budget(Some("99999999")), Duration::from_millis(10), "capped");
     }
 
+    /// Polls made by a wait for something that never comes (always a miss).
+    fn polls_of_a_miss(s: &mut Spinner) -> u32 {
+        let mut polls = 0;
+        let got = s.spin(|| {
+            polls += 1;
+            None::<()>
+        });
+        assert_eq!(got, None);
+        polls
+    }
+
+    /// Polls made by a wait for something that comes at the `n`th poll.
+    fn polls_of_a_hit(s: &mut Spinner, n: u32) -> Option<u32> {
+        let mut polls = 0;
+        s.spin(|| {
+            polls += 1;
+            (polls == n).then_some(polls)
+        })
+    }
+
     #[test]
     fn spins_until_the_value_comes_and_backs_off_after_misses() {
         let mut s = Spinner::new(Duration::from_millis(1));
-        // Comes on the third poll: found while spinning.
-        let mut n = 0;
-        assert_eq!(
-            s.spin(|| {
-                n += 1;
-                (n == 3).then_some(7)
-            }),
-            Some(7)
-        );
-        // Never comes: each wait polls until the budget is spent ...
+        assert_eq!(polls_of_a_hit(&mut s, 3), Some(3), "found while spinning");
+        // Each wait for what never comes polls until the budget is spent ...
         for _ in 0..MISSES_BEFORE_BACKOFF {
-            let mut polls = 0;
-            assert_eq!(
-                s.spin(|| {
-                    polls += 1;
-                    None::<()>
-                }),
-                None
-            );
-            assert!(polls > 1);
+            assert!(polls_of_a_miss(&mut s) > 1);
         }
         // ... then the next waits give up at once, without polling.
         for _ in 0..BACKOFF_WAITS {
-            let mut polls = 0;
-            assert_eq!(
-                s.spin(|| {
-                    polls += 1;
-                    None::<()>
-                }),
-                None
-            );
-            assert_eq!(polls, 0);
+            assert_eq!(polls_of_a_miss(&mut s), 0);
         }
-        // Back to spinning (a value found after some polls).
-        let mut n = 0;
-        assert_eq!(
-            s.spin(|| {
-                n += 1;
-                (n == 2).then_some(())
-            }),
-            Some(())
-        );
+        // Back to spinning.
+        assert_eq!(polls_of_a_hit(&mut s, 2), Some(2));
         // A zero budget never spins.
-        let mut z = Spinner::new(Duration::ZERO);
-        let mut polls = 0;
-        assert_eq!(
-            z.spin(|| {
-                polls += 1;
-                None::<()>
-            }),
-            None
-        );
-        assert_eq!(polls, 0);
+        assert_eq!(polls_of_a_miss(&mut Spinner::new(Duration::ZERO)), 0);
     }
 }
