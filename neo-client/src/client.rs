@@ -81,8 +81,7 @@ struct Inner {
     connecting: tokio::sync::Mutex<()>,
     /// Serializes connections to each storage (async mutexes, as `connecting`): the many
     /// stores of a transaction that find no connection to a storage wait for one instead of
-    /// each opening its own.
-    /// Each holds the last failure to connect to that storage, with its time.
+    /// each opening its own. Each gate holds the last failure to connect, with its time.
     storage_connecting: Mutex<HashMap<Nid, StorageGate>>,
     /// Connections opened to storages so far (diagnostics).
     storage_connects: std::sync::atomic::AtomicU64,

@@ -158,10 +158,7 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
                     r(synced.as_ref().map(|_| ()));
                 }
             }
-            next = match spinner.spin(|| rx.try_recv().ok()) {
-                Some(m) => Some(m),
-                None => rx.blocking_recv(),
-            };
+            next = spinner.spin(|| rx.try_recv().ok()).or_else(|| rx.blocking_recv());
         }
     }
     if !replies.is_empty() {

@@ -23,8 +23,8 @@ impl<T: Read + Write + Send> Stream for T {}
 
 pub struct BlockingConn {
     stream: Box<dyn Stream>,
-    /// The stream's socket (a second handle), to make it non-blocking while spinning.
-    socket: Option<TcpStream>,
+    /// The stream's socket (a second handle): non-blocking while spinning, and its timeouts.
+    socket: TcpStream,
     spinner: Spinner,
     buf: BytesMut,
     max: usize,
@@ -64,7 +64,7 @@ impl BlockingConn {
     /// The server's end of a read connection whose `READ_MAGIC` was received: sends `MAGIC`.
     pub fn accepted_reads(
         stream: Box<dyn Stream>,
-        socket: Option<TcpStream>,
+        socket: TcpStream,
         peer: String,
         max: usize,
     ) -> Result<BlockingConn, LinkError> {
@@ -123,7 +123,6 @@ impl BlockingConn {
         let _ = tcp.set_nodelay(true);
         tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(connect_err)?;
         tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(connect_err)?;
-        let handshake = tcp.try_clone().map_err(connect_err)?;
         let socket = tcp.try_clone().map_err(connect_err)?;
         let stream: Box<dyn Stream> = match &net.tls {
             None => Box::new(tcp),
@@ -141,7 +140,7 @@ impl BlockingConn {
         };
         let mut c = BlockingConn {
             stream,
-            socket: Some(socket),
+            socket,
             spinner: Spinner::default(),
             buf: BytesMut::with_capacity(64 * 1024),
             max: net.max_frame,
@@ -153,9 +152,14 @@ impl BlockingConn {
         c.read_magic().map_err(link_err)?;
         let ans = c.ask(req.into()).map_err(link_err)?;
         expect_answer!(ans, AcceptIdentification).map_err(link_err)?;
-        handshake.set_read_timeout(Some(timeout)).map_err(|err| NetError::Connect { addr: c.peer.clone(), err })?;
-        handshake.set_write_timeout(Some(timeout)).map_err(|err| NetError::Connect { addr: c.peer.clone(), err })?;
+        c.socket.set_read_timeout(Some(timeout)).map_err(|err| NetError::Connect { addr: c.peer.clone(), err })?;
+        c.socket.set_write_timeout(Some(timeout)).map_err(|err| NetError::Connect { addr: c.peer.clone(), err })?;
         Ok(c)
+    }
+
+    /// A blocking read now fails after `timeout` without data (None: never).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), LinkError> {
+        self.socket.set_read_timeout(timeout).map_err(|e| self.io(e))
     }
 
     pub fn peer(&self) -> &str {
@@ -203,8 +207,7 @@ impl BlockingConn {
     /// tens of microseconds is then taken without a thread wake-up. None: nothing came (the
     /// caller reads blocking then).
     fn spin_read(&mut self, chunk: &mut [u8]) -> Result<Option<usize>, LinkError> {
-        let Some(socket) = &self.socket else { return Ok(None) };
-        let (stream, spinner) = (&mut self.stream, &mut self.spinner);
+        let (stream, spinner, socket) = (&mut self.stream, &mut self.spinner, &self.socket);
         let mut nonblocking = Ok(false);
         let got = spinner.spin(|| {
             if nonblocking.as_ref().is_ok_and(|set| !set) {

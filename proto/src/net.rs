@@ -167,7 +167,7 @@ where
         return Err(closed(&a, format!("bad magic {m:02x?}")));
     }
     let (stream, handle) = blocking(s).map_err(|e| closed(&a, e.to_string()))?;
-    let socket = handle.try_clone().ok();
+    let socket = handle.try_clone().map_err(|e| closed(&a, e.to_string()))?;
     let conn = crate::blocking::BlockingConn::accepted_reads(stream, socket, a.clone(), net.max_frame)
         .map_err(|err| NetError::Link { addr: a, err })?;
     Ok(Accepted::Reads(conn, handle))

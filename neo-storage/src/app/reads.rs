@@ -29,18 +29,12 @@ pub(super) fn start(st: Arc<Storage>, conn: BlockingConn, socket: std::net::TcpS
         let _ = socket.shutdown(std::net::Shutdown::Both);
         return;
     }
-    // Reads time out after `HANDSHAKE_TIMEOUT` until the identification (as on links), then
-    // after `IDLE_TIMEOUT`: `serve` changes it through this handle on the same socket.
-    let Ok(timeouts) = socket.try_clone() else {
-        let _ = socket.shutdown(std::net::Shutdown::Both);
-        return;
-    };
     let id = IDS.fetch_add(1, Ordering::Relaxed);
     neo_lib::lock(&st.reads).insert(id, socket);
     let st2 = st.clone();
     let spawned = std::thread::Builder::new().name("neo-reads".into()).spawn(move || {
         let peer = conn.peer().to_string();
-        if let Err(e) = serve(&st2, conn, &timeouts) {
+        if let Err(e) = serve(&st2, conn) {
             debug!("read connection from {peer}: {e}");
         }
         neo_lib::lock(&st2.reads).remove(&id);
@@ -63,7 +57,9 @@ pub(super) fn shut_down_all(st: &Storage) {
 /// A read connection that stays idle this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn serve(st: &Storage, mut conn: BlockingConn, socket: &std::net::TcpStream) -> Result<(), LinkError> {
+/// Reads time out after `HANDSHAKE_TIMEOUT` until the identification (as on links), then after
+/// `IDLE_TIMEOUT`.
+fn serve(st: &Storage, mut conn: BlockingConn) -> Result<(), LinkError> {
     let (id, body) = conn.next_request()?;
     let req = match body {
         Body::RequestIdentification(r) => r,
@@ -90,7 +86,7 @@ fn serve(st: &Storage, mut conn: BlockingConn, socket: &std::net::TcpStream) -> 
         partitions: st.np(),
     };
     conn.answer(id, accept.into())?;
-    socket.set_read_timeout(Some(IDLE_TIMEOUT)).map_err(|e| LinkError::Closed(e.to_string()))?;
+    conn.set_read_timeout(Some(IDLE_TIMEOUT))?;
     // On SQLite, a connection of our own; otherwise (or if it cannot be opened) the database
     // thread.
     let mut reader = match crate::open_reader(&st.cfg) {
