@@ -6,7 +6,9 @@ processes, against a neosimple cluster of 2 SQLite storages with replicas 1.
     (cd neo-python && maturin develop --release)      # in a virtualenv with ZODB
     python bench/zodb_bench.py [--quick]
 
-Figures (each an operation count over wall time, all processes together):
+Figures (all processes together; commits and updates: every process connects, then all start
+their loop at one agreed time, and the operations count over the time from it to the end of the
+last loop; reads: over the time of the slowest process's loop):
 - commit-1:   transactions creating 1 object (100-byte payload)
 - commit-100: transactions creating 100 objects (objects/s = 100 x that)
 - update:     transactions loading and modifying 1 existing object
@@ -67,6 +69,9 @@ def open_db(target):
 # The issue's reference figures (one client), all taken on one machine: Python NEO and
 # in-process FileStorage. Running FileStorage here too scales NEO's figures to this machine.
 NEO_COMMITS, NEO_COLD = 225, 2000
+# Seconds given to every process to start (the first one imports ZODB and the package) and
+# connect before the loops start together; a process not ready by then only lowers the figure.
+START_DELAY = 1.5
 FS_COMMITS, FS_COLD = 5000, 36000
 
 
@@ -74,17 +79,25 @@ def filestorage_baseline(tmp, n1, nread):
     """commit-1/s and cold read/s of in-process FileStorage, by the same loops."""
     target = "file:" + os.path.join(tmp, "Data.fs")
     open_db(target).close()  # creates the root
-    dt, oids = w_commit((target, n1, 1))
+    dt, oids, _ = w_commit((target, n1, 1, 0))
     cold, _, _ = w_read((target, oids[:nread]))
     return n1 / dt, len(oids[:nread]) / cold
 
 
+def start_together(start_at):
+    """Wait for the time all processes start their loop at (already connected)."""
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
 def w_commit(args):
-    master, n, per_txn = args
+    master, n, per_txn, start_at = args
     db = open_db(master)
     conn = db.open()
     oids = []
     payload = b"x" * 100
+    start_together(start_at)
     t0 = time.perf_counter()
     for _ in range(n):
         objs = [Obj(payload) for _ in range(per_txn)]
@@ -92,25 +105,26 @@ def w_commit(args):
             conn.add(o)
         transaction.commit()
         oids.extend(o._p_oid for o in objs)
-    dt = time.perf_counter() - t0
+    dt, end = time.perf_counter() - t0, time.time()
     conn.close()
     db.close()
-    return dt, oids
+    return dt, oids, end
 
 
 def w_update(args):
-    master, oids = args
+    master, oids, start_at = args
     db = open_db(master)
     conn = db.open()
+    start_together(start_at)
     t0 = time.perf_counter()
     for i, oid in enumerate(oids):
         o = conn.get(oid)
         o.payload = b"y%d" % i
         transaction.commit()
-    dt = time.perf_counter() - t0
+    dt, end = time.perf_counter() - t0, time.time()
     conn.close()
     db.close()
-    return dt, None
+    return dt, None, end
 
 
 def timed_reads(conn, oids, prefetch=False):
@@ -142,12 +156,6 @@ def w_read(args):
     return cold, warm, prefetched
 
 
-def run(pool, fn, args):
-    t0 = time.perf_counter()
-    results = pool.map(fn, args)
-    return time.perf_counter() - t0, results
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer operations (a smoke run)")
@@ -165,17 +173,20 @@ def main():
                                                           "cold read/s", "warm read/s", "prefetched/s"))
             for procs in (1, 4):
                 with multiprocessing.get_context("spawn").Pool(procs) as pool:
-                    wall, res = run(pool, w_commit, [(master, n1 // procs, 1)] * procs)
-                    c1 = n1 // procs * procs / wall
+                    start = time.time() + START_DELAY
+                    res = pool.map(w_commit, [(master, n1 // procs, 1, start)] * procs)
+                    c1 = n1 // procs * procs / (max(r[2] for r in res) - start)
                     oids = [r[1] for r in res]
-                    wall, _ = run(pool, w_commit, [(master, n100 // procs, 100)] * procs)
-                    c100 = n100 // procs * procs / wall
-                    wall, _ = run(pool, w_update, [(master, o) for o in oids])
-                    upd = sum(len(o) for o in oids) / wall
+                    start = time.time() + START_DELAY
+                    res = pool.map(w_commit, [(master, n100 // procs, 100, start)] * procs)
+                    c100 = n100 // procs * procs / (max(r[2] for r in res) - start)
+                    start = time.time() + START_DELAY
+                    res = pool.map(w_update, [(master, o, start) for o in oids])
+                    upd = sum(len(o) for o in oids) / (max(r[2] for r in res) - start)
                     # Reads: each process reads its own share of the created objects.
                     allo = [o for os_ in oids for o in os_]
                     share = [allo[i::procs][: nread // procs] for i in range(procs)]
-                    wall, res = run(pool, w_read, [(master, s) for s in share])
+                    res = pool.map(w_read, [(master, s) for s in share])
                     total = sum(len(s) for s in share)
                     cold = total / max(r[0] for r in res)
                     warm = total / max(r[1] for r in res)

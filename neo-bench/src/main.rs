@@ -66,7 +66,12 @@ struct Stats {
     n: usize,
     elapsed: Duration,
     lat: Vec<Duration>,
+    /// Commits only: time in tpc_begin, the stores (with new_oid), tpc_vote and tpc_finish.
+    phases: Vec<[Duration; 4]>,
 }
+
+/// Names of `Stats::phases`.
+const PHASES: [&str; 4] = ["begin", "stores", "vote", "finish"];
 
 impl Stats {
     fn pct(&self, p: f64) -> Duration {
@@ -84,13 +89,28 @@ impl Stats {
             self.elapsed.as_secs_f64()
         );
     }
+    /// The median time of each commit phase, if any.
+    fn print_phases(&self) {
+        if self.phases.is_empty() {
+            return;
+        }
+        let medians: Vec<String> = (0..PHASES.len())
+            .map(|i| {
+                let mut v: Vec<Duration> = self.phases.iter().map(|p| p[i]).collect();
+                v.sort();
+                format!("{} {:.0}", PHASES[i], v[v.len() / 2].as_secs_f64() * 1e6)
+            })
+            .collect();
+        println!("  median µs per phase: {}", medians.join(", "));
+    }
 }
 
 fn merge(parts: Vec<Stats>, elapsed: Duration) -> Stats {
-    let mut s = Stats { n: 0, elapsed, lat: Vec::new() };
+    let mut s = Stats { n: 0, elapsed, lat: Vec::new(), phases: Vec::new() };
     for p in parts {
         s.n += p.n;
         s.lat.extend(p.lat);
+        s.phases.extend(p.phases);
     }
     s
 }
@@ -120,21 +140,27 @@ async fn commits(
     seed: u64,
 ) -> Result<(Stats, Vec<Oid>), BoxError> {
     let mut lat = Vec::with_capacity(count);
+    let mut phases = Vec::with_capacity(count);
     let mut oids = Vec::with_capacity(count * per_txn);
     let start = Instant::now();
     for i in 0..count {
         let t0 = Instant::now();
         let mut txn = c.tpc_begin(b"bench", b"", b"").await?;
+        let t1 = Instant::now();
         for j in 0..per_txn {
             let oid = c.new_oid().await?;
             c.store(&mut txn, oid, Tid::ZERO, &data(size, seed + (i * per_txn + j) as u64))?;
             oids.push(oid);
         }
+        let t2 = Instant::now();
         c.tpc_vote(&mut txn).await?;
+        let t3 = Instant::now();
         c.tpc_finish(txn).await?;
-        lat.push(t0.elapsed());
+        let t4 = Instant::now();
+        lat.push(t4 - t0);
+        phases.push([t1 - t0, t2 - t1, t3 - t2, t4 - t3]);
     }
-    Ok((Stats { n: count, elapsed: start.elapsed(), lat }, oids))
+    Ok((Stats { n: count, elapsed: start.elapsed(), lat, phases }, oids))
 }
 
 async fn loads(c: &Client, oids: &[Oid]) -> Result<Stats, BoxError> {
@@ -145,7 +171,7 @@ async fn loads(c: &Client, oids: &[Oid]) -> Result<Stats, BoxError> {
         c.load(*oid).await?;
         lat.push(t0.elapsed());
     }
-    Ok(Stats { n: oids.len(), elapsed: start.elapsed(), lat })
+    Ok(Stats { n: oids.len(), elapsed: start.elapsed(), lat, phases: Vec::new() })
 }
 
 async fn run(cli: Cli) -> Result<(), BoxError> {
@@ -225,11 +251,13 @@ async fn phases(cli: &Cli, cfg: &ClientConfig, cluster: &SimpleCluster) -> Resul
         c1.sync().await?;
         lat.push(t0.elapsed());
     }
-    Stats { n, elapsed: start.elapsed(), lat }.print("ping round trips to the master (baseline)", "pings");
+    Stats { n, elapsed: start.elapsed(), lat, phases: Vec::new() }
+        .print("ping round trips to the master (baseline)", "pings");
 
     let before = cpu_times(cluster);
     let (s, oids) = commits(&c1, n, 1, size, 1_000).await?;
     s.print("single-object commits, 1 client", "commits");
+    s.print_phases();
     print_cpu(cluster, &before, n, "commit");
 
     let mut clients = Vec::new();
