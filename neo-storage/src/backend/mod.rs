@@ -13,7 +13,6 @@
 //! then drops it, see the master's recovery). `unlock` and `abort` need not be durable: a lost
 //! unlock is replayed by verification from the durable lock, a lost abort by `drop_unfinished`.
 
-pub(crate) mod checkpointer;
 mod common;
 pub mod mysql;
 pub mod sqlite;

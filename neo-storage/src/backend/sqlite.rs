@@ -15,9 +15,6 @@
 //! `lock` rely on the caller's `sync` (group commit, done for locks: the log is appended in
 //! order, so syncing a lock also makes the votes before it durable); `unlock` is never synced: the next
 //! verification replays it from the durable `lock` if a crash loses it.
-//!
-//! Checkpoints of the log run on a thread of their own (`super::checkpointer`), off the
-//! commits' path.
 
 use super::common::{
     CHECKSUM_LEN, HeldData, Revision, UndoRevisions, check_data_args, compression_of, corrupt, decode_oids,
@@ -156,8 +153,6 @@ pub struct SqliteBackend {
     wal: Option<std::path::PathBuf>,
     /// Data rows handed out by `store_data` and not voted yet (see `HeldData`).
     held: HeldData,
-    /// Checkpoints the write-ahead log in the background (None in memory and for readers).
-    checkpointer: Option<super::checkpointer::Checkpointer>,
     /// The lock file that makes this process the owner of the database (None in memory, for
     /// tests' shared opens and for readers).
     _owner: Option<std::fs::File>,
@@ -268,12 +263,8 @@ impl SqliteBackend {
         // have one good plan; keep it.
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db)?;
         Self::init_schema(&mut conn, cluster)?;
-        let (wal, checkpointer) = if memory {
-            (None, None)
-        } else {
-            (Some(wal_path(path)), Some(super::checkpointer::Checkpointer::start(&mut conn, path, BUSY_TIMEOUT)?))
-        };
-        Ok(SqliteBackend { conn, wal, held: HeldData::default(), checkpointer, _owner: owner })
+        let wal = if memory { None } else { Some(wal_path(path)) };
+        Ok(SqliteBackend { conn, wal, held: HeldData::default(), _owner: owner })
     }
 
     /// A read-only connection to the database of a running storage, for loads on a thread of
@@ -287,7 +278,7 @@ impl SqliteBackend {
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db)?;
         // One reader per read connection: a small page cache each (the OS caches the file).
         conn.execute_batch("PRAGMA cache_size = -1024").map_err(db)?;
-        Ok(SqliteBackend { conn, wal: None, held: HeldData::default(), checkpointer: None, _owner: None })
+        Ok(SqliteBackend { conn, wal: None, held: HeldData::default(), _owner: None })
     }
 
     /// Create or upgrade the schema and check the cluster name, in one transaction (rolled back
@@ -332,17 +323,6 @@ impl SqliteBackend {
         }
         check_cluster(&tx, cluster)?;
         tx.commit().map_err(db)
-    }
-
-    /// Tests: stop the background checkpoints (commits then checkpoint themselves).
-    #[cfg(test)]
-    pub fn stop_checkpointer(&mut self) {
-        self.checkpointer = None;
-    }
-
-    /// How many checkpoints ran in the background (on the checkpointer's thread).
-    pub fn background_checkpoints(&self) -> u64 {
-        self.checkpointer.as_ref().map_or(0, |c| c.rounds())
     }
 
     /// Drop one hold on each of `ids` (data stored by a transaction that is aborted before it

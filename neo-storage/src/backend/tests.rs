@@ -1258,54 +1258,6 @@ mod sqlite {
         assert_eq!(again.get_config("k").unwrap().as_deref(), Some("v"));
     }
 
-    /// Commit `n` transactions of one 3 kB object each, from `tid`; returns the largest size
-    /// the write-ahead log reached meanwhile, in pages.
-    fn commit_many(db: &FileDb, b: &mut SqliteBackend, tid: u64, n: u64) -> u64 {
-        let wal = db.path.with_file_name("neo.sqlite-wal");
-        let mut largest = 0;
-        for i in 0..n {
-            let data = format!("{i:03000}");
-            commit(b, tid + 10 * i, &[(i % 20, Some(data.as_bytes()))]);
-            b.sync().unwrap(); // as a storage does for each lock: paces the commits
-            largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) / 4096);
-        }
-        largest
-    }
-
-    /// The write-ahead log is checkpointed by a thread of the backend, and restarts from its
-    /// beginning: it stays far below the size at which commits checkpoint themselves.
-    #[test]
-    fn the_log_is_checkpointed_in_the_background() {
-        use crate::backend::checkpointer::{INLINE_PAGES, WAKE_PAGES};
-        let db = FileDb::new();
-        let mut b = SqliteBackend::open(&db.path, CLUSTER).unwrap();
-        // Each transaction writes a few pages: more than the inline threshold in all.
-        let largest = commit_many(&db, &mut b, 100, 200);
-        assert!(largest >= WAKE_PAGES as u64, "the test wrote too little: {largest} pages");
-        // (Generous: the thread may be slow to run on a loaded machine.)
-        assert!(largest < INLINE_PAGES as u64 / 2, "the log reached {largest} pages (wake-up at {WAKE_PAGES})");
-        assert!(b.background_checkpoints() > 0, "no checkpoint ran in the background");
-        drop(b);
-        let mut b = SqliteBackend::open(&db.path, CLUSTER).unwrap();
-        assert_eq!(latest(&mut b, 19).data, format!("{:03000}", 199).as_bytes());
-        let mut r = SqliteBackend::open_reader(&db.path).unwrap();
-        assert_eq!(latest(&mut r, 0).data, format!("{:03000}", 180).as_bytes());
-    }
-
-    /// Without the thread (it stopped), commits checkpoint themselves, as SQLite would.
-    #[test]
-    fn without_the_checkpointer_commits_checkpoint_themselves() {
-        use crate::backend::checkpointer::WAKE_PAGES;
-        let db = FileDb::new();
-        let mut b = SqliteBackend::open(&db.path, CLUSTER).unwrap();
-        b.stop_checkpointer();
-        let largest = commit_many(&db, &mut b, 100, 200);
-        assert!(largest >= WAKE_PAGES as u64, "the test wrote too little: {largest} pages");
-        assert!(largest < 2 * WAKE_PAGES as u64, "the log reached {largest} pages");
-        assert_eq!(b.background_checkpoints(), 0);
-        assert_eq!(latest(&mut b, 19).data, format!("{:03000}", 199).as_bytes());
-    }
-
     #[test]
     fn file_uses_wal_and_reopens() {
         let db = FileDb::new();
