@@ -85,6 +85,8 @@ struct Inner {
     storage_connecting: Mutex<HashMap<Nid, StorageGate>>,
     /// Connections opened to storages so far (diagnostics).
     storage_connects: std::sync::atomic::AtomicU64,
+    /// Connections opened to the master (the first one included).
+    master_connects: std::sync::atomic::AtomicU64,
     closed: CancellationToken,
     /// Idle blocking connections to storages (`load_before_blocking`).
     blocking: Mutex<HashMap<Nid, Vec<proto::blocking::BlockingConn>>>,
@@ -432,6 +434,7 @@ impl Client {
             blocking: Mutex::new(HashMap::new()),
             storage_connecting: Mutex::new(HashMap::new()),
             storage_connects: Default::default(),
+            master_connects: Default::default(),
             pid: std::process::id(),
         }));
         client.master().await?;
@@ -511,7 +514,10 @@ impl Client {
                 req.read_only = cfg.read_only;
                 match connect_identified(addr, &self.0.net, req).await {
                     Ok((link, incoming, accept)) => match self.start_master(link, incoming, accept).await {
-                        Ok(link) => return Ok(link),
+                        Ok(link) => {
+                            self.0.master_connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return Ok(link);
+                        }
                         Err(e) => last = e.to_string(),
                     },
                     Err(e) => {
@@ -565,12 +571,17 @@ impl Client {
     /// Ask the master, reconnecting once if the connection was lost and retrying NOT_READY
     /// until the connect timeout.
     async fn ask_master(&self, body: Body) -> Result<Body> {
+        self.ask_master_on(body).await.map(|(_, b)| b)
+    }
+
+    /// `ask_master`, also returning the connection that answered.
+    async fn ask_master_on(&self, body: Body) -> Result<(Link, Body)> {
         let deadline = Instant::now() + self.0.cfg.connect_timeout;
         let mut pause = Duration::from_millis(50);
         loop {
             let link = self.master().await?;
             match link.ask(body.clone()).await {
-                Ok(b) => return Ok(b),
+                Ok(b) => return Ok((link, b)),
                 Err(LinkError::Closed(_)) if Instant::now() < deadline => {}
                 Err(LinkError::Remote { code: ErrorCode::NotReady, .. }) if Instant::now() < deadline => {}
                 Err(e) => return Err(remote(e)),
@@ -597,9 +608,10 @@ impl Client {
 
     /// Network barrier with the master: afterwards, every commit acknowledged before the call
     /// has been seen (invalidations processed, `last_transaction` up to date).
+    /// Like any request to the master, it outlives a lost connection (the master closes the
+    /// clients' when the cluster goes back to RECOVERING): it connects again and retries.
     pub async fn sync(&self) -> Result<()> {
-        let link = self.master().await?;
-        link.ask(msg::Ping {}).await.map_err(remote)?;
+        let (link, _) = self.ask_master_on(msg::Ping {}.into()).await?;
         self.barrier(&link).await;
         Ok(())
     }
@@ -650,6 +662,11 @@ impl Client {
         tokio::spawn(storage_pump(Arc::downgrade(&self.0), nid, link.clone(), incoming));
         self.0.storage_connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(link)
+    }
+
+    /// How many connections this client opened to the master (the first one included).
+    pub fn master_connections_opened(&self) -> u64 {
+        self.0.master_connects.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many connections this client opened to storages (read connections aside).

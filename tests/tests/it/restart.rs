@@ -189,6 +189,45 @@ async fn a_replica_missing_an_acknowledged_transaction_is_outdated_at_restart(op
     assert!(cluster.with_storage_db(2, |db| db.locked_transactions().unwrap()).is_empty());
 }
 
+/// Going back to RECOVERING (both storages stopped) closes the clients' connections to the
+/// master. A client calling `sync` all along never sees the close: each call that meets it
+/// connects again and retries, also during recovery, and the commits go on once the cluster
+/// runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_outlive_the_clients_disconnection_by_a_return_to_recovery() {
+    let mut cluster = Cluster::start(Options { storages: 2, replicas: 1, ..Options::default() }).await;
+    let c = cluster.client().await;
+    let oid = c.new_oid().await.unwrap();
+    let t1 = commit(&c, oid, Tid::ZERO, b"one").await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let syncing = {
+        let (c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut done = 0u32;
+            while !stop.is_cancelled() {
+                if let Err(e) = c.sync().await {
+                    return Err(format!("sync {done} failed: {e}"));
+                }
+                done += 1;
+            }
+            Ok(done)
+        })
+    };
+    let opened = c.master_connections_opened();
+    cluster.stop_storage(0).await;
+    cluster.stop_storage(1).await;
+    cluster.wait_state(ClusterState::Recovering).await;
+    cluster.start_storage(0).await;
+    cluster.start_storage(1).await;
+    cluster.wait_state(ClusterState::Running).await;
+    stop.cancel();
+    let done = syncing.await.unwrap().unwrap();
+    assert!(done > 0);
+    assert!(c.master_connections_opened() > opened, "the master did not close the client's connection");
+    let t2 = commit(&c, oid, t1, b"two").await.unwrap();
+    assert_eq!(c.load(oid).await.unwrap(), (b"two".to_vec(), t2));
+}
+
 crate::both_backends!(
     the_whole_cluster_restarts_and_everything_is_still_there,
     a_storage_lost_during_commits_leaves_the_cluster_running_and_data_intact,
