@@ -75,9 +75,7 @@ const PHASES: [&str; 4] = ["begin", "stores", "vote", "finish"];
 
 impl Stats {
     fn pct(&self, p: f64) -> Duration {
-        let mut v = self.lat.clone();
-        v.sort();
-        v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
+        percentile(self.lat.clone(), p)
     }
     fn print(&self, what: &str, unit: &str) {
         println!(
@@ -96,13 +94,18 @@ impl Stats {
         }
         let medians: Vec<String> = (0..PHASES.len())
             .map(|i| {
-                let mut v: Vec<Duration> = self.phases.iter().map(|p| p[i]).collect();
-                v.sort();
-                format!("{} {:.0}", PHASES[i], v[v.len() / 2].as_secs_f64() * 1e6)
+                let median = percentile(self.phases.iter().map(|p| p[i]).collect(), 0.5);
+                format!("{} {:.0}", PHASES[i], median.as_secs_f64() * 1e6)
             })
             .collect();
         println!("  median µs per phase: {}", medians.join(", "));
     }
+}
+
+/// The `p` quantile of `v` (zero if empty).
+fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
+    v.sort();
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
 }
 
 fn merge(parts: Vec<Stats>, elapsed: Duration) -> Stats {
