@@ -142,7 +142,7 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
     let mut replies: Vec<Reply> = Vec::new();
     // The jobs of a commit come one network round trip apart: waiting for the next one
     // awake saves a thread wake-up (see `proto::spin`).
-    let mut spinner = proto::spin::Spinner::default();
+    let mut spinner = proto::spin::Spinner::new(proto::spin::node_budget());
     let mut next = rx.blocking_recv();
     loop {
         match next {

@@ -12,7 +12,10 @@
 //!
 //! Three kinds of waits spin: a read on a `BlockingConn` (both ends of a read connection), the
 //! storage's database thread between jobs, and a node's runtime after each wake-up
-//! (`node_runtime`). `NEO_SPIN_US` sets the budget of all of them (0: never spin).
+//! (`node_runtime`). `NEO_SPIN_US` sets the budget of the first (0: never spin); the other two,
+//! which wait for the next step of a commit, spin twice as long (`node_budget`): between two
+//! steps the client does its own work (ZODB's, a few hundred microseconds per commit), where a
+//! read connection's peer answers at once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +34,18 @@ pub fn process_budget() -> Duration {
     static BUDGET: std::sync::LazyLock<Duration> =
         std::sync::LazyLock::new(|| parse_budget(std::env::var("NEO_SPIN_US").ok().as_deref()));
     *BUDGET
+}
+
+/// The budget of a node's runtime and of a storage's database thread: twice `process_budget`.
+/// Measured with ZODB on top (2 cores, alternating runs): 1,000 µs against 500 gave one
+/// client 8-12% more commits and updates, and four clients 7% more commits and no fewer cold
+/// reads; 1,000 µs for read connections too cut four clients' cold reads by a third.
+pub fn node_budget() -> Duration {
+    node_budget_of(process_budget())
+}
+
+fn node_budget_of(read_budget: Duration) -> Duration {
+    read_budget * 2
 }
 
 fn parse_budget(v: Option<&str>) -> Duration {
@@ -100,7 +115,7 @@ pub fn node_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .on_thread_unpark(move || woken.notify_one())
         .build()?;
-    let budget = process_budget();
+    let budget = node_budget();
     if !budget.is_zero() {
         rt.spawn(keep_awake(activity, budget));
     }
@@ -166,6 +181,8 @@ mod tests {
         assert_eq!(parse_budget(Some(" 50 ")), Duration::from_micros(50));
         assert_eq!(parse_budget(Some("lots")), DEFAULT_BUDGET);
         assert_eq!(parse_budget(Some("99999999")), Duration::from_millis(10), "capped");
+        assert_eq!(node_budget_of(DEFAULT_BUDGET), Duration::from_micros(1000));
+        assert_eq!(node_budget_of(Duration::ZERO), Duration::ZERO, "off stays off");
     }
 
     /// Polls made by a wait for something that never comes (always a miss).
