@@ -16,8 +16,9 @@ last loop; reads: over the time of the slowest process's loop):
 - warm read:  the same loads again after emptying ZODB's object cache (client cache hits)
 - prefetched: cold reads by another new DB that calls Connection.prefetch on each batch of
               100 oids before reading them (many requests in flight instead of one at a time)
-Then the same commit and read loops on an in-process FileStorage, to compare with Python NEO's
-figures (taken with FileStorage on another machine) scaled to this one.
+The same commit and read loops on an in-process FileStorage run first and last, to compare with
+Python NEO's figures (taken with FileStorage on another machine) scaled to this one (by the mean
+of the two FileStorage runs; far apart, they say the machine's speed drifted meanwhile).
 """
 
 import argparse
@@ -75,9 +76,9 @@ START_DELAY = 1.5
 FS_COMMITS, FS_COLD = 5000, 36000
 
 
-def filestorage_baseline(tmp, n1, nread):
-    """commit-1/s and cold read/s of in-process FileStorage, by the same loops."""
-    target = "file:" + os.path.join(tmp, "Data.fs")
+def filestorage_baseline(tmp, n1, nread, name):
+    """commit-1/s and cold read/s of in-process FileStorage (a new file `name`), by the same loops."""
+    target = "file:" + os.path.join(tmp, name)
     open_db(target).close()  # creates the root
     dt, oids, _ = w_commit((target, n1, 1, 0))
     cold, _, _ = w_read((target, oids[:nread]))
@@ -163,6 +164,9 @@ def main():
     scale = 10 if ns.quick else 1
     n1, n100, nread = 2000 // scale, 100 // scale, 10000 // scale
     with tempfile.TemporaryDirectory(prefix="neo-bench-") as tmp:
+        # FileStorage before and after: the machine's speed drifts (by a quarter within an
+        # hour was seen), and the scaling uses their mean.
+        fs_before = filestorage_baseline(tmp, n1, nread, "before.fs")
         proc, master = start_cluster(tmp)
         try:
             db = open_db(master)  # creates the root
@@ -195,9 +199,11 @@ def main():
                 sys.stdout.flush()
                 if procs == 1:
                     first = (c1, cold, pref)
-            fs_c1, fs_cold = filestorage_baseline(tmp, n1, nread)
-            print("%-8s %14.0f %16s %12s %14.0f   (in-process FileStorage, same machine, 1 client)"
-                  % ("FS", fs_c1, "-", "-", fs_cold))
+            fs_after = filestorage_baseline(tmp, n1, nread, "after.fs")
+            for when, (fs_c1, fs_cold) in (("FS first", fs_before), ("FS last", fs_after)):
+                print("%-8s %14.0f %16s %12s %14.0f   (in-process FileStorage, same machine, 1 client)"
+                      % (when, fs_c1, "-", "-", fs_cold))
+            fs_c1, fs_cold = ((a + b) / 2 for a, b in zip(fs_before, fs_after))
             k_c, k_r = fs_c1 / FS_COMMITS, fs_cold / FS_COLD
             print("this machine runs FileStorage at %.2fx (commits) and %.2fx (reads) the machine of the NEO figures;"
                   % (k_c, k_r))
