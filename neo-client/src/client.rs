@@ -568,8 +568,8 @@ impl Client {
         Ok(link)
     }
 
-    /// Ask the master, reconnecting once if the connection was lost and retrying NOT_READY
-    /// until the connect timeout.
+    /// Ask the master, reconnecting when the connection was lost and retrying NOT_READY, until
+    /// the connect timeout.
     async fn ask_master(&self, body: Body) -> Result<Body> {
         self.ask_master_on(body).await.map(|(_, b)| b)
     }

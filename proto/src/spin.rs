@@ -28,18 +28,17 @@ const MISSES_BEFORE_BACKOFF: u32 = 3;
 /// ... this many waits sleep at once.
 const BACKOFF_WAITS: u32 = 64;
 
-/// The budget of every spinner of this process: `NEO_SPIN_US` microseconds (0 disables
-/// spinning), else `DEFAULT_BUDGET`. An invalid value is ignored (with the default taken).
+/// The budget of this process's read connections (`Spinner::default`): `NEO_SPIN_US`
+/// microseconds (0 disables all spinning, `node_budget` included), else `DEFAULT_BUDGET`. An
+/// invalid value is ignored (with the default taken).
 pub fn process_budget() -> Duration {
     static BUDGET: std::sync::LazyLock<Duration> =
         std::sync::LazyLock::new(|| parse_budget(std::env::var("NEO_SPIN_US").ok().as_deref()));
     *BUDGET
 }
 
-/// The budget of a node's runtime and of a storage's database thread: twice `process_budget`.
-/// Measured with ZODB on top (2 cores, alternating runs): 1,000 µs against 500 gave one
-/// client 8-12% more commits and updates, and four clients 7% more commits and no fewer cold
-/// reads; 1,000 µs for read connections too cut four clients' cold reads by a third.
+/// The budget of a node's runtime and of a storage's database thread: twice `process_budget`
+/// (see the module comment; the measurements are in the README's benchmark section).
 pub fn node_budget() -> Duration {
     node_budget_of(process_budget())
 }
