@@ -280,7 +280,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             let (ttid, tid) = (Tid(m.ttid), Tid(m.tid));
             info!("validating transaction {ttid:?} as {tid:?}");
             st.db.call_durable(move |b| b.lock(ttid, tid, &[])).await??;
-            unlock_or_stop(st, ttid, tid).await?;
+            unlock_or_stop(st, ttid, tid, None).await?;
             st.tm.release(ttid);
         }
         Body::DropTransaction(m) => {
@@ -325,15 +325,44 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             }
             st.tm.set_locked(ttid, tid);
             let partitions = m.partitions;
-            st.db.call_durable(move |b| b.lock(ttid, tid, &partitions)).await??;
-            let _ = link.answer(id, msg::AnswerInformationLocked { ttid: ttid.0 }).await;
+            // Queued now, in the order of the master's messages; answered once durable, while
+            // the next messages are read: concurrent commits' locks then share one sync.
+            let locked = st.db.queue_durable(move |b| b.lock(ttid, tid, &partitions)).await?;
+            let link = link.clone();
+            tokio::spawn(
+                async move {
+                    match locked.await {
+                        Ok(Ok(())) => {
+                            let _ = link.answer(id, msg::AnswerInformationLocked { ttid: ttid.0 }).await;
+                        }
+                        // As for any database failure on a master's request: the master sees this
+                        // storage go and outdates its cells (or relocks elsewhere) before committing.
+                        Ok(Err(e)) => {
+                            warn!("lock of {ttid:?} failed: {e}: closing the master connection");
+                            link.abort();
+                        }
+                        Err(_) => link.abort(),
+                    }
+                }
+                .instrument(tracing::Span::current()),
+            );
         }
         Body::NotifyUnlockInformation(m) => {
             let ttid = Tid(m.ttid);
             match st.tm.locked_tid(ttid) {
                 Some(tid) => {
-                    unlock_or_stop(st, ttid, tid).await?;
-                    st.tm.release(ttid);
+                    // Queued now, in order (a later request of the master sees it done); its
+                    // locks are released once it is, while the next messages are read.
+                    let first = st.db.queue(move |b| b.unlock(ttid, tid)).await?;
+                    let st = st.clone();
+                    tokio::spawn(
+                        async move {
+                            if unlock_or_stop(&st, ttid, tid, Some(first)).await.is_ok() {
+                                st.tm.release(ttid);
+                            }
+                        }
+                        .instrument(tracing::Span::current()),
+                    );
                 }
                 None => warn!("unlock of unknown transaction {ttid:?}"),
             }
@@ -359,13 +388,23 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
 /// Make a locked transaction permanent. The commit was acknowledged: retry a few times, and if
 /// the database stays unusable stop this storage (its read locks must not be released on data
 /// that was not written; the next verification replays the unlock from the durable lock).
-async fn unlock_or_stop(st: &Storage, ttid: Tid, tid: Tid) -> Result<(), StorageError> {
+/// `first` is the first attempt if already queued.
+async fn unlock_or_stop(
+    st: &Storage,
+    ttid: Tid,
+    tid: Tid,
+    mut first: Option<crate::db::Queued<Result<(), BackendError>>>,
+) -> Result<(), StorageError> {
     let mut last = None;
     for attempt in 0..5u32 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200 << attempt.min(3))).await;
         }
-        match st.db.call(move |b| b.unlock(ttid, tid)).await? {
+        let result = match first.take() {
+            Some(queued) => queued.await.map_err(|_| crate::db::DbClosed)?,
+            None => st.db.call(move |b| b.unlock(ttid, tid)).await?,
+        };
+        match result {
             Ok(()) => return Ok(()),
             Err(e) => {
                 warn!("unlock of {ttid:?} failed (attempt {}): {e}", attempt + 1);

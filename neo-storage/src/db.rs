@@ -1,12 +1,15 @@
 //! The database thread: the backend lives on its own OS thread and async code sends it jobs
 //! through a bounded channel, so no database call ever runs on an async worker thread.
 //!
-//! Group commit: a durable job (`call_durable`: vote, lock) is answered only after
+//! Group commit: a durable job (`call_durable`, `queue_durable`: lock) is answered only after
 //! `Backend::sync`, and the thread runs every job already queued before syncing, so concurrent
-//! transactions share one fsync.
+//! transactions share one fsync. (A sync thread of its own, letting this one run votes and
+//! unlocks during a sync, was tried: 1-client commits became slower by its wake-ups, see the
+//! README.) A failed sync fails every later durable job (`Sticky`).
 
 use crate::backend::{Backend, BackendError};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -14,6 +17,11 @@ type Job = Box<dyn FnOnce(&mut dyn Backend) + Send>;
 /// A durable job returns the function that delivers its result once the sync is done.
 type Reply = Box<dyn FnOnce(Result<(), &BackendError>) + Send>;
 type DurableJob = Box<dyn FnOnce(&mut dyn Backend) -> Reply + Send>;
+
+/// The result of a queued job (an error if the thread stopped).
+pub type Queued<R> = oneshot::Receiver<R>;
+/// The result of a queued durable job, once it is durable.
+pub type Durable<T> = Queued<Result<T, BackendError>>;
 
 /// At most this many durable jobs share one sync.
 const GROUP_MAX: usize = 128;
@@ -34,6 +42,16 @@ pub struct DbClosed;
 pub struct Db {
     tx: mpsc::Sender<Msg>,
     thread: std::sync::Arc<Mutex<Option<JoinHandle<()>>>>,
+    stats: Arc<Stats>,
+}
+
+/// What the thread counted (for the log at close, and tests).
+#[derive(Default, Debug)]
+pub struct Stats {
+    /// Durable jobs run.
+    pub durable: AtomicU64,
+    /// Syncs done for them (fewer when they shared syncs).
+    pub syncs: AtomicU64,
 }
 
 impl Db {
@@ -46,16 +64,18 @@ impl Db {
     {
         let (opened_tx, opened_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel::<Msg>(1024);
+        let stats = Arc::new(Stats::default());
+        let stats2 = stats.clone();
         let thread = std::thread::Builder::new().name("neo-db".into()).spawn(move || match open() {
             Ok(backend) => {
                 let _ = opened_tx.send(Ok(()));
-                serve(backend, rx);
+                serve(backend, rx, &stats2);
             }
             Err(e) => {
                 let _ = opened_tx.send(Err(e));
             }
         })?;
-        let db = Db { tx, thread: std::sync::Arc::new(Mutex::new(Some(thread))) };
+        let db = Db { tx, thread: Arc::new(Mutex::new(Some(thread))), stats };
         match opened_rx.await {
             Ok(Ok(())) => Ok(db),
             Ok(Err(e)) => Err(e),
@@ -65,8 +85,14 @@ impl Db {
 
     pub fn spawn(backend: Box<dyn Backend>) -> std::io::Result<Db> {
         let (tx, rx) = mpsc::channel::<Msg>(1024);
-        let thread = std::thread::Builder::new().name("neo-db".into()).spawn(move || serve(backend, rx))?;
-        Ok(Db { tx, thread: std::sync::Arc::new(Mutex::new(Some(thread))) })
+        let stats = Arc::new(Stats::default());
+        let stats2 = stats.clone();
+        let thread = std::thread::Builder::new().name("neo-db".into()).spawn(move || serve(backend, rx, &stats2))?;
+        Ok(Db { tx, thread: Arc::new(Mutex::new(Some(thread))), stats })
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// Run `f` on the database thread and return its result.
@@ -78,6 +104,18 @@ impl Db {
         let (job, rx) = job(f);
         self.tx.send(Msg::Job(job)).await.map_err(|_| DbClosed)?;
         rx.await.map_err(|_| DbClosed)
+    }
+
+    /// Queue `f` as `call` does and return at once the receiver of its result: requests
+    /// after it reach the thread after it, without waiting for it to run.
+    pub async fn queue<R, F>(&self, f: F) -> Result<Queued<R>, DbClosed>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn Backend) -> R + Send + 'static,
+    {
+        let (job, rx) = job(f);
+        self.tx.send(Msg::Job(job)).await.map_err(|_| DbClosed)?;
+        Ok(rx)
     }
 
     /// `call` from a thread outside the async runtime (which it blocks until the answer).
@@ -98,6 +136,17 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
     {
+        self.queue_durable(f).await?.await.map_err(|_| DbClosed)
+    }
+
+    /// Queue `f` as `call_durable` does and return at once the receiver of its result: the
+    /// caller goes on with the requests after it (which reach the thread after `f`), and
+    /// several of them share one sync.
+    pub async fn queue_durable<T, F>(&self, f: F) -> Result<Durable<T>, DbClosed>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let job: DurableJob = Box::new(move |b| {
             let result = f(b);
@@ -111,7 +160,7 @@ impl Db {
             })
         });
         self.tx.send(Msg::Durable(job)).await.map_err(|_| DbClosed)?;
-        rx.await.map_err(|_| DbClosed)
+        Ok(rx)
     }
 
     /// Stop the thread once the queued jobs are done and wait for it (closes the database).
@@ -120,6 +169,9 @@ impl Db {
         let _ = self.tx.send(Msg::Stop).await;
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
+            let (durable, syncs) =
+                (self.stats.durable.load(Ordering::Relaxed), self.stats.syncs.load(Ordering::Relaxed));
+            tracing::info!("database closed ({durable} durable jobs made durable by {syncs} syncs)");
         }
     }
 }
@@ -138,7 +190,16 @@ where
 }
 
 /// The database thread's loop (see the module comment for group commit).
-fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
+fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Stats) {
+    let mut syncs = Sticky::default();
+    let mut sync = |backend: &mut dyn Backend, replies: &mut Vec<Reply>| {
+        stats.durable.fetch_add(replies.len() as u64, Ordering::Relaxed);
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        let synced = syncs.sync(|| backend.sync());
+        for r in replies.drain(..) {
+            r(synced);
+        }
+    };
     let mut replies: Vec<Reply> = Vec::new();
     // The jobs of a commit come one network round trip apart: waiting for the next one
     // awake saves a thread wake-up (see `proto::spin`).
@@ -153,18 +214,98 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
         next = if replies.len() < GROUP_MAX { rx.try_recv().ok() } else { None };
         if next.is_none() {
             if !replies.is_empty() {
-                let synced = backend.sync();
-                for r in replies.drain(..) {
-                    r(synced.as_ref().map(|_| ()));
-                }
+                sync(backend.as_mut(), &mut replies);
             }
             next = spinner.spin(|| rx.try_recv().ok()).or_else(|| rx.blocking_recv());
         }
     }
     if !replies.is_empty() {
-        let synced = backend.sync();
-        for r in replies.drain(..) {
-            r(synced.as_ref().map(|_| ()));
+        sync(backend.as_mut(), &mut replies);
+    }
+}
+
+/// Syncs that fail for good: once one failed, the system may have dropped the pages it could
+/// not write, and a later sync that succeeds would not make them durable.
+#[derive(Default)]
+struct Sticky {
+    failed: Option<BackendError>,
+}
+
+impl Sticky {
+    fn sync(&mut self, sync: impl FnOnce() -> Result<(), BackendError>) -> Result<(), &BackendError> {
+        if self.failed.is_none()
+            && let Err(e) = sync()
+        {
+            tracing::error!("{e}: every later commit of this storage fails");
+            self.failed = Some(BackendError::Db(format!("a sync failed, no later commit is durable here: {e}")));
         }
+        match &self.failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::sqlite::SqliteBackend;
+
+    #[tokio::test]
+    async fn durable_jobs_queued_together_share_one_sync() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.sqlite");
+        let db = Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
+            let b = SqliteBackend::open(&path, "c").map_err(std::io::Error::other)?;
+            Ok(Box::new(b))
+        })
+        .await?;
+        // A job that keeps the thread busy while the durable ones queue up behind it.
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let db2 = db.clone();
+        let blocker = tokio::spawn(async move {
+            db2.call(move |_| {
+                let _ = started_tx.send(());
+                let _ = go_rx.recv();
+            })
+            .await
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv()).await??;
+        let mut pending = Vec::new();
+        for i in 0..10u32 {
+            pending.push(db.queue_durable(move |b| b.set_config(&format!("k{i}"), Some("v")).map(|()| i)).await?);
+        }
+        go_tx.send(())?;
+        blocker.await??;
+        for (i, p) in pending.into_iter().enumerate() {
+            assert_eq!(p.await??, i as u32);
+        }
+        assert_eq!(db.stats().durable.load(Ordering::Relaxed), 10);
+        assert_eq!(db.stats().syncs.load(Ordering::Relaxed), 1, "the 10 jobs queued together share one sync");
+        // One after the other, each has its own.
+        db.call_durable(|b| b.set_config("a", Some("1"))).await??;
+        db.call_durable(|b| b.set_config("b", Some("1"))).await??;
+        assert_eq!(db.stats().syncs.load(Ordering::Relaxed), 3);
+        assert_eq!(db.call(|b| b.get_config("k9")).await??.as_deref(), Some("v"));
+        db.close().await;
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_one() {
+        let mut s = Sticky::default();
+        assert!(s.sync(|| Ok(())).is_ok());
+        let e = s.sync(|| Err(BackendError::Db("EIO".into()))).map_err(|e| e.to_string()).unwrap_err();
+        assert!(e.contains("EIO"), "{e}");
+        let mut called = false;
+        let later = s
+            .sync(|| {
+                called = true;
+                Ok(())
+            })
+            .map_err(|e| e.to_string());
+        assert!(!called, "no sync is tried after a failure");
+        assert!(later.is_err_and(|e| e.contains("no later commit is durable")));
     }
 }
