@@ -328,7 +328,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             // Queued now, in the order of the master's messages; answered once durable, while
             // the next messages are read: concurrent commits' locks then share one sync.
             let locked = st.db.queue_durable(move |b| b.lock(ttid, tid, &partitions)).await?;
-            let link = link.clone();
+            let (st, link) = (st.clone(), link.clone());
             tokio::spawn(
                 async move {
                     match locked.await {
@@ -340,6 +340,13 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
                         Ok(Err(e)) => {
                             warn!("lock of {ttid:?} failed: {e}: closing the master connection");
                             link.abort();
+                            if st.db.stats().sync_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                                // Nothing this storage writes can be made durable any more.
+                                let why = format!("cannot sync the database: {e}");
+                                tracing::error!("{why}: stopping this storage");
+                                st.with(|s| s.fatal = Some(why));
+                                st.shutdown.cancel();
+                            }
                         }
                         Err(_) => link.abort(),
                     }

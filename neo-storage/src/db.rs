@@ -8,7 +8,7 @@
 //! README.) A failed sync fails every later durable job (`Sticky`).
 
 use crate::backend::{Backend, BackendError};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
@@ -52,6 +52,8 @@ pub struct Stats {
     pub durable: AtomicU64,
     /// Syncs done for them (fewer when they shared syncs).
     pub syncs: AtomicU64,
+    /// A sync failed: no durable job can succeed any more (see `Sticky`).
+    pub sync_failed: AtomicBool,
 }
 
 impl Db {
@@ -196,6 +198,9 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Sta
         stats.durable.fetch_add(replies.len() as u64, Ordering::Relaxed);
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         let synced = syncs.sync(|| backend.sync());
+        if synced.is_err() {
+            stats.sync_failed.store(true, Ordering::Relaxed);
+        }
         for r in replies.drain(..) {
             r(synced);
         }
@@ -288,6 +293,33 @@ mod tests {
         db.call_durable(|b| b.set_config("b", Some("1"))).await??;
         assert_eq!(db.stats().syncs.load(Ordering::Relaxed), 3);
         assert_eq!(db.call(|b| b.get_config("k9")).await??.as_deref(), Some("v"));
+        db.close().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_storage_whose_log_cannot_be_synced_fails_its_durable_jobs_for_good()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.sqlite");
+        let p = path.clone();
+        let db = Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
+            Ok(Box::new(SqliteBackend::open(&p, "c").map_err(std::io::Error::other)?))
+        })
+        .await?;
+        db.call_durable(|b| b.set_config("a", Some("1"))).await??;
+        assert!(!db.stats().sync_failed.load(Ordering::Relaxed));
+        // The log's name gone, the next sync cannot open it.
+        let mut wal = path.into_os_string();
+        wal.push("-wal");
+        std::fs::remove_file(&wal)?;
+        let e = db.call_durable(|b| b.get_config("a")).await?.map_err(|e| e.to_string()).unwrap_err();
+        assert!(e.contains("durable"), "{e}");
+        assert!(db.stats().sync_failed.load(Ordering::Relaxed));
+        // Even with the file back, nothing is durable any more.
+        std::fs::write(&wal, b"")?;
+        let e = db.call_durable(|b| b.get_config("a")).await?.map_err(|e| e.to_string()).unwrap_err();
+        assert!(e.contains("no later commit is durable"), "{e}");
         db.close().await;
         Ok(())
     }

@@ -315,6 +315,16 @@ impl Cluster {
         }
     }
 
+    /// Wait (up to 20 s) for storage `i` to exit by itself; its result (Err: why it failed).
+    pub async fn wait_storage_exit(&mut self, i: usize) -> Result<(), String> {
+        let Some(r) = self.storages[i].take() else { return Err(format!("storage {i} is not running")) };
+        match tokio::time::timeout(Duration::from_secs(20), r.join).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(format!("node task failed: {e}")),
+            Err(_) => panic!("storage {i} did not exit in 20 s"),
+        }
+    }
+
     pub async fn start_storage(&mut self, i: usize) {
         let l = bind(&self.storage_addrs[i]).await;
         self.spawn_storage(i, l);

@@ -69,6 +69,28 @@ async fn a_client_survives_a_master_restart(opts: Options) {
     assert!(other.new_oid().await.unwrap() > oid);
 }
 
+/// SQLite only: the failure is injected by taking the write-ahead log's name away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_that_cannot_sync_its_database_stops_and_the_cluster_goes_on_without_it() {
+    let mut cluster = Cluster::start(Options::default()).await;
+    let c = cluster.client().await;
+    let a = c.new_oid().await.unwrap();
+    let ta = commit(&c, a, Tid::ZERO, b"before").await.unwrap();
+    // Storage 1's next fsync cannot open its log: that lock fails, and so would every later one.
+    std::fs::remove_file(format!("{}-wal", cluster.storage_db(0))).unwrap();
+    let b = c.new_oid().await.unwrap();
+    let tb = commit(&c, b, Tid::ZERO, b"during").await.unwrap();
+    let why = cluster.wait_storage_exit(0).await.unwrap_err();
+    assert!(why.contains("cannot sync the database"), "{why}");
+    assert_eq!(cluster.cluster_state().await, Some(ClusterState::Running));
+    // Acknowledged commits are all readable from the storage left, and commits go on.
+    let fresh = cluster.client().await;
+    assert_eq!(fresh.load(a).await.unwrap(), (b"before".to_vec(), ta));
+    assert_eq!(fresh.load(b).await.unwrap(), (b"during".to_vec(), tb));
+    let tc = commit(&fresh, a, ta, b"after").await.unwrap();
+    assert_eq!(fresh.load(a).await.unwrap(), (b"after".to_vec(), tc));
+}
+
 crate::both_backends!(
     stop_a_storage_during_commits_the_cluster_stays_running_and_acknowledged_data_is_intact,
     a_client_survives_a_master_restart
