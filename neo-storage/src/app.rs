@@ -342,10 +342,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
                             link.abort();
                             if st.db.stats().sync_failed.load(std::sync::atomic::Ordering::Relaxed) {
                                 // Nothing this storage writes can be made durable any more.
-                                let why = format!("cannot sync the database: {e}");
-                                tracing::error!("{why}: stopping this storage");
-                                st.with(|s| s.fatal = Some(why));
-                                st.shutdown.cancel();
+                                stop_fatal(&st, format!("cannot sync the database: {e}"), "");
                             }
                         }
                         Err(_) => link.abort(),
@@ -420,10 +417,15 @@ async fn unlock_or_stop(
         }
     }
     let why = format!("cannot unlock {ttid:?}: {}", last.as_ref().map(|e| e.to_string()).unwrap_or_default());
-    tracing::error!("{why}: stopping this storage (verification will finish the transaction)");
+    stop_fatal(st, why, " (verification will finish the transaction)");
+    Err(last.map(StorageError::Backend).unwrap_or(StorageError::Protocol("unlock failed".into())))
+}
+
+/// Stop this storage for good: `why` is its exit error (`comment` only goes to the log).
+fn stop_fatal(st: &Storage, why: String, comment: &str) {
+    tracing::error!("{why}: stopping this storage{comment}");
     st.with(|s| s.fatal = Some(why));
     st.shutdown.cancel();
-    Err(last.map(StorageError::Backend).unwrap_or(StorageError::Protocol("unlock failed".into())))
 }
 
 /// Abort a transaction that is not locked: release its locks and delete its temporary data.
