@@ -340,7 +340,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
                         Ok(Err(e)) => {
                             warn!("lock of {ttid:?} failed: {e}: closing the master connection");
                             link.abort();
-                            if st.db.stats().sync_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            if st.db.sync_failed() {
                                 // Nothing this storage writes can be made durable any more.
                                 stop_fatal(&st, format!("cannot sync the database: {e}"), "");
                             }

@@ -85,16 +85,13 @@ impl Db {
         }
     }
 
-    pub fn spawn(backend: Box<dyn Backend>) -> std::io::Result<Db> {
-        let (tx, rx) = mpsc::channel::<Msg>(1024);
-        let stats = Arc::new(Stats::default());
-        let stats2 = stats.clone();
-        let thread = std::thread::Builder::new().name("neo-db".into()).spawn(move || serve(backend, rx, &stats2))?;
-        Ok(Db { tx, thread: Arc::new(Mutex::new(Some(thread))), stats })
-    }
-
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Whether a sync failed (every durable job fails since).
+    pub fn sync_failed(&self) -> bool {
+        self.stats.sync_failed.load(Ordering::Relaxed)
     }
 
     /// Run `f` on the database thread and return its result.
@@ -308,14 +305,14 @@ mod tests {
         })
         .await?;
         db.call_durable(|b| b.set_config("a", Some("1"))).await??;
-        assert!(!db.stats().sync_failed.load(Ordering::Relaxed));
+        assert!(!db.sync_failed());
         // The log's name gone, the next sync cannot open it.
         let mut wal = path.into_os_string();
         wal.push("-wal");
         std::fs::remove_file(&wal)?;
         let e = db.call_durable(|b| b.get_config("a")).await?.map_err(|e| e.to_string()).unwrap_err();
         assert!(e.contains("durable"), "{e}");
-        assert!(db.stats().sync_failed.load(Ordering::Relaxed));
+        assert!(db.sync_failed());
         // Even with the file back, nothing is durable any more.
         std::fs::write(&wal, b"")?;
         let e = db.call_durable(|b| b.get_config("a")).await?.map_err(|e| e.to_string()).unwrap_err();
