@@ -6,6 +6,10 @@
 //! transactions share one fsync. (A sync thread of its own, letting this one run votes and
 //! unlocks during a sync, was tried: 1-client commits became slower by its wake-ups, see the
 //! README.) A failed sync fails every later durable job (`Sticky`).
+//!
+//! Write-back when idle: when the queue runs empty with no durable job waiting, the thread asks
+//! the backend to start writing what the last jobs committed (`Backend::start_writeback`), so
+//! that the lock's sync, one or two network round trips later, finds little left to write.
 
 use crate::backend::{Backend, BackendError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,6 +58,8 @@ pub struct Stats {
     pub syncs: AtomicU64,
     /// A sync failed: no durable job can succeed any more (see `Sticky`).
     pub sync_failed: AtomicBool,
+    /// Write-backs started when idle (`Backend::start_writeback`).
+    pub writebacks: AtomicU64,
 }
 
 impl Db {
@@ -168,9 +174,12 @@ impl Db {
         let _ = self.tx.send(Msg::Stop).await;
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
-            let (durable, syncs) =
-                (self.stats.durable.load(Ordering::Relaxed), self.stats.syncs.load(Ordering::Relaxed));
-            tracing::info!("database closed ({durable} durable jobs made durable by {syncs} syncs)");
+            let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            let (durable, syncs, writebacks) =
+                (load(&self.stats.durable), load(&self.stats.syncs), load(&self.stats.writebacks));
+            tracing::info!(
+                "database closed ({durable} durable jobs made durable by {syncs} syncs; {writebacks} write-backs)"
+            );
         }
     }
 }
@@ -215,7 +224,11 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Sta
         }
         next = if replies.len() < GROUP_MAX { rx.try_recv().ok() } else { None };
         if next.is_none() {
-            if !replies.is_empty() {
+            if replies.is_empty() {
+                if backend.start_writeback() {
+                    stats.writebacks.fetch_add(1, Ordering::Relaxed);
+                }
+            } else {
                 sync(backend.as_mut(), &mut replies);
             }
             next = spinner.spin(|| rx.try_recv().ok()).or_else(|| rx.blocking_recv());
@@ -252,6 +265,7 @@ impl Sticky {
 mod tests {
     use super::*;
     use crate::backend::sqlite::SqliteBackend;
+    use neo_lib::Tid;
 
     #[tokio::test]
     async fn durable_jobs_queued_together_share_one_sync() -> Result<(), Box<dyn std::error::Error>> {
@@ -290,6 +304,33 @@ mod tests {
         db.call_durable(|b| b.set_config("b", Some("1"))).await??;
         assert_eq!(db.stats().syncs.load(Ordering::Relaxed), 3);
         assert_eq!(db.call(|b| b.get_config("k9")).await??.as_deref(), Some("v"));
+        db.close().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_thread_starts_a_write_back_once_idle_after_a_vote() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.sqlite");
+        let db = Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
+            Ok(Box::new(SqliteBackend::open(&path, "c").map_err(std::io::Error::other)?))
+        })
+        .await?;
+        let writebacks = |db: &Db| db.stats().writebacks.load(Ordering::Relaxed);
+        db.call(|b| b.get_config("a")).await??;
+        db.call(|b| b.vote(Tid(1), &[], None)).await??;
+        // Started after the job's answer, once the queue is empty.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while writebacks(&db) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(writebacks(&db), 1);
+        // Reads and a durable job (its sync writes everything) start none.
+        db.call(|b| b.get_config("a")).await??;
+        db.call_durable(|b| b.vote(Tid(2), &[], None)).await??;
+        db.call(|b| b.get_config("a")).await??;
+        assert_eq!(writebacks(&db), 1);
+        assert_eq!(db.stats().syncs.load(Ordering::Relaxed), 1);
         db.close().await;
         Ok(())
     }

@@ -220,6 +220,13 @@ pub trait Backend: Send {
     }
     /// Make every commit done so far durable (one fsync for all of them).
     fn sync(&mut self) -> Result<()>;
+    /// Start writing to disk what was committed since the last `sync` or call, without waiting
+    /// and without making anything durable, so that the next `sync` (the commit's critical
+    /// path) has less left to write. A hint the database thread gives when it has nothing
+    /// queued; errors are left to `sync`. Returns whether it started writes.
+    fn start_writeback(&mut self) -> bool {
+        false
+    }
     /// Record the commit decision: the final tid of `ttid`, and every partition the transaction
     /// writes (kept from an earlier lock when empty). Durable after `sync`.
     fn lock(&mut self, ttid: Tid, tid: Tid, partitions: &[u32]) -> Result<()>;

@@ -146,6 +146,16 @@ fn col_blob(row: &Row<'_>, idx: usize, col: &str, lenient: bool, what: &dyn Fn()
     }
 }
 
+/// Start writing the dirty pages of `f` to disk, without waiting for the writes and without
+/// flushing the disk's cache (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+#[allow(unsafe_code)]
+fn start_writeback_of(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a system call on a descriptor that `f` keeps open; no memory is passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
 /// The SQLite storage backend. Not shared between threads: the node's database thread owns it.
 pub struct SqliteBackend {
     conn: Connection,
@@ -156,6 +166,8 @@ pub struct SqliteBackend {
     /// The lock file that makes this process the owner of the database (None in memory, for
     /// tests' shared opens and for readers).
     _owner: Option<std::fs::File>,
+    /// A vote or an unlock was committed since the last sync or write-back (`start_writeback`).
+    writeback_due: bool,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -264,7 +276,7 @@ impl SqliteBackend {
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db)?;
         Self::init_schema(&mut conn, cluster)?;
         let wal = if memory { None } else { Some(wal_path(path)) };
-        Ok(SqliteBackend { conn, wal, held: HeldData::default(), _owner: owner })
+        Ok(SqliteBackend { conn, wal, held: HeldData::default(), _owner: owner, writeback_due: false })
     }
 
     /// A read-only connection to the database of a running storage, for loads on a thread of
@@ -278,7 +290,7 @@ impl SqliteBackend {
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db)?;
         // One reader per read connection: a small page cache each (the OS caches the file).
         conn.execute_batch("PRAGMA cache_size = -1024").map_err(db)?;
-        Ok(SqliteBackend { conn, wal: None, held: HeldData::default(), _owner: None })
+        Ok(SqliteBackend { conn, wal: None, held: HeldData::default(), _owner: None, writeback_due: false })
     }
 
     /// Create or upgrade the schema and check the cluster name, in one transaction (rolled back
@@ -744,6 +756,7 @@ impl Backend for SqliteBackend {
         let tx = self.conn.transaction().map_err(db)?;
         write_vote(&tx, ttid, objects, meta)?;
         tx.commit().map_err(db)?;
+        self.writeback_due = true;
         // The voted objects now reference their data rows: drop the holds of store_data.
         self.held.voted(objects.iter().filter_map(|(_, o)| o.data_id));
         Ok(())
@@ -764,13 +777,39 @@ impl Backend for SqliteBackend {
     }
 
     fn sync(&mut self) -> Result<()> {
+        self.writeback_due = false;
         self.sync_wal()
+    }
+
+    fn start_writeback(&mut self) -> bool {
+        if !std::mem::take(&mut self.writeback_due) {
+            return false;
+        }
+        // Opened by name, as for `sync_wal`; a log that cannot be opened is left to the sync.
+        match &self.wal {
+            Some(wal) => match std::fs::File::open(wal) {
+                Ok(f) => match start_writeback_of(&f) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!("sync_file_range {}: {e}", wal.display());
+                        false
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!("{}: {e}", wal.display());
+                    false
+                }
+            },
+            None => false,
+        }
     }
 
     fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
         // No fsync: the decision is durable since `lock`; if this commit is lost in a crash,
         // the next verification finds the locked transaction and unlocks it again.
-        self.unlock_rows(ttid, tid)
+        self.unlock_rows(ttid, tid)?;
+        self.writeback_due = true;
+        Ok(())
     }
 
     fn abort(&mut self, ttid: Tid) -> Result<()> {
@@ -848,6 +887,7 @@ impl Backend for SqliteBackend {
         }
         write_vote(&tx, ttid, &temp, meta)?;
         tx.commit().map_err(db)?;
+        self.writeback_due = true;
         Ok(())
     }
 }

@@ -1245,6 +1245,32 @@ mod sqlite {
         assert_eq!(latest(&mut b, 1).data, b"b");
     }
 
+    /// Votes and unlocks leave a write-back due (started once); a sync, which writes
+    /// everything, clears it; locks and reads leave none; nothing to do in memory.
+    #[test]
+    fn votes_and_unlocks_are_written_back_once_before_the_next_sync() {
+        let db = FileDb::new();
+        let mut b = SqliteBackend::open(&db.path, CLUSTER).unwrap();
+        assert!(!b.start_writeback(), "nothing committed yet");
+        let o = store(&mut b, 1, b"a");
+        let meta = meta_for("u", std::slice::from_ref(&o));
+        b.vote(Tid(99), &with_parts(std::slice::from_ref(&o)), Some((part(99), &meta))).unwrap();
+        assert!(b.start_writeback(), "a vote was committed");
+        assert!(!b.start_writeback(), "already started");
+        b.lock(Tid(99), Tid(100), &[]).unwrap();
+        assert!(!b.start_writeback(), "a lock waits for its sync");
+        b.vote(Tid(100), &[], None).unwrap();
+        b.sync().unwrap();
+        assert!(!b.start_writeback(), "the sync wrote everything");
+        b.unlock(Tid(99), Tid(100)).unwrap();
+        assert!(b.start_writeback(), "an unlock was committed");
+        assert_eq!(latest(&mut b, 1).data, b"a");
+        assert!(!b.start_writeback(), "a read writes nothing");
+        let mut m = memory();
+        commit(&mut *m, 100, &[(1, Some(b"a"))]);
+        assert!(!m.start_writeback(), "no file in memory");
+    }
+
     /// A second process (connection) cannot use a database a storage has open.
     #[test]
     fn a_second_open_of_the_same_file_fails() {
