@@ -27,6 +27,9 @@ pub type Queued<R> = oneshot::Receiver<R>;
 /// The result of a queued durable job, once it is durable.
 pub type Durable<T> = Queued<Result<T, BackendError>>;
 
+/// An idle thread starts the write-back after spinning this long (see `serve`).
+const WRITEBACK_AFTER: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// At most this many durable jobs share one sync.
 const GROUP_MAX: usize = 128;
 
@@ -224,14 +227,29 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Sta
         }
         next = if replies.len() < GROUP_MAX { rx.try_recv().ok() } else { None };
         if next.is_none() {
-            if replies.is_empty() {
-                if backend.start_writeback() {
-                    stats.writebacks.fetch_add(1, Ordering::Relaxed);
-                }
-            } else {
+            if !replies.is_empty() {
                 sync(backend.as_mut(), &mut replies);
             }
-            next = spinner.spin(|| rx.try_recv().ok()).or_else(|| rx.blocking_recv());
+            // Idle: the write-back starts once the answers of the last jobs had time to go
+            // out (its system call would compete with them for the CPU), or before sleeping.
+            let idle = std::time::Instant::now();
+            let mut wrote_back = false;
+            let mut write_back = |backend: &mut dyn Backend| {
+                if !std::mem::replace(&mut wrote_back, true) && backend.start_writeback() {
+                    stats.writebacks.fetch_add(1, Ordering::Relaxed);
+                }
+            };
+            next = spinner.spin(|| {
+                let m = rx.try_recv().ok();
+                if m.is_none() && idle.elapsed() >= WRITEBACK_AFTER {
+                    write_back(backend.as_mut());
+                }
+                m
+            });
+            if next.is_none() {
+                write_back(backend.as_mut());
+                next = rx.blocking_recv();
+            }
         }
     }
     if !replies.is_empty() {
