@@ -2,8 +2,8 @@
 //! verification, lock/unlock), and the handlers of client requests (store, vote, load, abort).
 
 use crate::StorageError;
-use crate::backend::{BackendError, Load, NewData, NewObject, TxnMeta};
-use crate::db::Db;
+use crate::backend::{Backend, BackendError, Load, NewData, NewObject, TxnMeta};
+use crate::db::{Db, Queued};
 use std::collections::HashMap;
 mod history;
 mod reads;
@@ -280,7 +280,8 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             let (ttid, tid) = (Tid(m.ttid), Tid(m.tid));
             info!("validating transaction {ttid:?} as {tid:?}");
             st.db.call_durable(move |b| b.lock(ttid, tid, &[])).await??;
-            unlock_or_stop(st, ttid, tid, None).await?;
+            let unlocked = queue_unlock(st, ttid, tid).await?;
+            unlock_or_stop(st, ttid, unlocked).await?;
             st.tm.release(ttid);
         }
         Body::DropTransaction(m) => {
@@ -357,11 +358,11 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
                 Some(tid) => {
                     // Queued now, in order (a later request of the master sees it done); its
                     // locks are released once it is, while the next messages are read.
-                    let first = st.db.queue(move |b| b.unlock(ttid, tid)).await?;
+                    let unlocked = queue_unlock(st, ttid, tid).await?;
                     let st = st.clone();
                     tokio::spawn(
                         async move {
-                            if unlock_or_stop(&st, ttid, tid, Some(first)).await.is_ok() {
+                            if unlock_or_stop(&st, ttid, unlocked).await.is_ok() {
                                 st.tm.release(ttid);
                             }
                         }
@@ -389,36 +390,48 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
     Ok(None)
 }
 
-/// Make a locked transaction permanent. The commit was acknowledged: retry a few times, and if
-/// the database stays unusable stop this storage (its read locks must not be released on data
-/// that was not written; the next verification replays the unlock from the durable lock).
-/// `first` is the first attempt if already queued.
+/// Queue the unlock of a locked transaction on the database thread, in order with the master's
+/// other requests (a pack requested after it runs after it, retries included).
+async fn queue_unlock(st: &Storage, ttid: Tid, tid: Tid) -> Result<Queued<Result<u32, BackendError>>, StorageError> {
+    Ok(st.db.queue(move |b| unlock_retrying(b, ttid, tid)).await?)
+}
+
+/// Unlock attempts before the storage gives up (see `unlock_retrying`).
+const UNLOCK_ATTEMPTS: u32 = 5;
+
+/// On the database thread: make a locked transaction permanent. The commit was acknowledged:
+/// a failure is retried a few times (the thread waits meanwhile, so that no later job runs
+/// before the unlock), then returned (see `unlock_or_stop`). Returns the attempts it took.
+fn unlock_retrying(b: &mut dyn Backend, ttid: Tid, tid: Tid) -> Result<u32, BackendError> {
+    let mut attempt = 1;
+    loop {
+        match b.unlock(ttid, tid) {
+            Ok(()) => return Ok(attempt),
+            Err(e) if attempt < UNLOCK_ATTEMPTS => {
+                warn!("unlock of {ttid:?} failed (attempt {attempt}): {e}");
+                std::thread::sleep(Duration::from_millis(200 << attempt.min(3)));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Wait for a queued unlock; if it failed for good, stop this storage (its read locks must
+/// not be released on data that was not written; the next verification replays the unlock
+/// from the durable lock).
 async fn unlock_or_stop(
     st: &Storage,
     ttid: Tid,
-    tid: Tid,
-    mut first: Option<crate::db::Queued<Result<(), BackendError>>>,
+    queued: Queued<Result<u32, BackendError>>,
 ) -> Result<(), StorageError> {
-    let mut last = None;
-    for attempt in 0..5u32 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200 << attempt.min(3))).await;
-        }
-        let result = match first.take() {
-            Some(queued) => queued.await.map_err(|_| crate::db::DbClosed)?,
-            None => st.db.call(move |b| b.unlock(ttid, tid)).await?,
-        };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                warn!("unlock of {ttid:?} failed (attempt {}): {e}", attempt + 1);
-                last = Some(e);
-            }
+    match queued.await.map_err(|_| crate::db::DbClosed)? {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            stop_fatal(st, format!("cannot unlock {ttid:?}: {e}"), " (verification will finish the transaction)");
+            Err(StorageError::Backend(e))
         }
     }
-    let why = format!("cannot unlock {ttid:?}: {}", last.as_ref().map(|e| e.to_string()).unwrap_or_default());
-    stop_fatal(st, why, " (verification will finish the transaction)");
-    Err(last.map(StorageError::Backend).unwrap_or(StorageError::Protocol("unlock failed".into())))
 }
 
 /// Stop this storage for good: `why` is its exit error (`comment` only goes to the log).
@@ -828,5 +841,38 @@ fn object_answer(oid: Oid, loaded: Result<Result<Load, BackendError>, crate::db:
             proto::error(ErrorCode::NotReady, format!("storage error: {e}"))
         }
         Err(e) => internal(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::sqlite::SqliteBackend;
+
+    /// A failed unlock is retried on the database thread: another connection holds SQLite's
+    /// write lock past the busy timeout, the first attempt fails, a later one commits.
+    #[test]
+    fn an_unlock_that_fails_once_is_retried_until_it_commits() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.sqlite");
+        let mut b = SqliteBackend::open_shared(&path, "c")?;
+        let (ttid, tid) = (Tid(10), Tid(11));
+        let meta = TxnMeta { user: b"u".to_vec(), ..Default::default() };
+        b.vote(ttid, &[], Some((0, &meta)))?;
+        b.lock(ttid, tid, &[0])?;
+        let other = rusqlite::Connection::open(&path)?;
+        other.execute_batch("BEGIN IMMEDIATE")?;
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let _ = held_tx.send(());
+            std::thread::sleep(Duration::from_millis(3_300)); // past the first attempt
+            other.execute_batch("COMMIT")
+        });
+        held_rx.recv()?;
+        assert!(unlock_retrying(&mut b, ttid, tid)? > 1, "the first attempt fails");
+        holder.join().map_err(|_| "holder panicked")??;
+        assert_eq!(b.transaction(0, tid)?.map(|t| t.meta.user), Some(b"u".to_vec()));
+        assert!(b.locked_transactions()?.is_empty());
+        Ok(())
     }
 }
