@@ -7,7 +7,7 @@
 //! unlocks during a sync, was tried: 1-client commits became slower by its wake-ups, see the
 //! README.) A failed sync fails every later durable job (`Sticky`).
 //!
-//! Write-back when idle: when the queue runs empty with no durable job waiting, the thread asks
+//! Write-back when idle: once the queue has been empty for `WRITEBACK_AFTER`, the thread asks
 //! the backend to start writing what the last jobs committed (`Backend::start_writeback`), so
 //! that the lock's sync, one or two network round trips later, finds little left to write.
 
@@ -233,27 +233,28 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Sta
             // Idle: the write-back starts once the answers of the last jobs had time to go
             // out (its system call would compete with them for the CPU), or before sleeping.
             let idle = std::time::Instant::now();
-            let mut wrote_back = false;
-            let mut write_back = |backend: &mut dyn Backend| {
-                if !std::mem::replace(&mut wrote_back, true) && backend.start_writeback() {
-                    stats.writebacks.fetch_add(1, Ordering::Relaxed);
-                }
-            };
             next = spinner.spin(|| {
                 let m = rx.try_recv().ok();
                 if m.is_none() && idle.elapsed() >= WRITEBACK_AFTER {
-                    write_back(backend.as_mut());
+                    write_back(backend.as_mut(), stats);
                 }
                 m
             });
             if next.is_none() {
-                write_back(backend.as_mut());
+                write_back(backend.as_mut(), stats);
                 next = rx.blocking_recv();
             }
         }
     }
     if !replies.is_empty() {
         sync(backend.as_mut(), &mut replies);
+    }
+}
+
+/// Start the backend's write-back if one is due (a no-op otherwise, see `start_writeback`).
+fn write_back(backend: &mut dyn Backend, stats: &Stats) {
+    if backend.start_writeback() {
+        stats.writebacks.fetch_add(1, Ordering::Relaxed);
     }
 }
 

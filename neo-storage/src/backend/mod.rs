@@ -222,8 +222,9 @@ pub trait Backend: Send {
     fn sync(&mut self) -> Result<()>;
     /// Start writing to disk what was committed since the last `sync` or call, without waiting
     /// and without making anything durable, so that the next `sync` (the commit's critical
-    /// path) has less left to write. A hint the database thread gives when it has nothing
-    /// queued; errors are left to `sync`. Returns whether it started writes.
+    /// path) has less left to write. A hint the database thread gives, maybe many times, when
+    /// it has nothing queued: cheap when nothing is due. Errors are left to `sync`. Returns
+    /// whether it started writes.
     fn start_writeback(&mut self) -> bool {
         false
     }

@@ -785,23 +785,13 @@ impl Backend for SqliteBackend {
         if !std::mem::take(&mut self.writeback_due) {
             return false;
         }
+        let Some(wal) = &self.wal else { return false };
         // Opened by name, as for `sync_wal`; a log that cannot be opened is left to the sync.
-        match &self.wal {
-            Some(wal) => match std::fs::File::open(wal) {
-                Ok(f) => match start_writeback_of(&f) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::debug!("sync_file_range {}: {e}", wal.display());
-                        false
-                    }
-                },
-                Err(e) => {
-                    tracing::debug!("{}: {e}", wal.display());
-                    false
-                }
-            },
-            None => false,
+        let started = std::fs::File::open(wal).and_then(|f| start_writeback_of(&f));
+        if let Err(e) = &started {
+            tracing::debug!("write-back of {}: {e}", wal.display());
         }
+        started.is_ok()
     }
 
     fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
