@@ -327,6 +327,7 @@ mod tests {
         Ok(())
     }
 
+    #[cfg(target_os = "linux")] // sync_file_range
     #[tokio::test]
     async fn the_thread_starts_a_write_back_once_idle_after_a_vote() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;

@@ -148,12 +148,19 @@ fn col_blob(row: &Row<'_>, idx: usize, col: &str, lenient: bool, what: &dyn Fn()
 
 /// Start writing the dirty pages of `f` to disk, without waiting for the writes and without
 /// flushing the disk's cache (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+#[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn start_writeback_of(f: &std::fs::File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: a system call on a descriptor that `f` keeps open; no memory is passed.
     let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
     if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Elsewhere there is no such call: the lock's sync writes everything.
+#[cfg(not(target_os = "linux"))]
+fn start_writeback_of(_: &std::fs::File) -> std::io::Result<()> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "sync_file_range is Linux's"))
 }
 
 /// The SQLite storage backend. Not shared between threads: the node's database thread owns it.

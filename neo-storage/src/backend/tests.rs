@@ -1247,6 +1247,7 @@ mod sqlite {
 
     /// Votes and unlocks leave a write-back due (started once); a sync, which writes
     /// everything, clears it; locks and reads leave none; nothing to do in memory.
+    #[cfg(target_os = "linux")] // sync_file_range
     #[test]
     fn votes_and_unlocks_are_written_back_once_before_the_next_sync() {
         let db = FileDb::new();
