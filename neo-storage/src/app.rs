@@ -862,13 +862,10 @@ mod tests {
         b.lock(ttid, tid, &[0])?;
         let other = rusqlite::Connection::open(&path)?;
         other.execute_batch("BEGIN IMMEDIATE")?;
-        let (held_tx, held_rx) = std::sync::mpsc::channel();
         let holder = std::thread::spawn(move || {
-            let _ = held_tx.send(());
             std::thread::sleep(Duration::from_millis(3_300)); // past the first attempt
             other.execute_batch("COMMIT")
         });
-        held_rx.recv()?;
         assert!(unlock_retrying(&mut b, ttid, tid)? > 1, "the first attempt fails");
         holder.join().map_err(|_| "holder panicked")??;
         assert_eq!(b.transaction(0, tid)?.map(|t| t.meta.user), Some(b"u".to_vec()));

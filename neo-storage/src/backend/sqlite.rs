@@ -149,12 +149,14 @@ fn col_blob(row: &Row<'_>, idx: usize, col: &str, lenient: bool, what: &dyn Fn()
     }
 }
 
-/// Start writing the dirty pages of `f` to disk, without waiting for the writes and without
-/// flushing the disk's cache (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+/// Start writing the dirty pages of the file at `path` to disk, without waiting for the writes
+/// and without flushing the disk's cache (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Opened by
+/// name, as `sync_wal` does.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn start_writeback_of(f: &std::fs::File) -> std::io::Result<()> {
+fn start_writeback_of(path: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
     // SAFETY: a system call on a descriptor that `f` keeps open; no memory is passed.
     let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
     if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
@@ -162,7 +164,7 @@ fn start_writeback_of(f: &std::fs::File) -> std::io::Result<()> {
 
 /// Elsewhere there is no such call: the lock's sync writes everything.
 #[cfg(not(target_os = "linux"))]
-fn start_writeback_of(_: &std::fs::File) -> std::io::Result<()> {
+fn start_writeback_of(_: &Path) -> std::io::Result<()> {
     Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "sync_file_range is Linux's"))
 }
 
@@ -802,8 +804,8 @@ impl Backend for SqliteBackend {
             return false;
         }
         let Some(wal) = &self.wal else { return false };
-        // Opened by name, as for `sync_wal`; a log that cannot be opened is left to the sync.
-        let started = std::fs::File::open(wal).and_then(|f| start_writeback_of(&f));
+        // A log that cannot be opened or written back is left to the sync.
+        let started = start_writeback_of(wal);
         if let Err(e) = &started {
             tracing::debug!("write-back of {}: {e}", wal.display());
         }
