@@ -393,7 +393,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
 /// Queue the unlock of a locked transaction on the database thread, in order with the master's
 /// other requests (a pack requested after it runs after it, retries included).
 async fn queue_unlock(st: &Storage, ttid: Tid, tid: Tid) -> Result<Queued<Result<u32, BackendError>>, StorageError> {
-    Ok(st.db.queue(move |b| unlock_retrying(b, ttid, tid)).await?)
+    Ok(st.db.queue_write(move |b| unlock_retrying(b, ttid, tid)).await?)
 }
 
 /// Unlock attempts before the storage gives up (see `unlock_retrying`).
@@ -781,7 +781,7 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
         .collect();
     let result = st
         .db
-        .call(move |b| {
+        .call_write(move |b| {
             let mut conflicts = Vec::new();
             for (partition, oid, base) in checks {
                 let committed = b.last_serial(partition, oid)?.unwrap_or(Tid::ZERO);

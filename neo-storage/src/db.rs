@@ -7,6 +7,16 @@
 //! unlocks during a sync, was tried: 1-client commits became slower by its wake-ups, see the
 //! README.) A failed sync fails every later durable job (`Sticky`).
 //!
+//! Shared transactions: the writes of a commit (`call_write`, `queue_write`: vote, unlock)
+//! and the durable jobs run, when more jobs are already queued behind them, inside one
+//! database transaction that ends when the queue is empty (`Backend::begin_batch`; each
+//! write's own transaction becomes a savepoint in it). The commits of concurrent transactions
+//! rewrite the same pages (the last leaf of each table and index), which SQLite's log then
+//! holds once per batch instead of once per write. A write's result is delivered only once
+//! its batch is committed (an unlock releases its locks only on committed rows). A batch that
+//! cannot commit fails its writes and, like a failed sync, every later durable job. Plain jobs
+//! (`call`, `queue`: reads, configuration) run outside batches.
+//!
 //! Write-back when idle: once the queue has been empty for `WRITEBACK_AFTER`, the thread asks
 //! the backend to start writing what the last jobs committed (`Backend::start_writeback`), so
 //! that the lock's sync, one or two network round trips later, finds little left to write.
@@ -18,9 +28,10 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 type Job = Box<dyn FnOnce(&mut dyn Backend) + Send>;
-/// A durable job returns the function that delivers its result once the sync is done.
+/// A write or durable job returns the function that delivers its result once its batch is
+/// committed (and, for a durable job, synced): it is given the outcome of that.
 type Reply = Box<dyn FnOnce(Result<(), &BackendError>) + Send>;
-type DurableJob = Box<dyn FnOnce(&mut dyn Backend) -> Reply + Send>;
+type WriteJob = Box<dyn FnOnce(&mut dyn Backend) -> Reply + Send>;
 
 /// The result of a queued job (an error if the thread stopped).
 pub type Queued<R> = oneshot::Receiver<R>;
@@ -30,12 +41,13 @@ pub type Durable<T> = Queued<Result<T, BackendError>>;
 /// An idle thread starts the write-back after spinning this long (see `serve`).
 const WRITEBACK_AFTER: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// At most this many durable jobs share one sync.
+/// At most this many write and durable jobs share one batch, and durable jobs one sync.
 const GROUP_MAX: usize = 128;
 
 enum Msg {
     Job(Job),
-    Durable(DurableJob),
+    Write(WriteJob),
+    Durable(WriteJob),
     /// Finish: the thread drops the backend (closing the database) and exits.
     Stop,
 }
@@ -63,6 +75,10 @@ pub struct Stats {
     pub sync_failed: AtomicBool,
     /// Write-backs started when idle (`Backend::start_writeback`).
     pub writebacks: AtomicU64,
+    /// Batches opened (database transactions shared by several jobs).
+    pub batches: AtomicU64,
+    /// Write and durable jobs run in a batch.
+    pub batched: AtomicU64,
 }
 
 impl Db {
@@ -137,6 +153,28 @@ impl Db {
         rx.blocking_recv().map_err(|_| DbClosed)
     }
 
+    /// Run the write `f` on the database thread and return its result once what it wrote is
+    /// committed (maybe in a batch with the jobs queued after it, see the module comment).
+    pub async fn call_write<T, F>(&self, f: F) -> Result<Result<T, BackendError>, DbClosed>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
+    {
+        self.queue_write(f).await?.await.map_err(|_| DbClosed)
+    }
+
+    /// Queue the write `f` as `call_write` does and return at once the receiver of its result
+    /// (the requests after it reach the thread after it).
+    pub async fn queue_write<T, F>(&self, f: F) -> Result<Durable<T>, DbClosed>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
+    {
+        let (job, rx) = write_job(f, "cannot commit");
+        self.tx.send(Msg::Write(job)).await.map_err(|_| DbClosed)?;
+        Ok(rx)
+    }
+
     /// Run `f` on the database thread; its result is delivered once what it committed is
     /// durable (`Backend::sync`, shared with the other durable jobs queued meanwhile).
     pub async fn call_durable<T, F>(&self, f: F) -> Result<Result<T, BackendError>, DbClosed>
@@ -155,18 +193,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: DurableJob = Box::new(move |b| {
-            let result = f(b);
-            Box::new(move |synced: Result<(), &BackendError>| {
-                let result = match (result, synced) {
-                    (Ok(v), Ok(())) => Ok(v),
-                    (Ok(_), Err(e)) => Err(BackendError::Db(format!("cannot make the commit durable: {e}"))),
-                    (Err(e), _) => Err(e),
-                };
-                let _ = tx.send(result);
-            })
-        });
+        let (job, rx) = write_job(f, "cannot make the commit durable");
         self.tx.send(Msg::Durable(job)).await.map_err(|_| DbClosed)?;
         Ok(rx)
     }
@@ -180,8 +207,10 @@ impl Db {
             let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
             let (durable, syncs, writebacks) =
                 (load(&self.stats.durable), load(&self.stats.syncs), load(&self.stats.writebacks));
+            let (batches, batched) = (load(&self.stats.batches), load(&self.stats.batched));
             tracing::info!(
-                "database closed ({durable} durable jobs made durable by {syncs} syncs; {writebacks} write-backs)"
+                "database closed ({durable} durable jobs made durable by {syncs} syncs; {writebacks} write-backs; \
+                 {batched} jobs in {batches} shared transactions)"
             );
         }
     }
@@ -200,35 +229,106 @@ where
     (job, rx)
 }
 
-/// The database thread's loop (see the module comment for group commit).
-fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Stats) {
-    let mut syncs = Sticky::default();
-    let mut sync = |backend: &mut dyn Backend, replies: &mut Vec<Reply>| {
-        stats.durable.fetch_add(replies.len() as u64, Ordering::Relaxed);
-        stats.syncs.fetch_add(1, Ordering::Relaxed);
-        let synced = syncs.sync(|| backend.sync());
-        if synced.is_err() {
+/// A write or durable job running `f`, and the receiver of its result, delivered with the
+/// outcome of its batch's commit or sync (`failed` says what an error of that means).
+fn write_job<T, F>(f: F, failed: &'static str) -> (WriteJob, Durable<T>)
+where
+    T: Send + 'static,
+    F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let job: WriteJob = Box::new(move |b| {
+        let result = f(b);
+        Box::new(move |done: Result<(), &BackendError>| {
+            let result = match (result, done) {
+                (Ok(v), Ok(())) => Ok(v),
+                (Ok(_), Err(e)) => Err(BackendError::Db(format!("{failed}: {e}"))),
+                (Err(e), _) => Err(e),
+            };
+            let _ = tx.send(result);
+        })
+    });
+    (job, rx)
+}
+
+/// The database transaction shared by the write and durable jobs run while others were
+/// queued (see the module comment).
+#[derive(Default)]
+struct Batch {
+    open: bool,
+    /// Results of the writes run in it, delivered once it is committed.
+    written: Vec<Reply>,
+}
+
+impl Batch {
+    /// Open one before a write if more jobs wait behind it and the backend can.
+    fn begin_if(&mut self, more_queued: bool, backend: &mut dyn Backend, stats: &Stats) {
+        if !self.open && more_queued && backend.begin_batch() {
+            self.open = true;
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.open {
+            stats.batched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Deliver a write's result now if no batch is open (the write committed by itself),
+    /// else once the batch is committed.
+    fn written(&mut self, reply: Reply) {
+        if self.open { self.written.push(reply) } else { reply(Ok(())) }
+    }
+
+    /// Commit the open batch, if any, and deliver its writes' results. A batch that cannot
+    /// commit is rolled back: its writes fail, and so does every later sync (`Sticky`).
+    fn end(&mut self, commit: impl FnOnce() -> Result<(), BackendError>, syncs: &mut Sticky, stats: &Stats) {
+        if !std::mem::take(&mut self.open) {
+            return;
+        }
+        let committed = commit();
+        if let Err(e) = &committed {
+            syncs.fail(format!("a shared transaction could not commit: {e}"));
             stats.sync_failed.store(true, Ordering::Relaxed);
         }
-        for r in replies.drain(..) {
-            r(synced);
+        for r in self.written.drain(..) {
+            r(committed.as_ref().map(|_| ()));
         }
-    };
+    }
+
+    fn len(&self) -> usize {
+        self.written.len()
+    }
+}
+
+/// The database thread's loop (see the module comment for group commit and batches).
+fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Stats) {
+    let mut syncs = Sticky::default();
     let mut replies: Vec<Reply> = Vec::new();
+    let mut batch = Batch::default();
     // The jobs of a commit come one network round trip apart: waiting for the next one
     // awake saves a thread wake-up (see `proto::spin`).
     let mut spinner = proto::spin::Spinner::new(proto::spin::node_budget());
     let mut next = rx.blocking_recv();
     loop {
         match next {
-            Some(Msg::Job(job)) => job(backend.as_mut()),
-            Some(Msg::Durable(job)) => replies.push(job(backend.as_mut())),
+            Some(Msg::Job(job)) => {
+                batch.end(|| backend.commit_batch(), &mut syncs, stats);
+                job(backend.as_mut())
+            }
+            Some(Msg::Write(job)) => {
+                batch.begin_if(!rx.is_empty(), backend.as_mut(), stats);
+                batch.written(job(backend.as_mut()));
+            }
+            Some(Msg::Durable(job)) => {
+                batch.begin_if(!rx.is_empty(), backend.as_mut(), stats);
+                replies.push(job(backend.as_mut()));
+            }
             Some(Msg::Stop) | None => break,
         }
-        next = if replies.len() < GROUP_MAX { rx.try_recv().ok() } else { None };
+        next = if replies.len() + batch.len() < GROUP_MAX { rx.try_recv().ok() } else { None };
         if next.is_none() {
+            batch.end(|| backend.commit_batch(), &mut syncs, stats);
             if !replies.is_empty() {
-                sync(backend.as_mut(), &mut replies);
+                sync(backend.as_mut(), &mut replies, &mut syncs, stats);
             }
             // Idle: the write-back starts once the answers of the last jobs had time to go
             // out (its system call would compete with them for the CPU), or before sleeping.
@@ -246,8 +346,22 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Sta
             }
         }
     }
+    batch.end(|| backend.commit_batch(), &mut syncs, stats);
     if !replies.is_empty() {
-        sync(backend.as_mut(), &mut replies);
+        sync(backend.as_mut(), &mut replies, &mut syncs, stats);
+    }
+}
+
+/// Sync for the durable jobs run since the last sync and deliver their results.
+fn sync(backend: &mut dyn Backend, replies: &mut Vec<Reply>, syncs: &mut Sticky, stats: &Stats) {
+    stats.durable.fetch_add(replies.len() as u64, Ordering::Relaxed);
+    stats.syncs.fetch_add(1, Ordering::Relaxed);
+    let synced = syncs.sync(|| backend.sync());
+    if synced.is_err() {
+        stats.sync_failed.store(true, Ordering::Relaxed);
+    }
+    for r in replies.drain(..) {
+        r(synced);
     }
 }
 
@@ -266,6 +380,14 @@ struct Sticky {
 }
 
 impl Sticky {
+    /// Fail every later sync (what was written may not be on disk).
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            tracing::error!("{why}: every later commit of this storage fails");
+            self.failed = Some(BackendError::Db(format!("{why}, no later commit is durable here")));
+        }
+    }
+
     fn sync(&mut self, sync: impl FnOnce() -> Result<(), BackendError>) -> Result<(), &BackendError> {
         if self.failed.is_none()
             && let Err(e) = sync()
@@ -324,6 +446,111 @@ mod tests {
         assert_eq!(db.stats().syncs.load(Ordering::Relaxed), 3);
         assert_eq!(db.call(|b| b.get_config("k9")).await??.as_deref(), Some("v"));
         db.close().await;
+        Ok(())
+    }
+
+    /// A job that keeps the thread busy until `go` is sent, so that the next ones queue up.
+    async fn hold_thread(
+        db: &Db,
+    ) -> Result<(tokio::task::JoinHandle<Result<(), DbClosed>>, std::sync::mpsc::Sender<()>), Box<dyn std::error::Error>>
+    {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let db2 = db.clone();
+        let blocker = tokio::spawn(async move {
+            db2.call(move |_| {
+                let _ = started_tx.send(());
+                let _ = go_rx.recv();
+            })
+            .await
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv()).await??;
+        Ok((blocker, go_tx))
+    }
+
+    #[tokio::test]
+    async fn writes_queued_together_share_one_transaction_committed_before_their_answers()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.sqlite");
+        let p = path.clone();
+        let db = Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
+            Ok(Box::new(SqliteBackend::open(&p, "c").map_err(std::io::Error::other)?))
+        })
+        .await?;
+        // Alone in the queue: committed by itself, no shared transaction.
+        db.call_write(|b| b.set_config("alone", Some("1"))).await??;
+        assert_eq!(db.stats().batches.load(Ordering::Relaxed), 0);
+        let (blocker, go) = hold_thread(&db).await?;
+        let mut pending = Vec::new();
+        for i in 0..10u32 {
+            let reader_path = path.clone();
+            pending.push(
+                db.queue_write(move |b| {
+                    // Another connection does not see the previous write yet: not committed.
+                    let mut reader = SqliteBackend::open_reader(&reader_path)?;
+                    let seen = if i > 0 { reader.get_config(&format!("k{}", i - 1))? } else { None };
+                    b.set_config(&format!("k{i}"), Some("v"))?;
+                    Ok((i, seen))
+                })
+                .await?,
+            );
+        }
+        // A write that fails leaves the others alone.
+        let failed = db.queue_write(|_| Err::<(), _>(BackendError::Db("refused".into()))).await?;
+        let durable = db.queue_durable(|b| b.set_config("d", Some("1"))).await?;
+        go.send(())?;
+        blocker.await??;
+        for (i, p) in pending.into_iter().enumerate() {
+            assert_eq!(p.await??, (i as u32, None), "write {i} ran in the shared transaction");
+        }
+        assert!(failed.await?.is_err_and(|e| e.to_string().contains("refused")));
+        durable.await??;
+        assert_eq!(db.stats().batches.load(Ordering::Relaxed), 1);
+        assert_eq!(db.stats().batched.load(Ordering::Relaxed), 12);
+        // Answered once committed: every write is visible to another connection.
+        let mut reader = SqliteBackend::open_reader(&path)?;
+        for key in ["k0", "k9", "d", "alone"] {
+            assert!(reader.get_config(key)?.is_some(), "{key} committed");
+        }
+        // Plain jobs run outside shared transactions.
+        let (blocker, go) = hold_thread(&db).await?;
+        let reads: Vec<_> = [db.queue(|b| b.get_config("k1")).await?, db.queue(|b| b.get_config("k2")).await?].into();
+        go.send(())?;
+        blocker.await??;
+        for r in reads {
+            assert_eq!(r.await??.as_deref(), Some("v"));
+        }
+        assert_eq!(db.stats().batches.load(Ordering::Relaxed), 1);
+        db.close().await;
+        Ok(())
+    }
+
+    #[test]
+    fn a_shared_transaction_that_cannot_commit_fails_its_writes_and_every_later_sync()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let (mut batch, mut syncs, stats) =
+            (Batch { open: true, written: Vec::new() }, Sticky::default(), Stats::default());
+        let (job, mut rx) = write_job(|_| Ok(7u32), "cannot commit");
+        // The job's work is done (its result computed); delivery waits for the commit.
+        let mut backend = SqliteBackend::open(std::path::Path::new(":memory:"), "c")?;
+        batch.written(job(&mut backend));
+        assert!(rx.try_recv().is_err(), "not delivered before the commit");
+        batch.end(|| Err(BackendError::Db("EIO".into())), &mut syncs, &stats);
+        let e = rx.try_recv()?.map(|_| "delivered as committed".to_string()).unwrap_or_else(|e| e.to_string());
+        assert!(e.contains("cannot commit") && e.contains("EIO"), "{e}");
+        assert!(stats.sync_failed.load(Ordering::Relaxed));
+        let mut called = false;
+        let later = syncs
+            .sync(|| {
+                called = true;
+                Ok(())
+            })
+            .map_err(|e| e.to_string());
+        assert!(!called);
+        assert!(later.is_err_and(|e| e.contains("could not commit") && e.contains("no later commit is durable")));
+        // Closed: ending it again does nothing.
+        batch.end(|| panic!("no second commit"), &mut syncs, &stats);
         Ok(())
     }
 

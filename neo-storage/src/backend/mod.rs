@@ -228,6 +228,17 @@ pub trait Backend: Send {
     fn start_writeback(&mut self) -> bool {
         false
     }
+    /// Open a database transaction that the next writes join, until `commit_batch` (each
+    /// method's own transaction becomes a savepoint in it: a method that fails undoes only its
+    /// own changes), if the backend can. Returns whether one was opened. While it is open,
+    /// nothing written is visible to other connections.
+    fn begin_batch(&mut self) -> bool {
+        false
+    }
+    /// Commit the transaction opened by `begin_batch`; if that fails, it is rolled back.
+    fn commit_batch(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Record the commit decision: the final tid of `ttid`, and every partition the transaction
     /// writes (kept from an earlier lock when empty). Durable after `sync`.
     fn lock(&mut self, ttid: Tid, tid: Tid, partitions: &[u32]) -> Result<()>;

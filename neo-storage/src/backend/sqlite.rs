@@ -204,7 +204,7 @@ impl SqliteBackend {
 
     fn unlock_rows(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
         let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
-        let tx = self.conn.transaction().map_err(db)?;
+        let tx = self.conn.savepoint().map_err(db)?;
         tx.prepare_cached(
             "INSERT OR REPLACE INTO obj (partition, oid, tid, data_id, value_tid)
              SELECT partition, oid, ?2, data_id, value_tid FROM tobj WHERE tid = ?1",
@@ -228,7 +228,7 @@ impl SqliteBackend {
 
     fn abort_rows(&mut self, ttid: Tid) -> Result<()> {
         let ttid64 = id64(ttid.0);
-        let tx = self.conn.transaction().map_err(db)?;
+        let tx = self.conn.savepoint().map_err(db)?;
         let mut candidates = self.held.released();
         {
             let mut stmt = tx
@@ -771,7 +771,7 @@ impl Backend for SqliteBackend {
     }
 
     fn vote(&mut self, ttid: Tid, objects: &[(u32, TempObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
-        let tx = self.conn.transaction().map_err(db)?;
+        let tx = self.conn.savepoint().map_err(db)?;
         write_vote(&tx, ttid, objects, meta)?;
         tx.commit().map_err(db)?;
         self.writeback_due = true;
@@ -797,6 +797,25 @@ impl Backend for SqliteBackend {
     fn sync(&mut self) -> Result<()> {
         self.writeback_due = false;
         self.sync_wal()
+    }
+
+    fn begin_batch(&mut self) -> bool {
+        // Immediate: the write lock first, so that no job in it can find its snapshot stale
+        // when it starts writing (a writer of another process could only be a test's; if it
+        // holds the lock past the busy timeout, the jobs run one by one as without batches).
+        self.conn.is_autocommit() && self.conn.execute_batch("BEGIN IMMEDIATE").is_ok()
+    }
+
+    fn commit_batch(&mut self) -> Result<()> {
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
+        let committed = self.conn.execute_batch("COMMIT").map_err(db);
+        if committed.is_err() && !self.conn.is_autocommit() {
+            // Still open (SQLite keeps it after some failures): drop it.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        committed
     }
 
     fn start_writeback(&mut self) -> bool {
@@ -854,7 +873,7 @@ impl Backend for SqliteBackend {
     }
 
     fn drop_unfinished(&mut self) -> Result<()> {
-        let tx = self.conn.transaction().map_err(db)?;
+        let tx = self.conn.savepoint().map_err(db)?;
         tx.prepare_cached("DELETE FROM tobj WHERE tid IN (SELECT ttid FROM ttrans WHERE tid IS NULL)")
             .map_err(db)?
             .execute([])
@@ -881,7 +900,7 @@ impl Backend for SqliteBackend {
     }
 
     fn vote_data(&mut self, ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
-        let tx = self.conn.transaction().map_err(db)?;
+        let tx = self.conn.savepoint().map_err(db)?;
         let mut temp = Vec::with_capacity(objects.len());
         for (partition, o) in objects {
             let data_id = match &o.data {
