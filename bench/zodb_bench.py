@@ -175,6 +175,7 @@ def main():
             print("neo-rs + ZODB %s, cluster: 2 SQLite storages, replicas 1 (%s)" % (version("ZODB"), master))
             print("%-8s %14s %16s %12s %14s %14s %14s" % ("clients", "commit-1/s", "commit-100/s", "update/s",
                                                           "cold read/s", "warm read/s", "prefetched/s"))
+            results = {}
             for procs in (1, 4):
                 with multiprocessing.get_context("spawn").Pool(procs) as pool:
                     start = time.time() + START_DELAY
@@ -197,8 +198,7 @@ def main():
                     pref = total / max(r[2] for r in res)
                 print("%-8d %14.0f %16.1f %12.0f %14.0f %14.0f %14.0f" % (procs, c1, c100, upd, cold, warm, pref))
                 sys.stdout.flush()
-                if procs == 1:
-                    first = (c1, cold, pref)
+                results[procs] = (c1, cold, pref)
             fs_after = filestorage_baseline(tmp, n1, nread, "after.fs")
             for when, (fs_c1, fs_cold) in (("FS first", fs_before), ("FS last", fs_after)):
                 print("%-8s %14.0f %16s %12s %14.0f   (in-process FileStorage, same machine, 1 client)"
@@ -207,8 +207,11 @@ def main():
             k_c, k_r = fs_c1 / FS_COMMITS, fs_cold / FS_COLD
             print("this machine runs FileStorage at %.2fx (commits) and %.2fx (reads) the machine of the NEO figures;"
                   % (k_c, k_r))
-            print("1 client vs NEO scaled to it: commits %.1fx, cold reads %.1fx, prefetched reads %.1fx"
-                  % (first[0] / (NEO_COMMITS * k_c), first[1] / (NEO_COLD * k_r), first[2] / (NEO_COLD * k_r)))
+            for procs, (c1, cold, pref) in results.items():
+                # NEO's figures are of one client: the 4-client line compares with them too.
+                print("%d client%s vs NEO (1 client) scaled to it: commits %.1fx, cold reads %.1fx, prefetched reads %.1fx"
+                      % (procs, "s" if procs > 1 else "", c1 / (NEO_COMMITS * k_c), cold / (NEO_COLD * k_r),
+                         pref / (NEO_COLD * k_r)))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)

@@ -417,18 +417,7 @@ mod tests {
             Ok(Box::new(b))
         })
         .await?;
-        // A job that keeps the thread busy while the durable ones queue up behind it.
-        let (started_tx, started_rx) = std::sync::mpsc::channel();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let db2 = db.clone();
-        let blocker = tokio::spawn(async move {
-            db2.call(move |_| {
-                let _ = started_tx.send(());
-                let _ = go_rx.recv();
-            })
-            .await
-        });
-        tokio::task::spawn_blocking(move || started_rx.recv()).await??;
+        let (blocker, go_tx) = hold_thread(&db).await?;
         let mut pending = Vec::new();
         for i in 0..10u32 {
             pending.push(db.queue_durable(move |b| b.set_config(&format!("k{i}"), Some("v")).map(|()| i)).await?);
