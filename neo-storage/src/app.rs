@@ -779,9 +779,9 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
             (s.partition, NewObject { oid, data, data_serial: s.data_serial })
         })
         .collect();
-    let result = st
+    let voted = st
         .db
-        .call_write(move |b| {
+        .queue_write(move |b| {
             let mut conflicts = Vec::new();
             for (partition, oid, base) in checks {
                 let committed = b.last_serial(partition, oid)?.unwrap_or(Tid::ZERO);
@@ -794,8 +794,9 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
             }
             Ok::<_, BackendError>(conflicts)
         })
-        .await;
-    let conflicts = result.map_err(internal)?.map_err(internal)?;
+        .await
+        .map_err(internal)?;
+    let conflicts = voted.await.map_err(|_| internal(crate::db::DbClosed))?.map_err(internal)?;
     if conflicts.is_empty() {
         st.tm.set_voted(ttid, generation);
     }

@@ -7,7 +7,7 @@
 //! unlocks during a sync, was tried: 1-client commits became slower by its wake-ups, see the
 //! README.) A failed sync fails every later durable job (`Sticky`).
 //!
-//! Shared transactions: the writes of a commit (`call_write`, `queue_write`: vote, unlock)
+//! Shared transactions: the writes of a commit (`queue_write`: vote, unlock)
 //! and the durable jobs run, when more jobs are already queued behind them, inside one
 //! database transaction that ends when the queue is empty (`Backend::begin_batch`; each
 //! write's own transaction becomes a savepoint in it). The commits of concurrent transactions
@@ -153,26 +153,15 @@ impl Db {
         rx.blocking_recv().map_err(|_| DbClosed)
     }
 
-    /// Run the write `f` on the database thread and return its result once what it wrote is
-    /// committed (maybe in a batch with the jobs queued after it, see the module comment).
-    pub async fn call_write<T, F>(&self, f: F) -> Result<Result<T, BackendError>, DbClosed>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
-    {
-        self.queue_write(f).await?.await.map_err(|_| DbClosed)
-    }
-
-    /// Queue the write `f` as `call_write` does and return at once the receiver of its result
-    /// (the requests after it reach the thread after it).
+    /// Queue the write `f` and return at once the receiver of its result, delivered once what
+    /// it wrote is committed (maybe in a batch with the jobs queued after it, see the module
+    /// comment); the requests after it reach the thread after it.
     pub async fn queue_write<T, F>(&self, f: F) -> Result<Durable<T>, DbClosed>
     where
         T: Send + 'static,
         F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
     {
-        let (job, rx) = write_job(f, "cannot commit");
-        self.tx.send(Msg::Write(job)).await.map_err(|_| DbClosed)?;
-        Ok(rx)
+        self.send_write(Msg::Write, write_job(f, "cannot commit")).await
     }
 
     /// Run `f` on the database thread; its result is delivered once what it committed is
@@ -193,8 +182,15 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut dyn Backend) -> Result<T, BackendError> + Send + 'static,
     {
-        let (job, rx) = write_job(f, "cannot make the commit durable");
-        self.tx.send(Msg::Durable(job)).await.map_err(|_| DbClosed)?;
+        self.send_write(Msg::Durable, write_job(f, "cannot make the commit durable")).await
+    }
+
+    async fn send_write<T>(
+        &self,
+        kind: fn(WriteJob) -> Msg,
+        (job, rx): (WriteJob, Durable<T>),
+    ) -> Result<Durable<T>, DbClosed> {
+        self.tx.send(kind(job)).await.map_err(|_| DbClosed)?;
         Ok(rx)
     }
 
@@ -468,7 +464,7 @@ mod tests {
         })
         .await?;
         // Alone in the queue: committed by itself, no shared transaction.
-        db.call_write(|b| b.set_config("alone", Some("1"))).await??;
+        db.queue_write(|b| b.set_config("alone", Some("1"))).await?.await??;
         assert_eq!(db.stats().batches.load(Ordering::Relaxed), 0);
         let (blocker, go) = hold_thread(&db).await?;
         let mut pending = Vec::new();
