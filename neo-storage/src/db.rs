@@ -408,11 +408,7 @@ mod tests {
     async fn durable_jobs_queued_together_share_one_sync() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("s.sqlite");
-        let db = Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
-            let b = SqliteBackend::open(&path, "c").map_err(std::io::Error::other)?;
-            Ok(Box::new(b))
-        })
-        .await?;
+        let db = open_sqlite(&path).await?;
         let (blocker, go_tx) = hold_thread(&db).await?;
         let mut pending = Vec::new();
         for i in 0..10u32 {
@@ -432,6 +428,15 @@ mod tests {
         assert_eq!(db.call(|b| b.get_config("k9")).await??.as_deref(), Some("v"));
         db.close().await;
         Ok(())
+    }
+
+    /// The database thread on a SQLite database at `path` (created for cluster "c").
+    async fn open_sqlite(path: &std::path::Path) -> Result<Db, std::io::Error> {
+        let path = path.to_owned();
+        Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
+            Ok(Box::new(SqliteBackend::open(&path, "c").map_err(std::io::Error::other)?))
+        })
+        .await
     }
 
     /// A job that keeps the thread busy until `go` is sent, so that the next ones queue up.
@@ -458,11 +463,7 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("s.sqlite");
-        let p = path.clone();
-        let db = Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
-            Ok(Box::new(SqliteBackend::open(&p, "c").map_err(std::io::Error::other)?))
-        })
-        .await?;
+        let db = open_sqlite(&path).await?;
         // Alone in the queue: committed by itself, no shared transaction.
         db.queue_write(|b| b.set_config("alone", Some("1"))).await?.await??;
         assert_eq!(db.stats().batches.load(Ordering::Relaxed), 0);
@@ -544,10 +545,7 @@ mod tests {
     async fn the_thread_starts_a_write_back_once_idle_after_a_vote() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("s.sqlite");
-        let db = Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
-            Ok(Box::new(SqliteBackend::open(&path, "c").map_err(std::io::Error::other)?))
-        })
-        .await?;
+        let db = open_sqlite(&path).await?;
         let writebacks = |db: &Db| db.stats().writebacks.load(Ordering::Relaxed);
         db.call(|b| b.get_config("a")).await??;
         db.call(|b| b.vote(Tid(1), &[], None)).await??;
@@ -572,11 +570,7 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("s.sqlite");
-        let p = path.clone();
-        let db = Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
-            Ok(Box::new(SqliteBackend::open(&p, "c").map_err(std::io::Error::other)?))
-        })
-        .await?;
+        let db = open_sqlite(&path).await?;
         db.call_durable(|b| b.set_config("a", Some("1"))).await??;
         assert!(!db.sync_failed());
         // The log's name gone, the next sync cannot open it.
