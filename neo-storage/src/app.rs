@@ -783,8 +783,10 @@ async fn vote(st: &Storage, conn: u64, ttid: Tid, meta: Option<TxnMeta>) -> Resu
         .db
         .queue_write(move |b| {
             let mut conflicts = Vec::new();
-            for (partition, oid, base) in checks {
-                let committed = b.last_serial(partition, oid)?.unwrap_or(Tid::ZERO);
+            let keys: Vec<(u32, Oid)> = checks.iter().map(|(partition, oid, _)| (*partition, *oid)).collect();
+            let serials = b.last_serials(&keys)?;
+            for ((_, oid, base), committed) in checks.into_iter().zip(serials) {
+                let committed = committed.unwrap_or(Tid::ZERO);
                 if committed != base {
                     conflicts.push(msg::Conflict { oid: oid.0, serial: base.0, committed: committed.0 });
                 }

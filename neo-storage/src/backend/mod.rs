@@ -159,6 +159,10 @@ pub trait Backend: Send {
     fn load(&mut self, partition: u32, oid: Oid, at: Option<Tid>, before: Option<Tid>) -> Result<Load>;
     /// Serial of the newest committed revision of `oid`, None if the object does not exist.
     fn last_serial(&mut self, partition: u32, oid: Oid) -> Result<Option<Tid>>;
+    /// `last_serial` of each object, in order (an engine with a server answers in one request).
+    fn last_serials(&mut self, objects: &[(u32, Oid)]) -> Result<Vec<Option<Tid>>> {
+        objects.iter().map(|(partition, oid)| self.last_serial(*partition, *oid)).collect()
+    }
     /// Committed transaction metadata by final tid.
     fn transaction(&mut self, partition: u32, tid: Tid) -> Result<Option<TxnInfo>>;
     /// Committed revisions of `oid` (partition `partition`), newest first, skipping the first

@@ -21,6 +21,13 @@
 //! otherwise), so `sync` is a no-op. The price is one log flush per commit on this single
 //! connection: the group commit the node does with `sync` does not apply here.
 //!
+//! Round trips: each statement waits for the server (about 200 µs on a small VM), so the
+//! writes of a commit are scripts, several statements sent in one query (`run_script`, with
+//! values inlined as integers and hexadecimal literals): a vote is one query for the conflict
+//! checks (`last_serials`, one row of scalar subqueries) and one for its writes (data rows
+//! deduplicated by `ON DUPLICATE KEY`, temporary objects, `ttrans`), an unlock one. A vote
+//! longer than a chunk is written statement by statement.
+//!
 //! Lost connection (server restart, `KILL`, network cut): the call that notices it fails as
 //! before (the server rolled its transaction back) and the connection is marked broken; the next
 //! call reconnects first (same URL and session settings, schema version and cluster checked, no
@@ -404,6 +411,110 @@ async fn finish<T>(c: &mut Conn, r: Result<T>) -> Result<T> {
             Err(e)
         }
     }
+}
+
+/// Run `body` (statements, each ending with `;`) as one transaction in ONE round trip: the
+/// statements go in one query (mysql_async asks for CLIENT_MULTI_STATEMENTS), between
+/// `START TRANSACTION` and `COMMIT`. The server stops at a failing statement; the transaction
+/// is then rolled back. Values are inlined (integers, `NULL`, `hex` literals): nothing else.
+async fn run_script(c: &mut Conn, body: &str) -> Result<()> {
+    let r = c.query_drop(format!("START TRANSACTION; {body} COMMIT")).await.map_err(db);
+    if r.is_err() {
+        // A failed rollback still tells (through `db`) whether the connection is lost.
+        let _ = c.query_drop("ROLLBACK").await.map_err(db);
+    }
+    r
+}
+
+/// `b` as an SQL hexadecimal literal (`X'…'`), for scripts.
+fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(3 + 2 * b.len());
+    s.push_str("X'");
+    for x in b {
+        s.push(DIGITS[usize::from(x >> 4)] as char);
+        s.push(DIGITS[usize::from(x & 15)] as char);
+    }
+    s.push('\'');
+    s
+}
+
+/// An optional id as an SQL literal.
+fn opt_id(v: Option<i64>) -> String {
+    v.map_or_else(|| "NULL".to_string(), |v| v.to_string())
+}
+
+/// Objects whose last serials one query of `last_serials` reads.
+const LAST_SERIALS_PER_QUERY: usize = 256;
+
+/// Bytes of a vote script besides its values' literals: per object, and per vote.
+const SCRIPT_PER_OBJECT: usize = 400;
+const SCRIPT_OVERHEAD: usize = 1000;
+
+/// The statements of `vote_data` as one script (see `run_script`), or None when it would be
+/// longer than `limit` (then every record must fit in one chunk too, so `limit` is the chunk
+/// size): each data row inserted or found (`ON DUPLICATE KEY`: the unique key on hash and
+/// compression deduplicates, within the vote too) and its id kept in a session variable, the
+/// temporary objects, the `ttrans` row.
+fn vote_script(ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnMeta)>, limit: usize) -> Option<String> {
+    use std::fmt::Write;
+    let values: usize = objects.iter().map(|(_, o)| o.data.as_ref().map_or(0, |d| 2 * d.data.len())).sum();
+    let meta_len =
+        meta.map_or(0, |(_, m)| 2 * (8 * m.oids.len() + m.user.len() + m.description.len() + m.extension.len()));
+    let estimate = SCRIPT_OVERHEAD + SCRIPT_PER_OBJECT * objects.len() + values + meta_len;
+    if estimate > limit {
+        return None;
+    }
+    let ttid64 = id64(ttid.0);
+    let mut s = String::with_capacity(estimate);
+    let mut rows = String::with_capacity(80 * objects.len());
+    for (i, (partition, o)) in objects.iter().enumerate() {
+        let data_id = match &o.data {
+            Some(d) => {
+                let _ = write!(
+                    s,
+                    "INSERT INTO data (hash, compression, value, value_size) VALUES ({}, {}, {}, {})
+                     ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id); SET @d{i} = LAST_INSERT_ID(); ",
+                    hex(&d.checksum),
+                    d.compression,
+                    hex(&d.data),
+                    d.data.len()
+                );
+                format!("@d{i}")
+            }
+            None => "NULL".to_string(),
+        };
+        let _ = write!(
+            rows,
+            "{}({partition}, {}, {ttid64}, {data_id}, {})",
+            if i == 0 { "" } else { ", " },
+            id64(o.oid.0),
+            opt_id(o.data_serial.map(|t| id64(t.0)))
+        );
+    }
+    if !objects.is_empty() {
+        let _ = write!(
+            s,
+            "INSERT INTO tobj (`partition`, oid, tid, data_id, value_tid) VALUES {rows}
+             ON DUPLICATE KEY UPDATE `partition` = VALUES(`partition`), data_id = VALUES(data_id),
+               value_tid = VALUES(value_tid); "
+        );
+    }
+    let _ = match meta {
+        Some((partition, m)) => write!(
+            s,
+            "INSERT INTO ttrans (ttid, `partition`, tid, meta, oids, user, description, ext)
+             VALUES ({ttid64}, {partition}, NULL, 1, {}, {}, {}, {})
+             ON DUPLICATE KEY UPDATE `partition` = VALUES(`partition`), meta = 1, oids = VALUES(oids),
+               user = VALUES(user), description = VALUES(description), ext = VALUES(ext); ",
+            hex(&encode_oids(&m.oids)),
+            hex(&m.user),
+            hex(&m.description),
+            hex(&m.extension)
+        ),
+        None => write!(s, "INSERT INTO ttrans (ttid, meta) VALUES ({ttid64}, 0) ON DUPLICATE KEY UPDATE ttid = ttid; "),
+    };
+    Some(s)
 }
 
 /// Whether a failed call may be run again on a new connection (see the module documentation).
@@ -1102,6 +1213,26 @@ impl Backend for MysqlBackend {
         })
     }
 
+    fn last_serials(&mut self, objects: &[(u32, Oid)]) -> Result<Vec<Option<Tid>>> {
+        let mut out = Vec::with_capacity(objects.len());
+        // One row whose columns are the objects' last serials, per group: one round trip each.
+        for group in objects.chunks(LAST_SERIALS_PER_QUERY) {
+            let columns: Vec<String> = group
+                .iter()
+                .map(|(partition, oid)| {
+                    format!("(SELECT MAX(tid) FROM obj WHERE `partition` = {partition} AND oid = {})", id64(oid.0))
+                })
+                .collect();
+            let sql = format!("SELECT {}", columns.join(", "));
+            let row: Option<Row> = on_conn!(self, RETRY, c, async { c.query_first(sql.as_str()).await.map_err(db) })?;
+            let mut row = row.ok_or_else(|| BackendError::Db("last serials: the server returned no row".into()))?;
+            for (i, (_, oid)) in group.iter().enumerate() {
+                out.push(col_opt_tid(&mut row, i, "tid", &|| format!("object {oid}"))?);
+            }
+        }
+        Ok(out)
+    }
+
     fn transaction(&mut self, partition: u32, tid: Tid) -> Result<Option<TxnInfo>> {
         on_conn!(self, RETRY, c, async {
             let row: Option<Row> = c
@@ -1283,15 +1414,19 @@ impl Backend for MysqlBackend {
     }
 
     fn vote_data(&mut self, ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnMeta)>) -> Result<()> {
+        for d in objects.iter().filter_map(|(_, o)| o.data.as_ref()) {
+            check_data_args(&d.checksum, d.compression)?;
+        }
+        // One round trip when the statements fit in one query; else one per statement.
+        if let Some(script) = vote_script(ttid, objects, meta, self.link.chunk) {
+            return on_conn!(self, NO_RETRY, c, run_script(c, &script));
+        }
         in_tx!(self, NO_RETRY, c, async {
             let chunk = self.link.chunk;
             let mut temp = Vec::with_capacity(objects.len());
             for (partition, o) in objects {
                 let data_id = match &o.data {
-                    Some(d) => {
-                        check_data_args(&d.checksum, d.compression)?;
-                        Some(insert_data(c, chunk, &d.checksum, d.compression, &d.data).await?)
-                    }
+                    Some(d) => Some(insert_data(c, chunk, &d.checksum, d.compression, &d.data).await?),
                     None => None,
                 };
                 temp.push((*partition, TempObject { oid: o.oid, data_id, data_serial: o.data_serial }));
@@ -1321,29 +1456,21 @@ impl Backend for MysqlBackend {
 
     fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
         let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
-        in_tx!(self, RETRY, c, async {
-            c.exec_drop(
-                "INSERT INTO obj (`partition`, oid, tid, data_id, value_tid)
-                 SELECT `partition`, oid, ?, data_id, value_tid FROM tobj WHERE tid = ?
-                 ON DUPLICATE KEY UPDATE data_id = VALUES(data_id), value_tid = VALUES(value_tid)",
-                (tid64, ttid64),
-            )
-            .await
-            .map_err(db)?;
-            c.exec_drop(
-                "INSERT INTO trans (`partition`, tid, packed, oids, user, description, ext, ttid)
-                 SELECT `partition`, ?, 0, COALESCE(oids, ''), COALESCE(user, ''),
-                        COALESCE(description, ''), COALESCE(ext, ''), ttid
-                 FROM ttrans WHERE ttid = ? AND meta = 1
-                 ON DUPLICATE KEY UPDATE packed = VALUES(packed), oids = VALUES(oids), user = VALUES(user),
-                   description = VALUES(description), ext = VALUES(ext), ttid = VALUES(ttid)",
-                (tid64, ttid64),
-            )
-            .await
-            .map_err(db)?;
-            c.exec_drop("DELETE FROM tobj WHERE tid = ?", (ttid64,)).await.map_err(db)?;
-            c.exec_drop("DELETE FROM ttrans WHERE ttid = ?", (ttid64,)).await.map_err(db)
-        })
+        // One round trip (see `run_script`).
+        let script = format!(
+            "INSERT INTO obj (`partition`, oid, tid, data_id, value_tid)
+             SELECT `partition`, oid, {tid64}, data_id, value_tid FROM tobj WHERE tid = {ttid64}
+             ON DUPLICATE KEY UPDATE data_id = VALUES(data_id), value_tid = VALUES(value_tid);
+             INSERT INTO trans (`partition`, tid, packed, oids, user, description, ext, ttid)
+             SELECT `partition`, {tid64}, 0, COALESCE(oids, ''), COALESCE(user, ''),
+                    COALESCE(description, ''), COALESCE(ext, ''), ttid
+             FROM ttrans WHERE ttid = {ttid64} AND meta = 1
+             ON DUPLICATE KEY UPDATE packed = VALUES(packed), oids = VALUES(oids), user = VALUES(user),
+               description = VALUES(description), ext = VALUES(ext), ttid = VALUES(ttid);
+             DELETE FROM tobj WHERE tid = {ttid64};
+             DELETE FROM ttrans WHERE ttid = {ttid64};"
+        );
+        on_conn!(self, RETRY, c, run_script(c, &script))
     }
 
     fn abort(&mut self, ttid: Tid) -> Result<()> {

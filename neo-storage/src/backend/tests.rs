@@ -186,6 +186,48 @@ pub(crate) fn vote_data_stores_data_objects_and_metadata(b: &mut dyn Backend) {
     assert!(b.locked_transactions().unwrap().is_empty());
 }
 
+/// `vote_data` objects: `data` for each oid (None = deletion).
+fn new_objects(objects: &[(u64, Option<&[u8]>)]) -> Vec<(u32, super::NewObject)> {
+    use super::{NewData, NewObject};
+    objects
+        .iter()
+        .map(|(oid, d)| {
+            let data = d.map(|d| NewData { checksum: sha1(d), compression: 0, data: d.to_vec() });
+            (part(*oid), NewObject { oid: Oid(*oid), data, data_serial: None })
+        })
+        .collect()
+}
+
+/// `last_serials` answers what `last_serial` does for each object, in order, for more objects
+/// than one request of an engine reads (MySQL: 256), existing or not; a vote may store data
+/// that a committed revision already has.
+pub(crate) fn last_serials_and_data_reused_across_votes(b: &mut dyn Backend) {
+    let oids: Vec<u64> = (1..=300).collect();
+    let objects: Vec<(u64, Option<&[u8]>)> = oids.iter().map(|o| (*o, Some(&b"shared"[..]))).collect();
+    b.vote_data(Tid(50), &new_objects(&objects), None).unwrap();
+    b.lock(Tid(50), Tid(60), &[]).unwrap();
+    b.unlock(Tid(50), Tid(60)).unwrap();
+    b.vote_data(Tid(70), &new_objects(&[(2, Some(b"shared")), (5, None)]), None).unwrap();
+    b.lock(Tid(70), Tid(80), &[]).unwrap();
+    b.unlock(Tid(70), Tid(80)).unwrap();
+    let keys: Vec<(u32, Oid)> = (0..=310).map(|o| (part(o), Oid(o))).collect();
+    let serials = b.last_serials(&keys).unwrap();
+    assert_eq!(serials.len(), keys.len());
+    for ((partition, oid), serial) in keys.iter().zip(&serials) {
+        assert_eq!(*serial, b.last_serial(*partition, *oid).unwrap(), "{oid}");
+        let expected = match oid.0 {
+            2 | 5 => Some(Tid(80)),
+            1..=300 => Some(Tid(60)),
+            _ => None,
+        };
+        assert_eq!(*serial, expected, "{oid}");
+    }
+    assert!(b.last_serials(&[]).unwrap().is_empty());
+    assert_eq!(latest(b, 2).data, b"shared");
+    assert_eq!(latest(b, 300).data, b"shared");
+    assert_eq!(latest(b, 5).data, b"");
+}
+
 pub(crate) fn load_revisions(b: &mut dyn Backend) {
     commit(b, 100, &[(1, Some(b"v100")), (2, Some(b"other"))]);
     commit(b, 200, &[(1, Some(b"v200"))]);
@@ -1126,6 +1168,7 @@ mod sqlite {
 
     fresh!(
         vote_data_stores_data_objects_and_metadata,
+        last_serials_and_data_reused_across_votes,
         load_revisions,
         deletion_and_back_pointer,
         dedup,
@@ -1435,6 +1478,7 @@ mod mysql {
 
     fresh!(
         vote_data_stores_data_objects_and_metadata,
+        last_serials_and_data_reused_across_votes,
         load_revisions,
         deletion_and_back_pointer,
         dedup,
@@ -1556,6 +1600,58 @@ mod mysql {
         assert_eq!(r.data.len(), data.len());
         assert!(r.data == data);
         assert_eq!(r.checksum, sha1(&data));
+    }
+
+    /// A vote too long for one query (here: longer than a chunk of 100 bytes) is written
+    /// statement by statement, with the same result; records longer than a chunk too.
+    #[test]
+    fn votes_statement_by_statement_when_too_long_for_one_query() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        b.set_chunk_size(100);
+        super::vote_data_stores_data_objects_and_metadata(&mut b);
+        super::last_serials_and_data_reused_across_votes(&mut b);
+        let big: Vec<u8> = (0..450u32).map(|i| (i % 7) as u8).collect();
+        b.vote_data(Tid(500), &super::new_objects(&[(400, Some(&big))]), None).unwrap();
+        b.lock(Tid(500), Tid(510), &[]).unwrap();
+        b.unlock(Tid(500), Tid(510)).unwrap();
+        assert!(latest(&mut b, 400).data == big);
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM bigdata"), 4);
+    }
+
+    /// A vote in one query deduplicates data within the vote and against committed rows; when
+    /// one of its statements fails, nothing of it stays and the connection goes on.
+    #[test]
+    fn a_vote_in_one_query_is_all_or_nothing() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        let objs = super::new_objects(&[(1, Some(b"same")), (2, Some(b"same")), (3, Some(b"other"))]);
+        b.vote_data(Tid(50), &objs, None).unwrap();
+        b.lock(Tid(50), Tid(60), &[]).unwrap();
+        b.unlock(Tid(50), Tid(60)).unwrap();
+        b.vote_data(Tid(70), &super::new_objects(&[(4, Some(b"same"))]), None).unwrap();
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM data"), 2);
+        b.abort(Tid(70)).unwrap();
+
+        // The last statement (ttrans) fails: the data rows and objects before it go too.
+        db.raw(
+            "CREATE TRIGGER no_ttrans BEFORE INSERT ON ttrans FOR EACH ROW
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by the test'",
+        );
+        let objs = super::new_objects(&[(5, Some(b"five")), (6, Some(b"same"))]);
+        let meta = TxnMeta { user: b"u".to_vec(), oids: vec![Oid(5), Oid(6)], ..Default::default() };
+        let e = b.vote_data(Tid(80), &objs, Some((part(80), &meta))).unwrap_err();
+        assert!(e.to_string().contains("refused by the test"), "{e}");
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM data"), 2);
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM tobj"), 0);
+        db.raw("DROP TRIGGER no_ttrans");
+        b.vote_data(Tid(80), &objs, Some((part(80), &meta))).unwrap();
+        b.lock(Tid(80), Tid(90), &[]).unwrap();
+        b.unlock(Tid(80), Tid(90)).unwrap();
+        assert_eq!(latest(&mut b, 5).data, b"five");
+        assert_eq!(latest(&mut b, 6).data, b"same");
+        assert_eq!(b.transaction(part(80), Tid(90)).unwrap().map(|t| t.meta), Some(meta));
+        assert_eq!(b.reconnects(), 0, "the same connection throughout");
     }
 
     #[test]
