@@ -17,6 +17,11 @@
 //! cannot commit fails its writes and, like a failed sync, every later durable job. Plain jobs
 //! (`call`, `queue`: reads, configuration) run outside batches.
 //!
+//! Deferred work: a backend may leave work to finish (`Backend::has_deferred`; MySQL: an
+//! unlock not committed, which the next commit commits with its own writes). Then the idle
+//! thread waits up to `DEFER_FOR` for a job to share it with before `Backend::idle` finishes
+//! it, and sleeps only after that.
+//!
 //! Write-back when idle: once the queue has been empty for `WRITEBACK_AFTER`, the thread asks
 //! the backend to start writing what the last jobs committed (`Backend::start_writeback`), so
 //! that the lock's sync, one or two network round trips later, finds little left to write.
@@ -303,6 +308,8 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Sta
     // The jobs of a commit come one network round trip apart: waiting for the next one
     // awake saves a thread wake-up (see `proto::spin`).
     let mut spinner = proto::spin::Spinner::new(proto::spin::node_budget());
+    // Timers only, for `wait_for` (None if it cannot be built: no waiting then).
+    let timer = tokio::runtime::Builder::new_current_thread().enable_time().build().ok();
     let mut next = rx.blocking_recv();
     loop {
         match next {
@@ -338,7 +345,18 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Sta
             });
             if next.is_none() {
                 write_back(backend.as_mut(), stats);
-                next = rx.blocking_recv();
+                if backend.has_deferred() {
+                    // Deferred work waits a while for a job to share it with.
+                    match wait_for(timer.as_ref(), &mut rx, DEFER_FOR) {
+                        Waited::Job(m) => next = Some(m),
+                        Waited::Closed => break,
+                        Waited::Timeout => {}
+                    }
+                }
+                if next.is_none() {
+                    backend.idle();
+                    next = rx.blocking_recv();
+                }
             }
         }
     }
@@ -346,6 +364,7 @@ fn serve(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, stats: &Sta
     if !replies.is_empty() {
         sync(backend.as_mut(), &mut replies, &mut syncs, stats);
     }
+    backend.idle();
 }
 
 /// Sync for the durable jobs run since the last sync and deliver their results.
@@ -362,6 +381,27 @@ fn sync(backend: &mut dyn Backend, replies: &mut Vec<Reply>, syncs: &mut Sticky,
 }
 
 /// Start the backend's write-back if one is due (a no-op otherwise, see `start_writeback`).
+/// How long deferred work (`Backend::has_deferred`) waits for the next job to share it with
+/// before `Backend::idle` finishes it: a client committing in a loop sends its next commit
+/// within a few milliseconds.
+const DEFER_FOR: std::time::Duration = std::time::Duration::from_millis(20);
+
+enum Waited {
+    Job(Msg),
+    Closed,
+    Timeout,
+}
+
+/// The next message, if one comes within `d` (at once without a timer runtime).
+fn wait_for(timer: Option<&tokio::runtime::Runtime>, rx: &mut mpsc::Receiver<Msg>, d: std::time::Duration) -> Waited {
+    let Some(rt) = timer else { return Waited::Timeout };
+    match rt.block_on(async { tokio::time::timeout(d, rx.recv()).await }) {
+        Ok(Some(m)) => Waited::Job(m),
+        Ok(None) => Waited::Closed,
+        Err(_) => Waited::Timeout,
+    }
+}
+
 fn write_back(backend: &mut dyn Backend, stats: &Stats) {
     if backend.start_writeback() {
         stats.writebacks.fetch_add(1, Ordering::Relaxed);
@@ -603,5 +643,49 @@ mod tests {
             .map_err(|e| e.to_string());
         assert!(!called, "no sync is tried after a failure");
         assert!(later.is_err_and(|e| e.contains("no later commit is durable")));
+    }
+
+    /// Deferred work (MySQL: an unlock not committed yet, see `Backend::has_deferred`) is
+    /// finished when no job comes to share it with: another connection then sees the unlock.
+    #[tokio::test]
+    async fn deferred_work_is_finished_when_the_thread_goes_idle() -> Result<(), Box<dyn std::error::Error>> {
+        use crate::backend::mysql::MysqlBackend;
+        use crate::backend::{Load, NewData, NewObject};
+        use neo_lib::Oid;
+        let Some(test_db) = crate::testing::TestDatabase::new()? else { return Ok(()) };
+        let url = test_db.url.clone();
+        let db = Db::open(move || -> Result<Box<dyn Backend>, std::io::Error> {
+            Ok(Box::new(MysqlBackend::open(&url, "c").map_err(std::io::Error::other)?))
+        })
+        .await?;
+        let data = b"deferred".to_vec();
+        let checksum = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &data).as_ref().to_vec();
+        let object =
+            NewObject { oid: Oid(1), data: Some(NewData { checksum, compression: 0, data }), data_serial: None };
+        db.queue_write(move |b| b.vote_data(Tid(10), &[(1, object)], None)).await?.await??;
+        db.queue_durable(|b| b.lock(Tid(10), Tid(11), &[])).await?.await??;
+        db.queue_write(|b| b.unlock(Tid(10), Tid(11))).await?.await??;
+        // Another connection sees it once the thread went idle (after `DEFER_FOR`).
+        let url = test_db.url.clone();
+        // (A thread outside the runtime: the backend refuses to block a runtime thread.)
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = seen_tx.send((|| -> Result<bool, BackendError> {
+                let mut other = MysqlBackend::open(&url, "c")?;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while std::time::Instant::now() < deadline {
+                    if matches!(other.load(1, Oid(1), None, None)?, Load::Found(_)) {
+                        return Ok(true);
+                    }
+                    std::thread::sleep(DEFER_FOR / 4);
+                }
+                Ok(false)
+            })());
+        });
+        let seen = seen_rx.await??;
+        assert!(seen, "the unlock was committed when the thread went idle");
+        assert!(!db.call(|b| b.has_deferred()).await?);
+        db.close().await;
+        Ok(())
     }
 }

@@ -232,6 +232,14 @@ pub trait Backend: Send {
     fn start_writeback(&mut self) -> bool {
         false
     }
+    /// Whether the backend deferred work that `idle` finishes (MySQL: unlocks not committed
+    /// yet, which the next commit would commit with its own writes).
+    fn has_deferred(&self) -> bool {
+        false
+    }
+    /// The database thread has had nothing to do for a while (see `db::DEFER_FOR`) and goes
+    /// to sleep, or stops: finish what the backend deferred. Errors are left to the next call.
+    fn idle(&mut self) {}
     /// Open a database transaction that the next writes join, until `commit_batch` (each
     /// method's own transaction becomes a savepoint in it: a method that fails undoes only its
     /// own changes), if the backend can. Returns whether one was opened. While it is open,

@@ -19,7 +19,14 @@
 //! Durability: every commit is durable by itself when InnoDB runs with
 //! `innodb_flush_log_at_trx_commit = 1` (the default; checked at open, with a warning
 //! otherwise), so `sync` is a no-op. The price is one log flush per commit on this single
-//! connection: the group commit the node does with `sync` does not apply here.
+//! connection: the group commit the node does with `sync` does not apply here. So, as NEO
+//! does, an unlock (which needs no durability: its lock is durable, and verification finishes
+//! a locked transaction after a crash) is not committed by itself: it runs in an open
+//! transaction (`Deferred`) that the next vote or lock commits with its own writes, or the
+//! database thread when it goes idle (`Backend::idle`), or any other write before it starts.
+//! Every read runs on this connection and sees it. If the connection or that transaction is
+//! lost, the next call first runs those unlocks again, committed (`Link::ready`): no read
+//! ever misses a revision whose unlock was reported.
 //!
 //! Round trips: each statement waits for the server (about 200 µs on a small VM), so the
 //! writes of a commit are scripts, several statements sent in one query (`run_script`, with
@@ -357,6 +364,20 @@ struct Link {
     reconnect_for: Duration,
     /// Successful reconnections so far.
     reconnects: u64,
+    /// Unlocks run but not committed yet (see the module documentation).
+    deferred: Deferred,
+}
+
+/// Unlocks run in the connection's open transaction and not committed yet: the next commit of
+/// a vote or a lock commits them too, or `idle`. Until then they are visible to this
+/// connection only, which every read of the storage uses.
+#[derive(Default)]
+struct Deferred {
+    /// (ttid, tid) of each, in order.
+    unlocks: Vec<(Tid, Tid)>,
+    /// Whether they are in the connection's open transaction; if not (the connection or the
+    /// transaction was lost), the next call runs them again, committed, before anything else.
+    open: bool,
 }
 
 impl std::fmt::Debug for MysqlBackend {
@@ -372,6 +393,11 @@ impl std::fmt::Debug for MysqlBackend {
 
 impl Drop for MysqlBackend {
     fn drop(&mut self) {
+        if self.link.deferred.open && tokio::runtime::Handle::try_current().is_err() {
+            // Unlocks not committed are redone by the next verification; commit them anyway
+            // (no reconnection: a lost connection lost them).
+            let _ = self.link.exec("COMMIT".into());
+        }
         if let Some(conn) = self.link.conn.take() {
             // block_on is impossible inside a runtime: then the driver closes it on drop.
             if tokio::runtime::Handle::try_current().is_err() {
@@ -413,14 +439,47 @@ async fn finish<T>(c: &mut Conn, r: Result<T>) -> Result<T> {
     }
 }
 
-/// Run `body` (statements, each ending with `;`) as one transaction in ONE round trip: the
-/// statements go in one query (mysql_async asks for CLIENT_MULTI_STATEMENTS), between
-/// `START TRANSACTION` and `COMMIT`. The server stops at a failing statement; the transaction
-/// is then rolled back. Values are inlined (integers, `NULL`, `hex` literals): nothing else.
-async fn run_script(c: &mut Conn, body: &str) -> Result<()> {
-    let r = c.query_drop(format!("START TRANSACTION; {body} COMMIT")).await.map_err(db);
+/// Run `body` (statements, each ending with `;`) and commit, in ONE round trip: the
+/// statements go in one query (mysql_async asks for CLIENT_MULTI_STATEMENTS), after `START
+/// TRANSACTION` unless one is `open` (deferred unlocks, committed with it), before `COMMIT`.
+/// The server stops at a failing statement; the transaction is then rolled back (deferred
+/// unlocks too: `Link::ready` runs them again). Values are inlined (integers, `NULL`, `hex`
+/// literals): nothing else. See `MysqlBackend::committed` for the state after it.
+async fn run_script(c: &mut Conn, open: bool, body: &str) -> Result<()> {
+    let start = if open { "" } else { "START TRANSACTION; " };
+    let r = c.query_drop(format!("{start}{body} COMMIT")).await.map_err(db);
     if r.is_err() {
         // A failed rollback still tells (through `db`) whether the connection is lost.
+        let _ = c.query_drop("ROLLBACK").await.map_err(db);
+    }
+    r
+}
+
+/// The statements of an unlock (see `Backend::unlock`), for a script.
+fn unlock_statements(ttid: Tid, tid: Tid) -> String {
+    let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
+    format!(
+        "INSERT INTO obj (`partition`, oid, tid, data_id, value_tid)
+         SELECT `partition`, oid, {tid64}, data_id, value_tid FROM tobj WHERE tid = {ttid64}
+         ON DUPLICATE KEY UPDATE data_id = VALUES(data_id), value_tid = VALUES(value_tid);
+         INSERT INTO trans (`partition`, tid, packed, oids, user, description, ext, ttid)
+         SELECT `partition`, {tid64}, 0, COALESCE(oids, ''), COALESCE(user, ''),
+                COALESCE(description, ''), COALESCE(ext, ''), ttid
+         FROM ttrans WHERE ttid = {ttid64} AND meta = 1
+         ON DUPLICATE KEY UPDATE packed = VALUES(packed), oids = VALUES(oids), user = VALUES(user),
+           description = VALUES(description), ext = VALUES(ext), ttid = VALUES(ttid);
+         DELETE FROM tobj WHERE tid = {ttid64};
+         DELETE FROM ttrans WHERE ttid = {ttid64}; "
+    )
+}
+
+/// Run `body` as `run_script` does, without committing: in the `open` transaction, or one it
+/// starts. On an error, the transaction is rolled back.
+async fn run_uncommitted(c: &mut Conn, open: bool, body: &str) -> Result<()> {
+    let start = if open { "" } else { "START TRANSACTION; " };
+    let r = c.query_drop(format!("{start}{body}")).await.map_err(db);
+    if r.is_err() {
+        // Unlocks deferred before go too: `Link::ready` runs them again.
         let _ = c.query_drop("ROLLBACK").await.map_err(db);
     }
     r
@@ -522,14 +581,31 @@ const RETRY: bool = true;
 const NO_RETRY: bool = false;
 
 /// Run `$fut` (a future using `$c`, evaluated again for a retry) on the backend's connection,
-/// in autocommit mode: reconnect first if the connection was lost, and if the call loses it,
-/// run it once more on a new connection when `$retry`.
+/// in autocommit mode: reconnect first if the connection was lost, commit the deferred unlocks
+/// first (or run them again if they were lost, see `Link::ready`), and if the call loses the
+/// connection, run it once more on a new connection when `$retry`.
 macro_rules! on_conn {
-    ($self:ident, $retry:expr, $c:ident, $fut:expr) => {{
+    ($self:ident, $retry:expr, $c:ident, $fut:expr) => {
+        call_on!($self, $retry, false, $c, $fut)
+    };
+}
+
+/// `on_conn!` for the calls that join the transaction of deferred unlocks instead of
+/// committing it first: reads (they see it), and the writes that end with their own commit
+/// or unlock (`$fut` reads `$self.link.deferred.open` to know whether one is open).
+macro_rules! joined {
+    ($self:ident, $retry:expr, $c:ident, $fut:expr) => {
+        call_on!($self, $retry, true, $c, $fut)
+    };
+}
+
+macro_rules! call_on {
+    ($self:ident, $retry:expr, $join:expr, $c:ident, $fut:expr) => {{
         outside_runtime()?;
         let mut retried = false;
         loop {
             $self.link.ensure()?;
+            $self.link.ready($join)?;
             let rt = &$self.link.rt;
             let Some($c) = $self.link.conn.as_mut() else {
                 break Err(BackendError::Db("no MySQL connection".into()));
@@ -570,12 +646,63 @@ impl Link {
     fn check_lost(&mut self) -> bool {
         let flagged = LOST.with(|l| l.replace(false));
         let lost = flagged || self.conn.as_ref().is_some_and(Conn::is_disconnected);
+        if lost {
+            // The server rolled the open transaction back.
+            self.deferred.open = false;
+        }
         if lost && let Some(conn) = self.conn.take() {
             tracing::warn!("MySQL connection lost: the next call reconnects");
             // Closing a dead connection fails at once; bound it for a silent peer.
             let _ = self.rt.block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, conn.disconnect()).await });
         }
         lost
+    }
+
+    /// One statement (or script) on the connection, in whatever transaction is open; an error
+    /// that loses the connection drops it (`check_lost`).
+    fn exec(&mut self, sql: String) -> Result<()> {
+        let r = match self.conn.as_mut() {
+            Some(c) => self.rt.block_on(c.query_drop(sql)).map_err(db),
+            None => Err(BackendError::Db("no MySQL connection".into())),
+        };
+        if r.is_err() {
+            self.check_lost();
+        }
+        r
+    }
+
+    /// Before a call on a connection `ensure`d: commit the deferred unlocks unless the call
+    /// `join`s their transaction, and run again, committed, those that were lost with their
+    /// transaction (unlocks are idempotent: the locks they finish are durable). An error
+    /// leaves them to the next call.
+    fn ready(&mut self, join: bool) -> Result<()> {
+        if self.deferred.unlocks.is_empty() || (self.deferred.open && join) {
+            return Ok(());
+        }
+        if self.deferred.open {
+            self.deferred.open = false;
+            match self.exec("COMMIT".into()) {
+                Ok(()) => {
+                    self.deferred.unlocks.clear();
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "MySQL: commit of {} unlock(s) failed ({e}): running them again",
+                        self.deferred.unlocks.len()
+                    );
+                    let _ = self.exec("ROLLBACK".into());
+                    self.ensure()?;
+                }
+            }
+        }
+        let script: String = self.deferred.unlocks.iter().map(|(ttid, tid)| unlock_statements(*ttid, *tid)).collect();
+        if let Err(e) = self.exec(format!("START TRANSACTION; {script} COMMIT")) {
+            let _ = self.exec("ROLLBACK".into());
+            return Err(e);
+        }
+        self.deferred.unlocks.clear();
+        Ok(())
     }
 
     /// Reconnect if the connection was lost, retrying with a growing pause for at most
@@ -727,6 +854,7 @@ impl MysqlBackend {
             chunk,
             reconnect_for: RECONNECT_FOR,
             reconnects: 0,
+            deferred: Deferred::default(),
         };
         Ok(MysqlBackend { link, held: HeldData::default() })
     }
@@ -784,6 +912,16 @@ impl MysqlBackend {
     /// voted). Call before `abort`, which then deletes the rows nothing references.
     pub fn release(&mut self, ids: &[DataId]) {
         self.held.release(ids);
+    }
+
+    /// After a joined write that ends with a commit (`run_script`): deferred unlocks were
+    /// committed with it; if it failed, they were rolled back with it (and run again later).
+    fn committed(&mut self, r: Result<()>) -> Result<()> {
+        if r.is_ok() {
+            self.link.deferred.unlocks.clear();
+        }
+        self.link.deferred.open = false;
+        r
     }
 
     /// The server's id of the current connection (test hook: `KILL` it from elsewhere).
@@ -1176,7 +1314,7 @@ impl Backend for MysqlBackend {
         let before = before.filter(|b| b.0 <= max).map(|b| b.0 as i64);
         let at = at.map(|a| if a.0 <= max { a.0 as i64 } else { -1 });
         let oid64 = id64(oid.0);
-        on_conn!(self, RETRY, c, async {
+        joined!(self, RETRY, c, async {
             let row: Option<Row> = match (at, before) {
                 (None, None) => c.exec_first(format!("{LOAD_COLUMNS} ORDER BY o.tid DESC LIMIT 1"), (partition, oid64)),
                 (Some(at), None) => c.exec_first(format!("{LOAD_COLUMNS} AND o.tid = ?"), (partition, oid64, at)),
@@ -1201,7 +1339,7 @@ impl Backend for MysqlBackend {
     }
 
     fn last_serial(&mut self, partition: u32, oid: Oid) -> Result<Option<Tid>> {
-        on_conn!(self, RETRY, c, async {
+        joined!(self, RETRY, c, async {
             let row: Option<Row> = c
                 .exec_first("SELECT MAX(tid) FROM obj WHERE `partition` = ? AND oid = ?", (partition, id64(oid.0)))
                 .await
@@ -1224,7 +1362,7 @@ impl Backend for MysqlBackend {
                 })
                 .collect();
             let sql = format!("SELECT {}", columns.join(", "));
-            let row: Option<Row> = on_conn!(self, RETRY, c, async { c.query_first(sql.as_str()).await.map_err(db) })?;
+            let row: Option<Row> = joined!(self, RETRY, c, async { c.query_first(sql.as_str()).await.map_err(db) })?;
             let mut row = row.ok_or_else(|| BackendError::Db("last serials: the server returned no row".into()))?;
             for (i, (_, oid)) in group.iter().enumerate() {
                 out.push(col_opt_tid(&mut row, i, "tid", &|| format!("object {oid}"))?);
@@ -1419,7 +1557,8 @@ impl Backend for MysqlBackend {
         }
         // One round trip when the statements fit in one query; else one per statement.
         if let Some(script) = vote_script(ttid, objects, meta, self.link.chunk) {
-            return on_conn!(self, NO_RETRY, c, run_script(c, &script));
+            let r = joined!(self, NO_RETRY, c, run_script(c, self.link.deferred.open, &script));
+            return self.committed(r);
         }
         in_tx!(self, NO_RETRY, c, async {
             let chunk = self.link.chunk;
@@ -1440,37 +1579,43 @@ impl Backend for MysqlBackend {
         Ok(())
     }
 
+    fn has_deferred(&self) -> bool {
+        self.link.deferred.open
+    }
+
+    fn idle(&mut self) {
+        if self.link.deferred.open {
+            // A failure leaves them to the next call (`Link::ready`).
+            if let Err(e) = self.link.ready(false) {
+                tracing::warn!("MySQL: deferred unlocks not committed yet: {e}");
+            }
+        }
+    }
+
     fn lock(&mut self, ttid: Tid, tid: Tid, partitions: &[u32]) -> Result<()> {
-        let parts = encode_partitions(partitions);
-        on_conn!(self, RETRY, c, async {
-            c.exec_drop(
-                "INSERT INTO ttrans (ttid, tid, meta, lock_partitions) VALUES (?, ?, 0, ?)
-                 ON DUPLICATE KEY UPDATE tid = VALUES(tid),
-                   lock_partitions = COALESCE(VALUES(lock_partitions), lock_partitions)",
-                (id64(ttid.0), id64(tid.0), parts.clone()),
-            )
-            .await
-            .map_err(db)
-        })
+        let parts = encode_partitions(partitions).map_or_else(|| "NULL".to_string(), |p| hex(&p));
+        let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
+        // Commits the deferred unlocks too.
+        let statement = format!(
+            "INSERT INTO ttrans (ttid, tid, meta, lock_partitions) VALUES ({ttid64}, {tid64}, 0, {parts})
+             ON DUPLICATE KEY UPDATE tid = VALUES(tid),
+               lock_partitions = COALESCE(VALUES(lock_partitions), lock_partitions);"
+        );
+        // One statement: atomic by itself when no transaction is open.
+        let r = joined!(self, RETRY, c, run_script(c, self.link.deferred.open, &statement));
+        self.committed(r)
     }
 
     fn unlock(&mut self, ttid: Tid, tid: Tid) -> Result<()> {
-        let (ttid64, tid64) = (id64(ttid.0), id64(tid.0));
-        // One round trip (see `run_script`).
-        let script = format!(
-            "INSERT INTO obj (`partition`, oid, tid, data_id, value_tid)
-             SELECT `partition`, oid, {tid64}, data_id, value_tid FROM tobj WHERE tid = {ttid64}
-             ON DUPLICATE KEY UPDATE data_id = VALUES(data_id), value_tid = VALUES(value_tid);
-             INSERT INTO trans (`partition`, tid, packed, oids, user, description, ext, ttid)
-             SELECT `partition`, {tid64}, 0, COALESCE(oids, ''), COALESCE(user, ''),
-                    COALESCE(description, ''), COALESCE(ext, ''), ttid
-             FROM ttrans WHERE ttid = {ttid64} AND meta = 1
-             ON DUPLICATE KEY UPDATE packed = VALUES(packed), oids = VALUES(oids), user = VALUES(user),
-               description = VALUES(description), ext = VALUES(ext), ttid = VALUES(ttid);
-             DELETE FROM tobj WHERE tid = {ttid64};
-             DELETE FROM ttrans WHERE ttid = {ttid64};"
-        );
-        on_conn!(self, RETRY, c, run_script(c, &script))
+        // One round trip, not committed (see `Deferred`): in the open transaction, or one it
+        // starts.
+        let u = unlock_statements(ttid, tid);
+        let r = joined!(self, RETRY, c, run_uncommitted(c, self.link.deferred.open, &u));
+        self.link.deferred.open = r.is_ok();
+        if r.is_ok() {
+            self.link.deferred.unlocks.push((ttid, tid));
+        }
+        r
     }
 
     fn abort(&mut self, ttid: Tid) -> Result<()> {

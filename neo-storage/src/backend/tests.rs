@@ -1064,6 +1064,8 @@ pub(crate) fn corrupt_rows(open: Open<'_>, raw: RawSql<'_>) {
     let mut b = open(CLUSTER).unwrap();
     let b = &mut *b;
     commit(b, 100, &[(1, Some(b"d1")), (2, Some(b"d2")), (3, Some(b"d3")), (4, Some(b"d4")), (5, Some(b"d5"))]);
+    // Idle, as the database thread gets: nothing deferred blocks the other connection.
+    b.idle();
     let data_of = |oid: u64| format!("(SELECT data_id FROM obj WHERE oid = {oid})");
 
     raw(&format!("UPDATE data SET hash = X'010203' WHERE id = {}", data_of(1)));
@@ -1102,6 +1104,7 @@ pub(crate) fn corrupt_history_rows(open: Open<'_>, raw: RawSql<'_>) {
     let b = &mut *b;
     commit(b, 100, &[(1, Some(b"d1")), (2, Some(b"d2")), (3, Some(b"d3"))]);
     commit(b, 200, &[(1, Some(b"e1")), (2, Some(b"e2")), (3, Some(b"e3"))]);
+    b.idle();
     raw("UPDATE obj SET data_id = 987654321 WHERE oid = 1 AND tid = 100");
     assert_corrupt(b.object_history(part(1), Oid(1), 0, 10), &Oid(1).to_string());
     assert_eq!(history(b, 1, 0, 1), [(200, 2)]);
@@ -1652,6 +1655,65 @@ mod mysql {
         assert_eq!(latest(&mut b, 6).data, b"same");
         assert_eq!(b.transaction(part(80), Tid(90)).unwrap().map(|t| t.meta), Some(meta));
         assert_eq!(b.reconnects(), 0, "the same connection throughout");
+    }
+
+    /// Vote (one object, `data`), lock and unlock: ttid `tid - 1`, final tid `tid`.
+    fn commit_one(b: &mut MysqlBackend, tid: u64, oid: u64, data: &[u8]) {
+        let meta = TxnMeta { user: b"u".to_vec(), oids: vec![Oid(oid)], ..Default::default() };
+        b.vote_data(Tid(tid - 1), &super::new_objects(&[(oid, Some(data))]), Some((part(tid - 1), &meta))).unwrap();
+        b.lock(Tid(tid - 1), Tid(tid), &[]).unwrap();
+        b.unlock(Tid(tid - 1), Tid(tid)).unwrap();
+    }
+
+    /// An unlock is not committed by itself: the next vote or lock commits it with its own
+    /// writes, or `idle`; this connection's reads see it meanwhile. If the connection or its
+    /// transaction is lost first, the next call runs it again: no read misses it.
+    #[test]
+    fn unlocks_are_committed_with_the_next_commit_or_run_again() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        let outside = |db: &TestDb| db.query_int("SELECT COUNT(*) FROM obj");
+        commit_one(&mut b, 60, 1, b"a");
+        assert_eq!(latest(&mut b, 1).data, b"a");
+        assert_eq!(outside(&db), 0, "not committed yet");
+        b.vote_data(Tid(69), &super::new_objects(&[(2, Some(b"b"))]), None).unwrap();
+        assert_eq!(outside(&db), 1, "committed with the vote");
+        b.lock(Tid(69), Tid(70), &[]).unwrap();
+        b.unlock(Tid(69), Tid(70)).unwrap();
+        commit_one(&mut b, 80, 3, b"c");
+        assert_eq!(outside(&db), 2, "the lock of 80 committed the unlock of 70");
+        b.idle();
+        assert_eq!(outside(&db), 3, "committed when idle");
+        b.idle();
+
+        // The connection is lost with an unlock deferred: the next read runs it again first.
+        let id = b.connection_id().unwrap();
+        commit_one(&mut b, 90, 4, b"d");
+        server_sql(&db.server, None, &format!("KILL {id}")).unwrap();
+        assert_eq!(latest(&mut b, 4).data, b"d");
+        assert_eq!(b.reconnects(), 1);
+        assert_eq!(outside(&db), 4, "run again, committed");
+
+        // A vote that fails rolls deferred unlocks back with it: run again too. (The trigger
+        // is created while nothing is deferred: an open transaction blocks DDL on its tables.)
+        db.raw(
+            "CREATE TRIGGER no_ttrans BEFORE INSERT ON ttrans FOR EACH ROW
+             IF NEW.ttid = 109 THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by the test'; END IF",
+        );
+        commit_one(&mut b, 100, 5, b"e");
+        let meta = TxnMeta { user: b"u".to_vec(), oids: vec![Oid(6)], ..Default::default() };
+        assert!(b.vote_data(Tid(109), &super::new_objects(&[(6, Some(b"f"))]), Some((part(109), &meta))).is_err());
+        db.raw("DROP TRIGGER no_ttrans");
+        assert_eq!(latest(&mut b, 5).data, b"e");
+        assert_eq!(outside(&db), 5);
+        assert!(b.locked_transactions().unwrap().is_empty());
+
+        // Closing commits what is deferred.
+        commit_one(&mut b, 120, 7, b"g");
+        drop(b);
+        assert_eq!(outside(&db), 6);
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        assert_eq!(latest(&mut b, 7).data, b"g");
     }
 
     #[test]
