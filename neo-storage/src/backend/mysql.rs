@@ -23,7 +23,8 @@
 //! does, an unlock (which needs no durability: its lock is durable, and verification finishes
 //! a locked transaction after a crash) is not committed by itself: it runs in an open
 //! transaction (`Deferred`) that the next vote or lock commits with its own writes, or the
-//! database thread when it goes idle (`Backend::idle`), or any other write before it starts.
+//! database thread when it goes idle (`Backend::idle`), or any other write before it starts,
+//! or any call once it is `MAX_DEFER` old.
 //! Every read runs on this connection and sees it. If the connection or that transaction is
 //! lost, the next call first runs those unlocks again, committed (`Link::ready`): no read
 //! ever misses a revision whose unlock was reported.
@@ -371,14 +372,27 @@ struct Link {
 /// Unlocks run in the connection's open transaction and not committed yet: the next commit of
 /// a vote or a lock commits them too, or `idle`. Until then they are visible to this
 /// connection only, which every read of the storage uses.
-#[derive(Default)]
 struct Deferred {
     /// (ttid, tid) of each, in order.
     unlocks: Vec<(Tid, Tid)>,
     /// Whether they are in the connection's open transaction; if not (the connection or the
     /// transaction was lost), the next call runs them again, committed, before anything else.
     open: bool,
+    /// When the first of them ran: calls stop joining that transaction after `MAX_DEFER`
+    /// (a storage that only serves reads for a while commits it).
+    since: Option<Instant>,
+    /// `MAX_DEFER` (tests change it).
+    max: Duration,
 }
+
+impl Default for Deferred {
+    fn default() -> Self {
+        Deferred { unlocks: Vec::new(), open: false, since: None, max: MAX_DEFER }
+    }
+}
+
+/// The longest an unlock stays uncommitted while the storage is busy with other calls.
+const MAX_DEFER: Duration = Duration::from_millis(100);
 
 impl std::fmt::Debug for MysqlBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -676,7 +690,8 @@ impl Link {
     /// transaction (unlocks are idempotent: the locks they finish are durable). An error
     /// leaves them to the next call.
     fn ready(&mut self, join: bool) -> Result<()> {
-        if self.deferred.unlocks.is_empty() || (self.deferred.open && join) {
+        let young = self.deferred.since.is_some_and(|t| t.elapsed() < self.deferred.max);
+        if self.deferred.unlocks.is_empty() || (self.deferred.open && join && young) {
             return Ok(());
         }
         if self.deferred.open {
@@ -929,6 +944,12 @@ impl MysqlBackend {
     pub(crate) fn connection_id(&mut self) -> Result<u64> {
         let id = on_conn!(self, RETRY, c, first_int(c, "SELECT CONNECTION_ID()", ()))?;
         id.and_then(|v| u64::try_from(v).ok()).ok_or_else(|| BackendError::Db("no connection id".into()))
+    }
+
+    /// How long reads may join uncommitted unlocks (test hook; `MAX_DEFER` otherwise).
+    #[cfg(test)]
+    pub(crate) fn set_max_defer(&mut self, max: Duration) {
+        self.link.deferred.max = max;
     }
 
     /// Successful reconnections so far (test hook).
@@ -1613,6 +1634,9 @@ impl Backend for MysqlBackend {
         let r = joined!(self, RETRY, c, run_uncommitted(c, self.link.deferred.open, &u));
         self.link.deferred.open = r.is_ok();
         if r.is_ok() {
+            if self.link.deferred.unlocks.is_empty() {
+                self.link.deferred.since = Some(Instant::now());
+            }
             self.link.deferred.unlocks.push((ttid, tid));
         }
         r

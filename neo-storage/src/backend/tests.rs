@@ -1673,6 +1673,8 @@ mod mysql {
         let Some(db) = TestDb::new() else { return };
         let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
         let outside = |db: &TestDb| db.query_int("SELECT COUNT(*) FROM obj");
+        // Reads join the open transaction however slow this machine is, until said otherwise.
+        b.set_max_defer(Duration::from_secs(3600));
         commit_one(&mut b, 60, 1, b"a");
         assert_eq!(latest(&mut b, 1).data, b"a");
         assert_eq!(outside(&db), 0, "not committed yet");
@@ -1708,10 +1710,19 @@ mod mysql {
         assert_eq!(outside(&db), 5);
         assert!(b.locked_transactions().unwrap().is_empty());
 
+        // Reads alone join the open transaction for a while only (`MAX_DEFER`).
+        commit_one(&mut b, 110, 6, b"f");
+        assert_eq!(latest(&mut b, 6).data, b"f");
+        assert_eq!(outside(&db), 5, "not committed by a read");
+        b.set_max_defer(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(latest(&mut b, 6).data, b"f");
+        assert_eq!(outside(&db), 6, "committed by a read once old enough");
+
         // Closing commits what is deferred.
         commit_one(&mut b, 120, 7, b"g");
         drop(b);
-        assert_eq!(outside(&db), 6);
+        assert_eq!(outside(&db), 7);
         let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
         assert_eq!(latest(&mut b, 7).data, b"g");
     }
