@@ -453,15 +453,17 @@ async fn finish<T>(c: &mut Conn, r: Result<T>) -> Result<T> {
     }
 }
 
-/// Run `body` (statements, each ending with `;`) and commit, in ONE round trip: the
-/// statements go in one query (mysql_async asks for CLIENT_MULTI_STATEMENTS), after `START
-/// TRANSACTION` unless one is `open` (deferred unlocks, committed with it), before `COMMIT`.
-/// The server stops at a failing statement; the transaction is then rolled back (deferred
-/// unlocks too: `Link::ready` runs them again). Values are inlined (integers, `NULL`, `hex`
-/// literals): nothing else. See `MysqlBackend::committed` for the state after it.
-async fn run_script(c: &mut Conn, open: bool, body: &str) -> Result<()> {
+/// Run `body` (statements, each ending with `;`) in ONE round trip: the statements go in one
+/// query (mysql_async asks for CLIENT_MULTI_STATEMENTS), after `START TRANSACTION` unless one
+/// is `open` (deferred unlocks), and before `COMMIT` if `commit` (the deferred unlocks are
+/// committed with it). The server stops at a failing statement; the transaction is then
+/// rolled back (deferred unlocks too: `Link::ready` runs them again). Values are inlined
+/// (integers, `NULL`, `hex` literals): nothing else. See `MysqlBackend::committed` for the
+/// state after a commit.
+async fn run_script(c: &mut Conn, open: bool, body: &str, commit: bool) -> Result<()> {
     let start = if open { "" } else { "START TRANSACTION; " };
-    let r = c.query_drop(format!("{start}{body} COMMIT")).await.map_err(db);
+    let end = if commit { " COMMIT" } else { "" };
+    let r = c.query_drop(format!("{start}{body}{end}")).await.map_err(db);
     if r.is_err() {
         // A failed rollback still tells (through `db`) whether the connection is lost.
         let _ = c.query_drop("ROLLBACK").await.map_err(db);
@@ -485,18 +487,6 @@ fn unlock_statements(ttid: Tid, tid: Tid) -> String {
          DELETE FROM tobj WHERE tid = {ttid64};
          DELETE FROM ttrans WHERE ttid = {ttid64}; "
     )
-}
-
-/// Run `body` as `run_script` does, without committing: in the `open` transaction, or one it
-/// starts. On an error, the transaction is rolled back.
-async fn run_uncommitted(c: &mut Conn, open: bool, body: &str) -> Result<()> {
-    let start = if open { "" } else { "START TRANSACTION; " };
-    let r = c.query_drop(format!("{start}{body}")).await.map_err(db);
-    if r.is_err() {
-        // Unlocks deferred before go too: `Link::ready` runs them again.
-        let _ = c.query_drop("ROLLBACK").await.map_err(db);
-    }
-    r
 }
 
 /// `b` as an SQL hexadecimal literal (`X'…'`), for scripts.
@@ -1578,7 +1568,7 @@ impl Backend for MysqlBackend {
         }
         // One round trip when the statements fit in one query; else one per statement.
         if let Some(script) = vote_script(ttid, objects, meta, self.link.chunk) {
-            let r = joined!(self, NO_RETRY, c, run_script(c, self.link.deferred.open, &script));
+            let r = joined!(self, NO_RETRY, c, run_script(c, self.link.deferred.open, &script, true));
             return self.committed(r);
         }
         in_tx!(self, NO_RETRY, c, async {
@@ -1623,7 +1613,7 @@ impl Backend for MysqlBackend {
                lock_partitions = COALESCE(VALUES(lock_partitions), lock_partitions);"
         );
         // One statement: atomic by itself when no transaction is open.
-        let r = joined!(self, RETRY, c, run_script(c, self.link.deferred.open, &statement));
+        let r = joined!(self, RETRY, c, run_script(c, self.link.deferred.open, &statement, true));
         self.committed(r)
     }
 
@@ -1631,7 +1621,7 @@ impl Backend for MysqlBackend {
         // One round trip, not committed (see `Deferred`): in the open transaction, or one it
         // starts.
         let u = unlock_statements(ttid, tid);
-        let r = joined!(self, RETRY, c, run_uncommitted(c, self.link.deferred.open, &u));
+        let r = joined!(self, RETRY, c, run_script(c, self.link.deferred.open, &u, false));
         self.link.deferred.open = r.is_ok();
         if r.is_ok() {
             if self.link.deferred.unlocks.is_empty() {
