@@ -36,6 +36,10 @@ struct Cli {
     /// SQLite; their databases are dropped at the end.
     #[arg(long)]
     mysql: Option<String>,
+    /// Only time the client's record encoding (compression, its check, decompression) for
+    /// records of several sizes and shapes; no cluster.
+    #[arg(long)]
+    codec: bool,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -46,6 +50,10 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
+    if cli.codec {
+        codec_figures();
+        return ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -131,6 +139,41 @@ fn fastrand_like(seed: u64) -> impl FnMut() -> u8 {
         x ^= x >> 7;
         x ^= x << 17;
         (x >> 24) as u8
+    }
+}
+
+/// Time per record of the client's encoding: `compress` (deflate, then the check that the
+/// stream inflates back to the record), the deflate alone and the check alone, and the
+/// decompression of a load, for text-like and random records of several sizes.
+fn codec_figures() {
+    use neo_client::codec;
+    let time = |n: usize, f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        start.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    println!("record encoding, µs per record: compress = deflate + check (only when smaller), decompress = load");
+    for size in [200usize, 4 << 10, 64 << 10, 1 << 20, 16 << 20] {
+        let words = b"(dp0 S'title' persistent mapping zodb \x80\x03 ";
+        let text: Vec<u8> =
+            words.iter().cycle().take(size).enumerate().map(|(i, b)| b ^ (i % 251 == 0) as u8).collect();
+        for (shape, record) in [("text", text), ("random", data(size, size as u64))] {
+            let n = ((64usize << 20) / size).clamp(3, 20_000);
+            let compress = time(n, &mut || drop(std::hint::black_box(codec::compress(&record, true))));
+            let deflate = time(n, &mut || drop(std::hint::black_box(codec::deflate(&record))));
+            let z = codec::deflate(&record).unwrap_or_default();
+            let check = time(n, &mut || {
+                std::hint::black_box(codec::inflates_to(&z, &record));
+            });
+            let (c, stored) = codec::compress(&record, true);
+            let load = time(n, &mut || drop(std::hint::black_box(codec::decompress(Oid(1), c, stored.clone()))));
+            println!(
+                "  {size:>9} B {shape:<6}  compress {compress:>9.1}  (deflate {deflate:>9.1}, check {check:>9.1})  decompress {load:>9.1}  stored {} B",
+                stored.len()
+            );
+        }
     }
 }
 

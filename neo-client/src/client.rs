@@ -206,6 +206,7 @@ use neo_lib::lock;
 
 mod blocking;
 mod history;
+use crate::codec::{compress, decompress};
 pub use history::{DataRecord, HistoryEntry, TransactionRecord, TxnInfo, TxnIterator, UndoPlan};
 
 fn remote(e: LinkError) -> ClientError {
@@ -230,71 +231,6 @@ pub(crate) fn sha1(data: &[u8]) -> [u8; 20] {
     let mut out = [0u8; 20];
     out.copy_from_slice(d.as_ref());
     out
-}
-
-/// (compression, bytes to store): zlib when it saves space.
-fn compress(data: &[u8], enabled: bool) -> (u32, Vec<u8>) {
-    thread_local! {
-        // A deflate state is large: build it once per thread, reset it for each record.
-        static DEFLATE: std::cell::RefCell<flate2::Compress> =
-            std::cell::RefCell::new(flate2::Compress::new(flate2::Compression::fast(), true));
-    }
-    if enabled && data.len() > 128 {
-        let z = DEFLATE.with(|d| {
-            let mut d = d.borrow_mut();
-            d.reset();
-            let mut out = Vec::with_capacity(data.len());
-            match d.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
-                Ok(flate2::Status::StreamEnd) => Some(out),
-                _ => None, // did not fit in data.len() bytes: not worth it
-            }
-        });
-        if let Some(z) = z
-            && z.len() < data.len()
-        {
-            return (1, z);
-        }
-    }
-    (0, data.to_vec())
-}
-
-fn decompress(oid: Oid, compression: u32, data: Vec<u8>) -> Result<Vec<u8>> {
-    match compression {
-        0 => Ok(data),
-        1 => {
-            thread_local! {
-                // An inflate state is tens of KiB: build it once per thread, reset it per record.
-                static INFLATE: std::cell::RefCell<flate2::Decompress> =
-                    std::cell::RefCell::new(flate2::Decompress::new(true));
-            }
-            let corrupt = |msg: String| ClientError::Corrupt { oid, msg: format!("cannot decompress: {msg}") };
-            INFLATE.with(|d| match d.try_borrow_mut() {
-                Ok(mut d) => inflate(&mut d, &data).map_err(corrupt),
-                Err(_) => inflate(&mut flate2::Decompress::new(true), &data).map_err(corrupt),
-            })
-        }
-        c => Err(ClientError::Corrupt { oid, msg: format!("unknown compression {c}") }),
-    }
-}
-
-/// One whole zlib stream from `data`, growing the output as needed.
-fn inflate(d: &mut flate2::Decompress, data: &[u8]) -> std::result::Result<Vec<u8>, String> {
-    d.reset(true);
-    let mut out = Vec::with_capacity(data.len().saturating_mul(4).max(256));
-    loop {
-        let (used_in, had_out) = (d.total_in(), d.total_out());
-        let rest = usize::try_from(used_in).ok().and_then(|n| data.get(n..)).unwrap_or_default();
-        let status = d.decompress_vec(rest, &mut out, flate2::FlushDecompress::None).map_err(|e| e.to_string())?;
-        if status == flate2::Status::StreamEnd {
-            return Ok(out);
-        }
-        if out.len() == out.capacity() {
-            out.reserve(out.capacity());
-        } else if d.total_in() == used_in && d.total_out() == had_out {
-            // Room left and nothing consumed: the stream is cut short.
-            return Err("truncated zlib stream".into());
-        }
-    }
 }
 
 /// Registers a load in flight so that invalidations arriving meanwhile are remembered; the
@@ -914,6 +850,9 @@ impl Client {
     ) -> Result<()> {
         self.check_txn(txn)?;
         let Some(data) = data else { return self.delete_object(txn, oid, serial) };
+        if data.len() > neo_lib::MAX_RECORD_SIZE {
+            return Err(ClientError::TooLarge { oid, size: data.len() });
+        }
         let (compression, stored) = compress(data, self.0.cfg.compress);
         let checksum = sha1(&stored).to_vec();
         let m = msg::AskStoreObject {
@@ -1487,42 +1426,4 @@ fn relock(shared: Arc<TxnShared>, nid: Nid, link: Link, m: msg::NotifyDeadlock) 
         }
         shared.changed.notify_waiters();
     });
-}
-
-#[cfg(test)]
-mod codec_tests {
-    use super::*;
-
-    #[test]
-    fn compression_roundtrip_only_when_smaller() {
-        let text = b"hello world ".repeat(100);
-        let (c, z) = compress(&text, true);
-        assert_eq!(c, 1);
-        assert!(z.len() < text.len());
-        assert_eq!(decompress(Oid(1), c, z).unwrap(), text);
-        // Twice with the same reused state.
-        let (c2, z2) = compress(&text, true);
-        assert_eq!((c2, decompress(Oid(1), c2, z2).unwrap()), (1, text.clone()));
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let noise: Vec<u8> = (0..1000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect();
-        assert_eq!(compress(&noise, true), (0, noise.clone()));
-        assert_eq!(compress(&text, false).0, 0);
-        assert_eq!(compress(b"short", true), (0, b"short".to_vec()));
-        assert!(decompress(Oid(1), 1, b"not zlib".to_vec()).is_err());
-        assert!(decompress(Oid(1), 9, vec![]).is_err());
-        let (_, z) = compress(&text, true);
-        assert!(decompress(Oid(1), 1, z[..z.len() / 2].to_vec()).is_err(), "a cut stream is an error");
-        // The reused state starts afresh after an error; large outputs grow the buffer.
-        let big: Vec<u8> = text.iter().cycle().take(1 << 20).copied().collect();
-        let (c, zb) = compress(&big, true);
-        assert_eq!((c, decompress(Oid(1), c, zb).unwrap()), (1, big));
-        assert_eq!(decompress(Oid(1), 1, z).unwrap(), text);
-    }
 }

@@ -7,6 +7,7 @@
 
 pub mod cache;
 mod client;
+pub mod codec;
 
 pub use client::{
     Client, ConflictInfo, DataRecord, FinishCallback, HistoryEntry, Transaction, TransactionRecord, TxnInfo,
@@ -78,6 +79,9 @@ pub enum ClientError {
     Corrupt { oid: Oid, msg: String },
     #[error("the client is closed")]
     Closed,
+    /// A record larger than `neo_lib::MAX_RECORD_SIZE`.
+    #[error("record of {size} bytes for oid {oid} is larger than the maximum of {} bytes", neo_lib::MAX_RECORD_SIZE)]
+    TooLarge { oid: Oid, size: usize },
 }
 
 fn conflict_message(oid: Oid, serial: Tid, committed: Tid, locked_by: Option<Tid>) -> String {

@@ -25,5 +25,7 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Version of the neo-rs wire protocol, checked at identification.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Default maximum size of one frame on the wire (a 64 MiB record plus headers fits).
-pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024 + 64 * 1024;
+/// Largest object record (the application's bytes) a client stores.
+pub const MAX_RECORD_SIZE: usize = 64 * 1024 * 1024;
+/// Default maximum size of one frame on the wire (a largest record plus headers fits).
+pub const DEFAULT_MAX_FRAME: usize = MAX_RECORD_SIZE + 64 * 1024;

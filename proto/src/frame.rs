@@ -131,6 +131,99 @@ mod tests {
         assert!(matches!(parse(&mut buf, 1024), Err(FrameError::Decode(_))));
     }
 
+    /// A packet carrying `n` bytes of a pattern that differs for each packet.
+    fn record_packet(id: u32, n: usize) -> Packet {
+        let data = (0..n).map(|i| (i as u64).wrapping_mul(31).wrapping_add(u64::from(id)) as u8).collect();
+        let body = Body::AnswerObject(crate::msg::AnswerObject { oid: u64::from(id), data, ..Default::default() });
+        Packet { id, answer: true, body: Some(body) }
+    }
+
+    /// The byte stream of a random sequence of packets of every size up to `max` (most small,
+    /// some around powers of two, a few of the maximum), and the packets.
+    fn random_stream(rng: &mut fastrand::Rng, count: u32, max: usize) -> (Vec<u8>, Vec<Packet>) {
+        let mut packets = Vec::new();
+        let mut buf = BytesMut::new();
+        for id in 0..count {
+            let n = match rng.u8(0..5) {
+                0 | 1 => rng.usize(0..300),
+                2 => rng.usize(0..70_000),
+                3 => ((1usize << rng.u32(8..=max.ilog2())) + rng.usize(0..3)).saturating_sub(1).min(max),
+                _ => max,
+            };
+            let p = if n == 0 && rng.bool() { packet() } else { record_packet(id, n) };
+            encode(&p, &mut buf);
+            packets.push(p);
+        }
+        (buf.to_vec(), packets)
+    }
+
+    /// The reading buffer is reused from frame to frame: whatever the sizes of the frames
+    /// and the pieces the bytes arrive in, each frame comes out whole and alone (`parse`, as
+    /// `FrameReader` and `BlockingConn` call it).
+    #[test]
+    fn random_sequences_of_frames_in_random_pieces() {
+        for seed in 0..8 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (stream, packets) = random_stream(&mut rng, 60, 2 << 20);
+            let max = (2 << 20) + 64;
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut rest = &stream[..];
+            while !rest.is_empty() {
+                let k = match rng.u8(0..3) {
+                    0 => rng.usize(1..=16),
+                    1 => rng.usize(1..=20_000),
+                    _ => rng.usize(1..=1 << 21),
+                }
+                .min(rest.len());
+                buf.extend_from_slice(&rest[..k]);
+                rest = &rest[k..];
+                while let Some(p) = parse(&mut buf, max).unwrap() {
+                    got.push(p);
+                }
+            }
+            assert!(buf.is_empty(), "seed {seed}: bytes left over");
+            assert!(got == packets, "seed {seed}: frames differ");
+        }
+    }
+
+    /// An `AsyncRead` that hands out its bytes in random pieces.
+    struct Pieces {
+        data: Vec<u8>,
+        pos: usize,
+        rng: fastrand::Rng,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            out: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let left = self.data.len() - self.pos;
+            let k = self.rng.usize(1..=100_000).min(left).min(out.remaining());
+            let pos = self.pos;
+            out.put_slice(&self.data[pos..pos + k]);
+            self.pos += k;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frame_reader_reads_random_sequences_whole() {
+        for seed in 0..4 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (mut data, packets) = random_stream(&mut rng, 40, 1 << 20);
+            data.splice(0..0, MAGIC.iter().copied());
+            let mut r = FrameReader::new(Pieces { data, pos: 0, rng: rng.fork() }, (1 << 20) + 64);
+            r.read_magic().await.unwrap();
+            for (i, p) in packets.iter().enumerate() {
+                assert!(r.read_packet().await.unwrap().as_ref() == Some(p), "seed {seed}: frame {i} differs");
+            }
+            assert_eq!(r.read_packet().await.unwrap(), None);
+        }
+    }
+
     #[tokio::test]
     async fn bad_magic() {
         let data: &[u8] = b"GET / HTTP/1.1\r\n\r\n";

@@ -634,6 +634,71 @@ pub(crate) fn record_sizes(b: &mut dyn Backend) {
     assert_eq!((r.compression, r.data.as_slice()), (1, &z[..]));
 }
 
+/// Random sequences of commits of records of every size (0 B to 3 MiB; for MySQL, with a small
+/// chunk size, many across chunk boundaries) and shape (random, zeros, repeated, the same
+/// record again: deduplicated), through both ways a vote writes (`vote_data`, and `store_data`
+/// then `vote`), raw and compressed: every revision loads back as it was stored, with its
+/// checksum and compression, after any later commit.
+pub(crate) fn random_records_round_trip(b: &mut dyn Backend) {
+    use std::collections::BTreeMap;
+    let mut rng = fastrand::Rng::with_seed(18);
+    let mut committed: BTreeMap<(u64, u64), (u32, Vec<u8>)> = BTreeMap::new();
+    let mut previous: Vec<Vec<u8>> = vec![Vec::new()];
+    for round in 0..40u64 {
+        let tid = 100 + round * 10;
+        let mut objects = Vec::new();
+        for k in 0..rng.u64(1..6) {
+            let n = match rng.u8(0..4) {
+                0 => rng.usize(0..300),
+                1 => rng.usize(0..70_000),
+                2 => ((1usize << rng.u32(6..=21)) + rng.usize(0..3)).saturating_sub(1),
+                _ => rng.usize(0..(3 << 20)),
+            };
+            let data: Vec<u8> = match rng.u8(0..4) {
+                0 => std::iter::repeat_with(|| rng.u8(..)).take(n).collect(),
+                1 => vec![0; n],
+                2 => previous[rng.usize(..previous.len())].clone(),
+                _ => (0..n).map(|i| (i as u64 * 7 + tid) as u8).collect(),
+            };
+            previous.push(data.clone());
+            objects.push((round * 8 + k + 1, rng.u32(0..2), data));
+        }
+        if rng.bool() {
+            let new: Vec<(u32, super::NewObject)> = objects
+                .iter()
+                .map(|(oid, compression, d)| {
+                    let data = super::NewData { checksum: sha1(d), compression: *compression, data: d.clone() };
+                    (part(*oid), super::NewObject { oid: Oid(*oid), data: Some(data), data_serial: None })
+                })
+                .collect();
+            b.vote_data(Tid(tid - 1), &new, None).unwrap();
+        } else {
+            let temp: Vec<(u32, TempObject)> = objects
+                .iter()
+                .map(|(oid, compression, d)| {
+                    let id = b.store_data(part(*oid), &sha1(d), *compression, d).unwrap();
+                    (part(*oid), TempObject { oid: Oid(*oid), data_id: Some(id), data_serial: None })
+                })
+                .collect();
+            b.vote(Tid(tid - 1), &temp, None).unwrap();
+        }
+        b.lock(Tid(tid - 1), Tid(tid), &[]).unwrap();
+        b.unlock(Tid(tid - 1), Tid(tid)).unwrap();
+        for (oid, compression, d) in objects {
+            committed.insert((oid, tid), (compression, d));
+        }
+        // Every revision so far, in random order.
+        let mut keys: Vec<&(u64, u64)> = committed.keys().collect();
+        rng.shuffle(&mut keys);
+        for key @ (oid, tid) in keys.into_iter().take(12) {
+            let r = found(load(b, *oid, Some(*tid), None));
+            let (compression, d) = &committed[key];
+            assert!(r.data == *d, "oid {oid} at {tid}: {} bytes back for {}", r.data.len(), d.len());
+            assert_eq!((r.compression, r.checksum.as_slice()), (*compression, sha1(d).as_slice()));
+        }
+    }
+}
+
 // --- history, undo log, iterator, undo, pack
 
 /// Every partition of the suite.
@@ -1185,6 +1250,7 @@ mod sqlite {
         last_ids,
         config,
         record_sizes,
+        random_records_round_trip,
         object_history,
         tids_and_tids_from,
         undo_info,
@@ -1495,6 +1561,7 @@ mod mysql {
         last_ids,
         config,
         record_sizes,
+        random_records_round_trip,
         object_history,
         tids_and_tids_from,
         undo_info,
@@ -1566,6 +1633,15 @@ mod mysql {
         db.raw("DELETE FROM bigdata WHERE n = 2");
         assert_corrupt(b.load(part(17), Oid(17), None, None), &Oid(17).to_string());
         b.drop_unfinished().unwrap();
+    }
+
+    /// Random records across chunk boundaries (chunks of 64 KiB).
+    #[test]
+    fn random_records_in_small_chunks() {
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        b.set_chunk_size(64 << 10);
+        super::random_records_round_trip(&mut b);
     }
 
     /// History reports the whole size of a chunked record; pack deletes the chunks of the data

@@ -217,27 +217,3 @@ crate::both_backends!(
     aborted_transactions_leave_nothing_and_deleted_objects_are_not_found,
     neoctl_stop_lets_in_flight_transactions_finish_and_every_node_exits
 );
-
-/// Records from 0 bytes to 64 MiB go through the protocol, the storages and back intact.
-async fn records_from_0_bytes_to_64_mib_round_trip(opts: Options) {
-    let cluster = Cluster::start(Options { storages: 1, replicas: 0, ..opts }).await;
-    let c = cluster.client().await;
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for size in [0usize, 1, 16 << 20, 64 << 20] {
-        // Incompressible, so the record really is that big on the wire and on disk.
-        let data: Vec<u8> = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let oid = c.new_oid().await.unwrap();
-        let tid = commit(&c, oid, Tid::ZERO, &data).await.unwrap();
-        c.clear_cache();
-        assert!(c.load(oid).await.unwrap() == (data, tid), "record of {size} bytes");
-    }
-}
-
-crate::both_backends!(records_from_0_bytes_to_64_mib_round_trip);

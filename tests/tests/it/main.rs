@@ -28,5 +28,6 @@ mod backends;
 mod bad_input;
 mod commit;
 mod failover;
+mod records;
 mod restart;
 mod zodb_api;
