@@ -22,7 +22,19 @@ const OID_BATCH: u32 = 100;
 const PREFETCH_WINDOW: usize = 64;
 const ZERO_HASH: [u8; 20] = [0; 20];
 
-type Callback = Arc<dyn Fn(Tid, &[Oid]) + Send + Sync>;
+type Callback = Arc<dyn Fn(Invalidation<'_>) + Send + Sync>;
+
+/// What the invalidation callback is told, in commit order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invalidation<'a> {
+    /// Another client committed `tid`, changing these objects.
+    Objects(Tid, &'a [Oid]),
+    /// Commits up to `tid` may have been missed (the client connected to the master again and
+    /// the last TID had moved meanwhile: a master restart, the cluster back to RECOVERING, a
+    /// lost connection): every object cached before must be considered changed. Python NEO's
+    /// client calls ZODB's `DB.invalidateCache()` then.
+    All(Tid),
+}
 /// Called with the TID of a commit of this client, in order with the invalidations of others.
 pub type FinishCallback = Box<dyn FnOnce(Tid) + Send>;
 
@@ -58,6 +70,9 @@ struct State {
     pt: Option<PartitionTable>,
     nodes: HashMap<Nid, NodeInfo>,
     cluster_state: Option<ClusterState>,
+    /// The master said the cluster is stopping (`neoctl set cluster STOPPING`): a master
+    /// that cannot be reached is not waited for (see `connect_master`).
+    stopped: bool,
     last_tid: Tid,
     storages: HashMap<Nid, Link>,
     failed: HashMap<Nid, Instant>,
@@ -377,9 +392,10 @@ impl Client {
         Ok(client)
     }
 
-    /// Called (from the client's network task) with each other client's commit: its TID and
-    /// the changed OIDs. Keep it short and non-blocking.
-    pub fn set_invalidation_callback(&self, f: impl Fn(Tid, &[Oid]) + Send + Sync + 'static) {
+    /// Called (from the client's network tasks) with each other client's commit, and with
+    /// `Invalidation::All` when commits may have been missed, in commit order and before
+    /// `last_transaction` reports them. Keep it short and non-blocking.
+    pub fn set_invalidation_callback(&self, f: impl Fn(Invalidation<'_>) + Send + Sync + 'static) {
         *lock(&self.0.callback) = Some(Arc::new(f));
     }
 
@@ -456,11 +472,21 @@ impl Client {
                         }
                         Err(e) => last = e.to_string(),
                     },
+                    Err(e) if e.code() == Some(ErrorCode::Denied) => {
+                        // The master refuses clients: the cluster is stopping.
+                        lock(&self.0.state).stopped = true;
+                        return Err(self.stopped(&e.to_string()));
+                    }
                     Err(e) => {
                         debug!("master {addr}: {e}");
                         last = e.to_string();
                     }
                 }
+            }
+            if lock(&self.0.state).stopped {
+                // Told that the cluster was stopping, and no master answers: it is stopped,
+                // not restarting. Say so now rather than after the connect timeout.
+                return Err(self.stopped(&last));
             }
             if Instant::now() >= deadline || self.0.closed.is_cancelled() {
                 return Err(ClientError::NotConnected { cluster: cfg.cluster.clone(), last });
@@ -468,6 +494,10 @@ impl Client {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }
+    }
+
+    fn stopped(&self, last: &str) -> ClientError {
+        ClientError::Stopped { cluster: self.0.cfg.cluster.clone(), last: last.to_string() }
     }
 
     async fn start_master(&self, link: Link, incoming: Incoming, accept: msg::AcceptIdentification) -> Result<Link> {
@@ -487,18 +517,36 @@ impl Client {
         let target = link.delivered();
         let mut processed = prx.clone();
         let _ = processed.wait_for(|n| *n >= target).await;
-        {
+        let missed = {
             // Lock order everywhere: cache, then state.
             let mut cache = lock(&self.0.cache);
             let mut s = lock(&self.0.state);
-            if s.last_tid != ltid {
-                // Invalidations may have been missed while disconnected.
-                if s.last_tid != Tid::ZERO {
-                    cache.clear_current();
+            // Invalidations may have been missed while disconnected (not on the first
+            // connection: nothing was cached then).
+            let missed = s.last_tid != ltid && s.last_tid != Tid::ZERO;
+            if missed {
+                cache.clear_current();
+                // A load in flight may bring back a revision that was current before: it is
+                // cached as valid up to the last TID only.
+                for e in s.loading.values_mut() {
+                    e.1 = Some(e.1.map_or(ltid, |t| t.max(ltid)));
                 }
-                s.last_tid = s.last_tid.max(ltid);
             }
+            missed
+        };
+        if missed {
+            // Told before `last_transaction` moves: whoever reads the new last TID finds the
+            // application's caches invalidated (ZODB's rule).
+            let cb = lock(&self.0.callback).clone();
+            if let Some(cb) = cb {
+                cb(Invalidation::All(ltid));
+            }
+        }
+        {
+            let mut s = lock(&self.0.state);
+            s.last_tid = s.last_tid.max(ltid);
             s.master = Some(MasterConn { link: link.clone(), processed: prx });
+            s.stopped = false;
         }
         info!("connected to the primary master {} (last tid {ltid:?})", link.peer());
         Ok(link)
@@ -520,6 +568,11 @@ impl Client {
                 Ok(b) => return Ok((link, b)),
                 Err(LinkError::Closed(_)) if Instant::now() < deadline => {}
                 Err(LinkError::Remote { code: ErrorCode::NotReady, .. }) if Instant::now() < deadline => {}
+                Err(LinkError::Remote { code: ErrorCode::Denied, message }) => {
+                    // The master denies a client's request only when the cluster is stopping.
+                    lock(&self.0.state).stopped = true;
+                    return Err(self.stopped(&message));
+                }
                 Err(e) => return Err(remote(e)),
             }
             tokio::time::sleep(pause).await;
@@ -1342,8 +1395,10 @@ async fn handle_master_message(inner: &Inner, link: &Link, req: proto::Request) 
         }
         Body::NotifyClusterInformation(m) => {
             let state = ClusterState::from_i32(m.state);
-            lock(&inner.state).cluster_state = state;
+            let mut s = lock(&inner.state);
+            s.cluster_state = state;
             if state == Some(ClusterState::Stopping) {
+                s.stopped = true;
                 return true;
             }
         }
@@ -1363,7 +1418,7 @@ async fn handle_master_message(inner: &Inner, link: &Link, req: proto::Request) 
             if !m.committer {
                 let cb = lock(&inner.callback).clone();
                 if let Some(cb) = cb {
-                    cb(tid, &oids);
+                    cb(Invalidation::Objects(tid, &oids));
                 }
             } else if let Some(ttid) = m.ttid {
                 let f = lock(&inner.state).finish_callbacks.remove(&Tid(ttid));

@@ -10,8 +10,8 @@ mod client;
 pub mod codec;
 
 pub use client::{
-    Client, ConflictInfo, DataRecord, FinishCallback, HistoryEntry, Transaction, TransactionRecord, TxnInfo,
-    TxnIterator, UndoPlan,
+    Client, ConflictInfo, DataRecord, FinishCallback, HistoryEntry, Invalidation, Transaction, TransactionRecord,
+    TxnInfo, TxnIterator, UndoPlan,
 };
 
 use neo_lib::config::{Address, TlsFiles};
@@ -67,6 +67,11 @@ pub enum ClientError {
     NoStorage(String),
     #[error("cannot reach a primary master of cluster {cluster:?}: {last}")]
     NotConnected { cluster: String, last: String },
+    /// The cluster was stopped (`neoctl set cluster STOPPING`), or is stopping.
+    #[error(
+        "cluster {cluster:?} is stopped or stopping (neoctl set cluster STOPPING); start it again to go on ({last})"
+    )]
+    Stopped { cluster: String, last: String },
     #[error("{code}: {message}")]
     Remote { code: ErrorCode, message: String },
     /// Write on a read-only client (ZODB `ReadOnlyError`).

@@ -260,8 +260,6 @@ pub struct NodeConfig {
     pub tls: Option<TlsFiles>,
     pub logfile: Option<PathBuf>,
     pub verbose: u8,
-    pub upstream_cluster: Option<String>,
-    pub upstream_masters: Vec<Address>,
 }
 
 pub const DEFAULT_MASTER_PORT: u16 = 10000;
@@ -344,6 +342,27 @@ impl NodeConfig {
         if masters.is_empty() && node_type != NodeType::Master {
             return Err(verr("masters", "at least one master address is needed".into()));
         }
+        if masters.len() > 1 {
+            // Each master would call itself primary: clients could reach different clusters
+            // of the same name.
+            return Err(verr(
+                "masters",
+                format!(
+                    "{} addresses given; several masters (election, failover) are not supported yet: give the one master's address",
+                    masters.len()
+                ),
+            ));
+        }
+        // A backup cluster would come up writable: refused until backup mode exists.
+        for key in ["upstream_cluster", "upstream_masters"] {
+            if get(key).is_some() {
+                return Err(verr(
+                    key,
+                    "backup mode (upstream_cluster, upstream_masters) is not supported yet: remove these options"
+                        .into(),
+                ));
+            }
+        }
         let default_bind = match node_type {
             NodeType::Master => "127.0.0.1:10000",
             NodeType::Admin => "127.0.0.1:9999",
@@ -389,8 +408,6 @@ impl NodeConfig {
         {
             return Err(verr("adapter", format!("unsupported adapter {a:?} (supported: SQLite, MySQL)")));
         }
-        let upstream_cluster = get("upstream_cluster").map(str::to_string);
-        let upstream_masters = parse_addrs("upstream_masters", None)?;
         if let Some(e) = get("engine")
             && !["innodb", "rocksdb"].contains(&e.to_ascii_lowercase().as_str())
         {
@@ -413,8 +430,6 @@ impl NodeConfig {
             tls,
             logfile: path("logfile"),
             verbose,
-            upstream_cluster,
-            upstream_masters,
         })
     }
 }
@@ -425,15 +440,15 @@ mod tests {
 
     #[test]
     fn parse_ini_and_merge() {
-        let text = "[DEFAULT]\ncluster = test\nmasters = 127.0.0.1:10000\n  [::1]:10001\n\
+        let text = "[DEFAULT]\ncluster = test\nmasters =\n  [::1]:10001\n\
                     partitions: 12\n# comment\n[master]\nbind = 127.0.0.1:10000\n\
                     [storage1]\ndatabase = /tmp/s1.sqlite\n";
         let ini = IniFile::parse("neo.conf", text).unwrap();
         let m = ini.merged("storage1").unwrap();
         let cfg = NodeConfig::from_values(&m, NodeType::Storage, "x").unwrap();
-        assert_eq!(cfg.masters.len(), 2);
-        assert_eq!(cfg.masters[1].host, "::1");
-        assert_eq!(cfg.masters[1].to_string(), "[::1]:10001");
+        assert_eq!(cfg.masters.len(), 1);
+        assert_eq!(cfg.masters[0].host, "::1");
+        assert_eq!(cfg.masters[0].to_string(), "[::1]:10001");
         assert_eq!(cfg.partitions, 12);
         assert_eq!(cfg.database.as_deref(), Some("/tmp/s1.sqlite"));
         assert!(matches!(ini.merged("nope"), Err(ConfigError::NoSection { .. })));
@@ -459,6 +474,27 @@ mod tests {
         assert!(e.contains("database"), "{e}");
         assert!(Address::parse("host:notaport", None).is_err());
         assert!(Address::parse("host", None).is_err());
+    }
+
+    /// What the cluster cannot honour yet is refused, naming the option, for every node:
+    /// several masters (each would be primary), backup mode (the cluster would be writable).
+    #[test]
+    fn several_masters_and_backup_mode_are_refused() {
+        let cases = [
+            ("masters", "127.0.0.1:10000 127.0.0.1:10001 127.0.0.1:10002", "3 addresses given"),
+            ("upstream_cluster", "main", "backup mode"),
+            ("upstream_masters", "10.0.0.1:10000", "backup mode"),
+        ];
+        for (key, value, needle) in cases {
+            for t in [NodeType::Master, NodeType::Storage, NodeType::Admin] {
+                let m: BTreeMap<String, String> = [("cluster", "c"), ("database", "/x.sqlite"), (key, value)]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                let e = NodeConfig::from_values(&m, t, "neo.conf [n]").unwrap_err().to_string();
+                assert!(e.contains(key) && e.contains(needle) && e.contains("not supported yet"), "{e}");
+            }
+        }
     }
 
     #[test]

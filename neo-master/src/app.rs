@@ -309,6 +309,24 @@ impl Master {
         }
     }
 
+    /// Add the storages of the partition table that are not connected to the node list, as
+    /// DOWN and without an address; returns them.
+    pub fn register_absent_storages(&mut self) -> Vec<Nid> {
+        let Some(pt) = &self.pt else { return Vec::new() };
+        let absent: Vec<Nid> = pt.nodes().into_iter().filter(|n| !self.nodes.contains_key(n)).collect();
+        for &nid in &absent {
+            let info = NodeInfo {
+                node_type: NodeType::Storage,
+                nid,
+                address: None,
+                state: NodeState::Down,
+                id_timestamp: 0.0,
+            };
+            self.nodes.insert(nid, Node { info, conn: None });
+        }
+        absent
+    }
+
     fn allocate_nid(&self, t: NodeType) -> Nid {
         let mut used: std::collections::BTreeSet<Nid> = self.nodes.keys().copied().collect();
         if let Some(pt) = &self.pt {

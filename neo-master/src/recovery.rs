@@ -111,6 +111,10 @@ impl Master {
                         Ok(pt) if self.pt.as_ref().is_none_or(|p| pt.ptid > p.ptid) => {
                             info!("partition table {} (ptid {}) from {nid}", pt.np(), pt.ptid);
                             self.pt = Some(pt);
+                            // Its storages that are not back are known, and DOWN (as NEO shows
+                            // them), before the table that names them.
+                            let absent = self.register_absent_storages();
+                            self.broadcast_nodes(&absent).await;
                             for c in self.conns_of(&[NodeType::Admin]) {
                                 if let Some(pt) = &self.pt {
                                     self.notify(c, Body::SendPartitionTable(proto::convert::pt_to_msg(pt))).await;

@@ -9,7 +9,7 @@
 //! commit order (`Events`) and Python takes them (`take_events`) before it reports a last
 //! transaction, so a busy Python thread never stalls the network work of the whole process.
 
-use neo_client::{Client as RsClient, ClientConfig, ClientError, Transaction, TxnIterator};
+use neo_client::{Client as RsClient, ClientConfig, ClientError, Invalidation, Transaction, TxnIterator};
 use neo_lib::config::{Address, TlsFiles};
 use neo_lib::{Oid, Tid};
 use pyo3::create_exception;
@@ -189,6 +189,14 @@ struct Events {
 
 impl Events {
     fn push(&mut self, e: Event) {
+        if let Event::InvalidateAll = e {
+            // Covers every invalidation before it.
+            self.queue.retain(|e| matches!(e, Event::Finished(..)));
+            self.queue.push_back(Event::InvalidateAll);
+            self.invalidations = 0;
+            self.all = true;
+            return;
+        }
         if let Event::Invalidate(..) = e {
             if self.all {
                 return;
@@ -337,8 +345,11 @@ impl Client {
     /// Queue other clients' invalidations from now on (see `take_events`).
     fn queue_invalidations(&self) {
         let events = self.events.clone();
-        self.client.set_invalidation_callback(move |t, oids| {
-            lock(&events).push(Event::Invalidate(t, oids.to_vec()));
+        self.client.set_invalidation_callback(move |i| {
+            lock(&events).push(match i {
+                Invalidation::Objects(t, oids) => Event::Invalidate(t, oids.to_vec()),
+                Invalidation::All(_) => Event::InvalidateAll,
+            });
         });
     }
 

@@ -54,10 +54,12 @@ class Cluster(object):
              "--partitions", str(PARTITIONS), "--data", os.path.join(self.dir, "data"),
              "--cluster", self.name],
             stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.master = None
+        self.master = self.admin = None
         for line in self.proc.stdout:
             if line.startswith("master:"):
                 self.master = line.split(None, 1)[1].strip()
+            if line.startswith("admin:"):
+                self.admin = line.split()[1]
             if line.startswith("Press Ctrl-C"):
                 return True
         self.log.flush()

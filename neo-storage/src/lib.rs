@@ -73,7 +73,7 @@ pub fn open_backend(cfg: &NodeConfig) -> Result<Box<dyn Backend>, StorageError> 
     let engine = engine(&database, cfg.adapter.as_deref())?;
     let display = match &engine {
         Engine::Sqlite(p) => p.display().to_string(),
-        Engine::Mysql(url) => redact(url),
+        Engine::Mysql(url) => backend::mysql::redact_database(url),
     };
     let opened: Result<Box<dyn Backend>, BackendError> = match &engine {
         Engine::Sqlite(path) => backend::sqlite::SqliteBackend::open(path, &cfg.cluster).map(|b| Box::new(b) as _),
@@ -92,18 +92,6 @@ pub fn open_reader(cfg: &NodeConfig) -> Option<Result<Box<dyn Backend>, BackendE
             Some(backend::sqlite::SqliteBackend::open_reader(&path).map(|b| Box::new(b) as _))
         }
         _ => None,
-    }
-}
-
-/// A MySQL URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}@{}", &url[..s + 3], &url[at + 1..])
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -143,7 +131,15 @@ mod tests {
         let e = engine("x", Some("Oracle")).unwrap_err().to_string();
         assert!(e.contains("adapter"), "{e}");
         assert!(engine("mysql://", None).is_err());
-        assert_eq!(redact("mysql://neo:secret@host:3306/db"), "mysql://neo@host:3306/db");
+        use backend::mysql::redact_database as redact;
+        assert_eq!(redact("mysql://neo:secret@host:3306/db"), "mysql://neo:***@host:3306/db");
         assert_eq!(redact("mysql://root@host/db"), "mysql://root@host/db");
+        // Invalid ones too, and NEO's form (whose socket path may hold '@').
+        assert_eq!(redact("mysql://root:se%c@ret@host/db?x=1"), "mysql://root:***@host/db?x=1");
+        assert_eq!(redact("neo:secret@neo1/run/a@/mysql.sock"), "neo:***@neo1/run/a@/mysql.sock");
+        assert_eq!(redact("neo@neo1"), "neo@neo1");
+        assert_eq!(redact(":secret@db"), ":***@db");
+        assert_eq!(redact("root:secret@"), "root:***@");
+        assert_eq!(redact("neo1"), "neo1");
     }
 }

@@ -13,7 +13,8 @@ pub const DEFAULT_SERVER: &str = "mysql://root@127.0.0.1:3306";
 pub fn server_sql(server: &str, database: Option<&str>, sql: &str) -> Result<(), String> {
     let (server, database, sql) = (server.to_string(), database.map(str::to_string), sql.to_string());
     std::thread::spawn(move || {
-        let opts = Opts::from_url(&server).map_err(|e| format!("invalid URL {server:?}: {e}"))?;
+        let opts = Opts::from_url(&server)
+            .map_err(|e| format!("invalid URL {:?}: {e}", crate::backend::mysql::redact_database(&server)))?;
         let opts: Opts = OptsBuilder::from_opts(opts).db_name(database).into();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         rt.block_on(async {
@@ -35,7 +36,8 @@ pub fn server_sql(server: &str, database: Option<&str>, sql: &str) -> Result<(),
 pub fn kill_connections(server: &str, database: &str) -> Result<usize, String> {
     let (server, database) = (server.to_string(), database.to_string());
     std::thread::spawn(move || {
-        let opts = Opts::from_url(&server).map_err(|e| format!("invalid URL {server:?}: {e}"))?;
+        let opts = Opts::from_url(&server)
+            .map_err(|e| format!("invalid URL {:?}: {e}", crate::backend::mysql::redact_database(&server)))?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         rt.block_on(async {
             let mut c = Conn::new(opts).await.map_err(|e| e.to_string())?;
@@ -72,10 +74,11 @@ impl TestDatabase {
             Err(_) => (DEFAULT_SERVER.to_string(), false),
         };
         if let Err(e) = server_sql(&server, None, "SELECT 1") {
+            let shown = crate::backend::mysql::redact_database(&server);
             if required {
-                return Err(format!("NEO_TEST_MYSQL={server}: {e}"));
+                return Err(format!("NEO_TEST_MYSQL={shown}: {e}"));
             }
-            eprintln!("MySQL tests skipped: {server}: {e}");
+            eprintln!("MySQL tests skipped: {shown}: {e}");
             return Ok(None);
         }
         let name = format!("neo_it_{}", fastrand::u64(..));

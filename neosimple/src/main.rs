@@ -86,7 +86,16 @@ fn main() -> ExitCode {
         if let Some(t) = &cluster.client_tls {
             println!("client TLS: --ca {} --cert {} --key {}", t.ca.display(), t.cert.display(), t.key.display());
         }
-        println!("--- {} ---\n{}", cluster.conf_path.display(), cluster.conf_text);
+        // The configuration as written, but MySQL passwords.
+        let shown: Vec<String> = cluster
+            .conf_text
+            .lines()
+            .map(|l| match l.strip_prefix("database = ") {
+                Some(db) => format!("database = {}", neo_storage::backend::mysql::redact_database(db)),
+                None => l.to_string(),
+            })
+            .collect();
+        println!("--- {} ---\n{}", cluster.conf_path.display(), shown.join("\n"));
         println!("Press Ctrl-C to stop the cluster.");
         let code = wait_for_stop(&mut cluster).await;
         println!("stopping...");

@@ -330,17 +330,27 @@ impl Cluster {
         self.spawn_storage(i, l);
     }
 
+    /// Start the master again (after a stop), on its port.
+    pub async fn start_master(&mut self) {
+        let ml = bind(&self.master_addr).await;
+        self.spawn_master(ml);
+    }
+
+    /// Start the admin again (after a stop), on its port.
+    pub async fn start_admin(&mut self) {
+        let al = bind(&self.admin_addr).await;
+        self.spawn_admin(al);
+    }
+
     /// Stop every node (SIGTERM-like), then start them all again on the same ports and
     /// databases and wait until the cluster is RUNNING.
     pub async fn restart(&mut self) {
         self.stop_all().await;
-        let ml = bind(&self.master_addr).await;
-        self.spawn_master(ml);
+        self.start_master().await;
         for i in 0..self.storages.len() {
             self.start_storage(i).await;
         }
-        let al = bind(&self.admin_addr).await;
-        self.spawn_admin(al);
+        self.start_admin().await;
         self.wait_state(ClusterState::Running).await;
     }
 
@@ -350,8 +360,7 @@ impl Cluster {
         if let Some(m) = self.master.take() {
             m.stop().await.unwrap();
         }
-        let ml = bind(&self.master_addr).await;
-        self.spawn_master(ml);
+        self.start_master().await;
         self.wait_state(ClusterState::Running).await;
     }
 

@@ -275,6 +275,36 @@ fn pct(s: &str) -> String {
     out
 }
 
+/// The start of a socket path in NEO's `database` form.
+fn is_socket_start(c: char) -> bool {
+    matches!(c, '/' | '.' | '~')
+}
+
+/// In NEO's `[user[:password]@]database[unix_socket]` form, the '@' that ends the credentials:
+/// the last one followed by a database name (a socket path may hold '@').
+fn credentials_end(value: &str) -> Option<usize> {
+    value
+        .char_indices()
+        .rev()
+        .find(|&(i, c)| c == '@' && value[i + 1..].chars().next().is_some_and(|n| !is_socket_start(n) && n != '@'))
+        .map(|(i, _)| i)
+}
+
+/// A MySQL `database` value (URL or NEO's form, valid or not) with its password replaced by
+/// `***`, to show in errors and logs.
+pub fn redact_database(value: &str) -> String {
+    let (prefix, rest) = match value.find("://") {
+        Some(i) => value.split_at(i + 3),
+        None => ("", value),
+    };
+    // NEO's form: where parsing ends the credentials, else (invalid) the last '@'.
+    let at = if prefix.is_empty() { credentials_end(rest).or_else(|| rest.rfind('@')) } else { rest.rfind('@') };
+    match at.and_then(|at| rest[..at].split_once(':').map(|(user, _)| (user, at))) {
+        Some((user, at)) => format!("{prefix}{user}:***{}", &rest[at..]),
+        None => value.to_string(),
+    }
+}
+
 const DATABASE_FORMS: &str = "expected [user[:password]@]database[unix_socket] (the socket path starting with '/', '.' or '~') \
      or mysql://user:password@host:port/database";
 
@@ -283,21 +313,17 @@ const DATABASE_FORMS: &str = "expected [user[:password]@]database[unix_socket] (
 /// `mysql://user:password@host:port/database[?options]` URL. Returns a `mysql://` URL for
 /// [`MysqlBackend::open`].
 pub fn parse_database(value: &str) -> std::result::Result<String, String> {
+    // Errors show the value without its password.
+    let shown = redact_database(value);
     if value.starts_with("mysql://") {
-        let opts = Opts::from_url(value).map_err(|e| format!("invalid MySQL URL {value:?}: {e}; {DATABASE_FORMS}"))?;
+        let opts = Opts::from_url(value).map_err(|e| format!("invalid MySQL URL {shown:?}: {e}; {DATABASE_FORMS}"))?;
         if opts.db_name().is_none_or(str::is_empty) {
-            return Err(format!("MySQL URL {value:?} names no database; {DATABASE_FORMS}"));
+            return Err(format!("MySQL URL {shown:?} names no database; {DATABASE_FORMS}"));
         }
         return Ok(value.to_string());
     }
-    let is_socket_start = |c: char| matches!(c, '/' | '.' | '~');
-    // Credentials end at the last '@' followed by a database name (a socket path may hold '@').
-    let split = value
-        .char_indices()
-        .rev()
-        .find(|&(i, c)| c == '@' && value[i + 1..].chars().next().is_some_and(|n| !is_socket_start(n) && n != '@'));
-    let (credentials, rest) = match split {
-        Some((i, _)) => (Some(&value[..i]), &value[i + 1..]),
+    let (credentials, rest) = match credentials_end(value) {
+        Some(i) => (Some(&value[..i]), &value[i + 1..]),
         None => (None, value),
     };
     let (user, password) = match credentials {
@@ -308,7 +334,7 @@ pub fn parse_database(value: &str) -> std::result::Result<String, String> {
                 None => (c, None),
             };
             if u.is_empty() {
-                return Err(format!("invalid database {value:?}: empty user name; {DATABASE_FORMS}"));
+                return Err(format!("invalid database {shown:?}: empty user name; {DATABASE_FORMS}"));
             }
             (Some(u), p)
         }
@@ -316,7 +342,7 @@ pub fn parse_database(value: &str) -> std::result::Result<String, String> {
     let end = rest.find(is_socket_start).unwrap_or(rest.len());
     let (name, socket) = (&rest[..end], &rest[end..]);
     if name.is_empty() || name.contains('@') {
-        return Err(format!("invalid database {value:?}: no valid database name; {DATABASE_FORMS}"));
+        return Err(format!("invalid database {shown:?}: no valid database name; {DATABASE_FORMS}"));
     }
     let mut url = String::from("mysql://");
     if let Some(u) = user {

@@ -64,4 +64,57 @@ async fn a_new_cluster_waits_for_neoctl_start_then_runs(opts: Options) {
     assert_eq!(expect_answer!(b, AnswerPrimary).unwrap().address, c.master_addr.to_string());
 }
 
-crate::both_backends!(a_new_cluster_waits_for_neoctl_start_then_runs);
+/// After a full stop only one storage comes back: `print node` lists the other as DOWN (it is
+/// in the last partition table), `print pt` shows its cells, and the cluster waits for it;
+/// once it is back, it is RUNNING.
+async fn after_a_full_restart_print_node_lists_the_storages_not_back_as_down(opts: Options) {
+    let mut c = Cluster::start(opts).await;
+    c.stop_all().await;
+    c.start_master().await;
+    c.start_storage(0).await;
+    c.start_admin().await;
+    let storages = |all: Vec<neo_lib::NodeInfo>| -> Vec<(NodeState, bool)> {
+        let mut v: Vec<(NodeState, bool)> = all
+            .into_iter()
+            .filter(|n| n.node_type == NodeType::Storage)
+            .map(|n| (n.state, n.address.is_some()))
+            .collect();
+        v.sort_by_key(|(s, _)| *s as i32);
+        v
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (down, all) = loop {
+        // The admin answers NOT_READY until it is connected to the master.
+        let all = match c.admin_ask(msg::AskNodeList { node_type: None }).await {
+            Ok(b) => expect_answer!(b, AnswerNodeList)
+                .unwrap()
+                .nodes
+                .iter()
+                .map(|n| proto::convert::node_from_msg(n).unwrap())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if storages(all.clone()) == [(NodeState::Down, false), (NodeState::Pending, true)] {
+            let down = all.iter().find(|n| n.state == NodeState::Down).unwrap().nid;
+            break (down, all);
+        }
+        assert!(Instant::now() < deadline, "storages: {:?}", storages(all));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(c.cluster_state().await, Some(ClusterState::Recovering));
+    let b = c.admin_ask(msg::AskPartitionList { min_offset: 0, max_offset: 0, nid: None }).await.unwrap();
+    let pt = proto::convert::pt_from_msg(&expect_answer!(b, AnswerPartitionList).unwrap()).unwrap();
+    let in_pt = pt.nodes();
+    assert!(in_pt.contains(&down) && in_pt.len() == 2, "cells of {in_pt:?}, nodes {all:?}");
+    assert_eq!(pt.partitions_of(down).len(), pt.np() as usize, "replicas 1 on 2 storages: a cell in every partition");
+
+    c.start_storage(1).await;
+    c.wait_state(ClusterState::Running).await;
+    let all = nodes(&c).await;
+    assert!(all.iter().any(|n| n.nid == down && n.state == NodeState::Running && n.address.is_some()), "{all:?}");
+}
+
+crate::both_backends!(
+    a_new_cluster_waits_for_neoctl_start_then_runs,
+    after_a_full_restart_print_node_lists_the_storages_not_back_as_down
+);

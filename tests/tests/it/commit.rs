@@ -135,8 +135,10 @@ async fn a_client_sees_another_clients_commit_through_the_invalidation_callback(
     let cluster = Cluster::start(opts).await;
     let (a, b) = (cluster.client().await, cluster.client().await);
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    b.set_invalidation_callback(move |tid, oids| {
-        let _ = tx.try_send((tid, oids.to_vec()));
+    b.set_invalidation_callback(move |i| {
+        if let neo_client::Invalidation::Objects(tid, oids) = i {
+            let _ = tx.try_send((tid, oids.to_vec()));
+        }
     });
     let oid = a.new_oid().await.unwrap();
     let t1 = commit(&a, oid, Tid::ZERO, b"one").await.unwrap();
@@ -209,7 +211,44 @@ async fn neoctl_stop_lets_in_flight_transactions_finish_and_every_node_exits(opt
     assert_eq!(fresh.load(oid).await.unwrap(), (b"in flight".to_vec(), tid));
 }
 
+/// A client committing in a loop when the cluster is stopped gets a clear error within seconds
+/// (not after its connect timeout: the master told it the cluster was stopping), and so do its
+/// later calls; once the cluster is started again, the same client goes on.
+async fn a_commit_loop_gets_a_clear_error_within_seconds_of_a_stop_and_goes_on_after_a_restart(opts: Options) {
+    let mut cluster = Cluster::start(opts).await;
+    let c = cluster.client().await;
+    let oid = c.new_oid().await.unwrap();
+    let mut serial = commit(&c, oid, Tid::ZERO, b"0").await.unwrap();
+    let looping = c.clone();
+    let writer = tokio::spawn(async move {
+        for n in 1.. {
+            match commit(&looping, oid, serial, n.to_string().as_bytes()).await {
+                Ok(tid) => serial = tid,
+                Err(e) => return (std::time::Instant::now(), e),
+            }
+        }
+        unreachable!()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stop = std::time::Instant::now();
+    cluster.admin_ask(proto::msg::SetClusterState { state: ClusterState::Stopping as i32 }).await.unwrap();
+    let (when, e) = tokio::time::timeout(Duration::from_secs(20), writer).await.unwrap().unwrap();
+    assert!(when - stop < Duration::from_secs(5), "the error came {:?} after the stop", when - stop);
+    assert!(matches!(e, ClientError::Stopped { .. }), "{e:?}");
+    assert!(e.to_string().contains("stopped or stopping"), "{e}");
+    cluster.wait_all_exited().await.unwrap();
+    let t0 = std::time::Instant::now();
+    let e = c.tpc_begin(b"", b"", b"").await.err().unwrap();
+    assert!(matches!(e, ClientError::Stopped { .. }) && t0.elapsed() < Duration::from_secs(5), "{e:?}");
+
+    cluster.restart().await;
+    let (data, last) = c.load(oid).await.unwrap();
+    let tid = commit(&c, oid, last, b"after the restart").await.unwrap();
+    assert!(tid > last && !data.is_empty());
+}
+
 crate::both_backends!(
+    a_commit_loop_gets_a_clear_error_within_seconds_of_a_stop_and_goes_on_after_a_restart,
     the_stores_of_a_big_transaction_share_one_connection_per_storage,
     two_clients_commit_1000_transactions_and_a_fresh_client_reads_them_all,
     two_clients_updating_the_same_object_one_gets_a_conflict_naming_the_oid,

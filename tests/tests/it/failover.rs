@@ -69,6 +69,48 @@ async fn a_client_survives_a_master_restart(opts: Options) {
     assert!(other.new_oid().await.unwrap() > oid);
 }
 
+/// A client idle across a master restart misses the invalidations of the commits made
+/// meanwhile: when it connects again, it is told to invalidate everything (before its last
+/// TID moves), and loads the new data; a client that missed nothing is not told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_missed_commits_while_the_master_restarted_invalidates_everything() {
+    use neo_client::Invalidation;
+    use std::sync::{Arc, Mutex};
+    let mut cluster = Cluster::start(Options::default()).await;
+    let (idle, other) = (cluster.client().await, cluster.client().await);
+    let seen: Arc<Mutex<Vec<(String, Tid)>>> = Arc::default();
+    let log = seen.clone();
+    let watched = idle.clone();
+    idle.set_invalidation_callback(move |i| {
+        let entry = match i {
+            Invalidation::Objects(tid, _) => ("objects".to_string(), tid),
+            Invalidation::All(tid) => ("all".to_string(), tid),
+        };
+        // Told before the last TID moves.
+        assert!(watched.last_transaction() < entry.1, "{entry:?} after the last TID moved");
+        log.lock().unwrap().push(entry);
+    });
+    let oid = other.new_oid().await.unwrap();
+    let t1 = commit(&other, oid, Tid::ZERO, b"before").await.unwrap();
+    idle.sync().await.unwrap();
+    assert_eq!(idle.load(oid).await.unwrap(), (b"before".to_vec(), t1));
+    assert_eq!(seen.lock().unwrap().clone(), [("objects".to_string(), t1)]);
+
+    cluster.restart_master().await;
+    let t2 = commit(&other, oid, t1, b"after").await.unwrap();
+    idle.sync().await.unwrap();
+    assert_eq!(seen.lock().unwrap().last().cloned(), Some(("all".to_string(), t2)));
+    assert_eq!(idle.last_transaction(), t2);
+    assert_eq!(idle.load(oid).await.unwrap(), (b"after".to_vec(), t2));
+
+    // Nothing committed while the master was away: nothing to invalidate.
+    let before = seen.lock().unwrap().len();
+    cluster.restart_master().await;
+    idle.sync().await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), before);
+    assert_eq!(idle.load(oid).await.unwrap(), (b"after".to_vec(), t2));
+}
+
 /// SQLite only: the failure is injected by taking the write-ahead log's name away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_that_cannot_sync_its_database_stops_and_the_cluster_goes_on_without_it() {
