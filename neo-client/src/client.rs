@@ -69,10 +69,9 @@ struct State {
     nid: Option<Nid>,
     pt: Option<PartitionTable>,
     nodes: HashMap<Nid, NodeInfo>,
+    /// As the master last said (STOPPING also when it denied a request: the cluster is
+    /// stopping); each connection to the master is told the current state first.
     cluster_state: Option<ClusterState>,
-    /// The master said the cluster is stopping (`neoctl set cluster STOPPING`): a master
-    /// that cannot be reached is not waited for (see `connect_master`).
-    stopped: bool,
     last_tid: Tid,
     storages: HashMap<Nid, Link>,
     failed: HashMap<Nid, Instant>,
@@ -474,16 +473,19 @@ impl Client {
                     },
                     Err(e) if e.code() == Some(ErrorCode::Denied) => {
                         // The master refuses clients: the cluster is stopping.
-                        lock(&self.0.state).stopped = true;
                         return Err(self.stopped(&e.to_string()));
                     }
                     Err(e) => {
                         debug!("master {addr}: {e}");
+                        if e.code() == Some(ErrorCode::NotReady) {
+                            // A master answers: the cluster is starting (again); wait for it.
+                            lock(&self.0.state).cluster_state = None;
+                        }
                         last = e.to_string();
                     }
                 }
             }
-            if lock(&self.0.state).stopped {
+            if lock(&self.0.state).cluster_state == Some(ClusterState::Stopping) {
                 // Told that the cluster was stopping, and no master answers: it is stopped,
                 // not restarting. Say so now rather than after the connect timeout.
                 return Err(self.stopped(&last));
@@ -496,7 +498,9 @@ impl Client {
         }
     }
 
+    /// The cluster is stopping or stopped: remember it, and the error to report.
     fn stopped(&self, last: &str) -> ClientError {
+        lock(&self.0.state).cluster_state = Some(ClusterState::Stopping);
         ClientError::Stopped { cluster: self.0.cfg.cluster.clone(), last: last.to_string() }
     }
 
@@ -546,7 +550,6 @@ impl Client {
             let mut s = lock(&self.0.state);
             s.last_tid = s.last_tid.max(ltid);
             s.master = Some(MasterConn { link: link.clone(), processed: prx });
-            s.stopped = false;
         }
         info!("connected to the primary master {} (last tid {ltid:?})", link.peer());
         Ok(link)
@@ -570,7 +573,6 @@ impl Client {
                 Err(LinkError::Remote { code: ErrorCode::NotReady, .. }) if Instant::now() < deadline => {}
                 Err(LinkError::Remote { code: ErrorCode::Denied, message }) => {
                     // The master denies a client's request only when the cluster is stopping.
-                    lock(&self.0.state).stopped = true;
                     return Err(self.stopped(&message));
                 }
                 Err(e) => return Err(remote(e)),
@@ -1395,10 +1397,8 @@ async fn handle_master_message(inner: &Inner, link: &Link, req: proto::Request) 
         }
         Body::NotifyClusterInformation(m) => {
             let state = ClusterState::from_i32(m.state);
-            let mut s = lock(&inner.state);
-            s.cluster_state = state;
+            lock(&inner.state).cluster_state = state;
             if state == Some(ClusterState::Stopping) {
-                s.stopped = true;
                 return true;
             }
         }

@@ -241,7 +241,17 @@ async fn a_commit_loop_gets_a_clear_error_within_seconds_of_a_stop_and_goes_on_a
     let e = c.tpc_begin(b"", b"", b"").await.err().unwrap();
     assert!(matches!(e, ClientError::Stopped { .. }) && t0.elapsed() < Duration::from_secs(5), "{e:?}");
 
-    cluster.restart().await;
+    // Started again: a master that answers (NOT_READY while it recovers) is waited for.
+    cluster.start_master().await;
+    let waiting = c.clone();
+    let begin = tokio::spawn(async move { waiting.tpc_begin(b"", b"", b"").await.map(drop) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!begin.is_finished(), "{:?}", begin.await);
+    for i in 0..cluster.opts.storages {
+        cluster.start_storage(i).await;
+    }
+    cluster.start_admin().await;
+    begin.await.unwrap().unwrap();
     let (data, last) = c.load(oid).await.unwrap();
     let tid = commit(&c, oid, last, b"after the restart").await.unwrap();
     assert!(tid > last && !data.is_empty());
