@@ -103,7 +103,8 @@ pub fn inflates_to(z: &[u8], data: &[u8]) -> bool {
         || Decompress::new(true),
         |d| {
             d.reset(true);
-            let mut buf = vec![0u8; 32 * 1024];
+            // Room for one byte more than the record, up to 32 KiB a piece.
+            let mut buf = vec![0u8; (data.len() + 1).clamp(64, 32 * 1024)];
             let mut expected = data;
             loop {
                 let (in_before, out_before) = (d.total_in(), d.total_out());
