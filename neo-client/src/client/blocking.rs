@@ -4,7 +4,8 @@
 //! async runtime costs. Anything unusual (no partition table yet, a cell that is not ready, a
 //! connection error) is left to the async path, which knows how to wait, retry and fail over.
 
-use super::{Client, LoadingGuard, checked_object, loaded, record_of};
+use super::Client;
+use super::loads::{LoadingGuard, checked_object, loaded, record_of};
 use crate::Result;
 use crate::cache::Hit;
 use neo_lib::{ErrorCode, Nid, NodeType, Oid, Tid, lock};

@@ -2,7 +2,8 @@
 //! transactions, and pack. Listings ask every partition of one readable cell each, grouped by
 //! storage, and retry another cell when a storage fails.
 
-use super::{Client, Record, is_storage_failure, remote};
+use super::loads::Record;
+use super::{Client, is_storage_failure, remote};
 use crate::{ClientError, Result};
 use neo_lib::{ErrorCode, Nid, Oid, Tid, lock};
 use proto::{Body, LinkError, expect_answer, msg};
