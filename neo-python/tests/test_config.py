@@ -16,18 +16,10 @@ from ZODB import POSException
 import neo_rs
 from neo_rs import zodburi
 
-from test_zodb import Cluster
+from test_zodb import Cluster, SharedClusterTests
 
 
-class ConfigTests(unittest.TestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        cls.cluster = Cluster()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.cluster.stop()
+class ConfigTests(SharedClusterTests):
 
     def roundtrip(self, db, key):
         with db.transaction() as conn:

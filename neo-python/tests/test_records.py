@@ -12,7 +12,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import p64, u64, z64
 
-from test_zodb import Cluster
+from test_zodb import SharedClusterTests
 
 MiB = 1 << 20
 
@@ -46,15 +46,7 @@ def _size(rng):
     return rng.randint(0, 4 * MiB)
 
 
-class RecordTests(unittest.TestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        cls.cluster = Cluster()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.cluster.stop()
+class RecordTests(SharedClusterTests):
 
     def test_a_record_after_a_large_incompressible_one_reads_back(self):
         # The report, as a user made it: a mapping holding 3 MiB of random bytes, then one

@@ -83,6 +83,18 @@ class Cluster(object):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class SharedClusterTests(unittest.TestCase):
+    """Tests that share one cluster, started for the class (``self.cluster``)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+
 class NEOStorageTests(StorageTestBase.StorageTestBase):
 
     def setUp(self):
