@@ -158,20 +158,17 @@ fn inflate(d: &mut Decompress, data: &[u8]) -> std::result::Result<Vec<u8>, Stri
         let (used_in, had_out) = (d.total_in(), d.total_out());
         let rest = usize::try_from(used_in).ok().and_then(|n| data.get(n..)).unwrap_or_default();
         let status = d.decompress_vec(rest, &mut out, FlushDecompress::None).map_err(|e| e.to_string())?;
+        // The output has room for one byte more than the largest record, to tell a bomb from it.
+        if out.len() > MAX_INFLATED {
+            return Err(format!("inflates to more than {MAX_INFLATED} bytes"));
+        }
         if status == Status::StreamEnd {
-            if out.len() > MAX_INFLATED {
-                return Err(format!("inflates to more than {MAX_INFLATED} bytes"));
-            }
             if d.total_in() != data.len() as u64 {
                 return Err(format!("{} bytes after the end of the zlib stream", data.len() as u64 - d.total_in()));
             }
             return Ok(out);
         }
         if out.len() == out.capacity() {
-            // Room for one byte more than the largest record, to tell a bomb from it.
-            if out.len() > MAX_INFLATED {
-                return Err(format!("inflates to more than {MAX_INFLATED} bytes"));
-            }
             out.reserve_exact(out.capacity().max(256).min(MAX_INFLATED + 1 - out.len()));
         } else if d.total_in() == used_in && d.total_out() == had_out {
             // Room left and nothing consumed: the stream is cut short.

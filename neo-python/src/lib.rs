@@ -189,29 +189,23 @@ struct Events {
 
 impl Events {
     fn push(&mut self, e: Event) {
-        if let Event::InvalidateAll = e {
-            // Covers every invalidation before it.
-            self.queue.retain(|e| matches!(e, Event::Finished(..)));
-            self.queue.push_back(Event::InvalidateAll);
-            self.invalidations = 0;
-            self.all = true;
-            return;
-        }
-        if let Event::Invalidate(..) = e {
-            if self.all {
-                return;
-            }
-            if self.invalidations >= MAX_QUEUED_INVALIDATIONS {
-                // Finish events stay (their callbacks must run); invalidations become one.
-                self.queue.retain(|e| matches!(e, Event::Finished(..)));
-                self.queue.push_back(Event::InvalidateAll);
-                self.invalidations = 0;
-                self.all = true;
-                return;
-            }
-            self.invalidations += 1;
+        match e {
+            Event::InvalidateAll => return self.invalidate_all(),
+            Event::Invalidate(..) if self.all => return,
+            Event::Invalidate(..) if self.invalidations >= MAX_QUEUED_INVALIDATIONS => return self.invalidate_all(),
+            Event::Invalidate(..) => self.invalidations += 1,
+            Event::Finished(..) => {}
         }
         self.queue.push_back(e);
+    }
+
+    /// One `InvalidateAll` replaces the invalidations queued (it covers them); finish events
+    /// stay (their callbacks must run).
+    fn invalidate_all(&mut self) {
+        self.queue.retain(|e| matches!(e, Event::Finished(..)));
+        self.queue.push_back(Event::InvalidateAll);
+        self.invalidations = 0;
+        self.all = true;
     }
 
     fn take(&mut self) -> VecDeque<Event> {

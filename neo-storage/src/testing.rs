@@ -9,12 +9,16 @@ use std::time::Duration;
 
 pub const DEFAULT_SERVER: &str = "mysql://root@127.0.0.1:3306";
 
+/// Connection options of `server` (an error names it without its password).
+fn server_opts(server: &str) -> Result<Opts, String> {
+    Opts::from_url(server).map_err(|e| format!("invalid URL {:?}: {e}", crate::backend::mysql::redact_database(server)))
+}
+
 /// Run `sql` on `server` (in `database` if given), from a thread of its own.
 pub fn server_sql(server: &str, database: Option<&str>, sql: &str) -> Result<(), String> {
     let (server, database, sql) = (server.to_string(), database.map(str::to_string), sql.to_string());
     std::thread::spawn(move || {
-        let opts = Opts::from_url(&server)
-            .map_err(|e| format!("invalid URL {:?}: {e}", crate::backend::mysql::redact_database(&server)))?;
+        let opts = server_opts(&server)?;
         let opts: Opts = OptsBuilder::from_opts(opts).db_name(database).into();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         rt.block_on(async {
@@ -36,8 +40,7 @@ pub fn server_sql(server: &str, database: Option<&str>, sql: &str) -> Result<(),
 pub fn kill_connections(server: &str, database: &str) -> Result<usize, String> {
     let (server, database) = (server.to_string(), database.to_string());
     std::thread::spawn(move || {
-        let opts = Opts::from_url(&server)
-            .map_err(|e| format!("invalid URL {:?}: {e}", crate::backend::mysql::redact_database(&server)))?;
+        let opts = server_opts(&server)?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         rt.block_on(async {
             let mut c = Conn::new(opts).await.map_err(|e| e.to_string())?;

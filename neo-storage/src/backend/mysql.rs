@@ -314,11 +314,12 @@ const DATABASE_FORMS: &str = "expected [user[:password]@]database[unix_socket] (
 /// [`MysqlBackend::open`].
 pub fn parse_database(value: &str) -> std::result::Result<String, String> {
     // Errors show the value without its password.
-    let shown = redact_database(value);
+    let shown = || redact_database(value);
     if value.starts_with("mysql://") {
-        let opts = Opts::from_url(value).map_err(|e| format!("invalid MySQL URL {shown:?}: {e}; {DATABASE_FORMS}"))?;
+        let opts =
+            Opts::from_url(value).map_err(|e| format!("invalid MySQL URL {:?}: {e}; {DATABASE_FORMS}", shown()))?;
         if opts.db_name().is_none_or(str::is_empty) {
-            return Err(format!("MySQL URL {shown:?} names no database; {DATABASE_FORMS}"));
+            return Err(format!("MySQL URL {:?} names no database; {DATABASE_FORMS}", shown()));
         }
         return Ok(value.to_string());
     }
@@ -334,7 +335,7 @@ pub fn parse_database(value: &str) -> std::result::Result<String, String> {
                 None => (c, None),
             };
             if u.is_empty() {
-                return Err(format!("invalid database {shown:?}: empty user name; {DATABASE_FORMS}"));
+                return Err(format!("invalid database {:?}: empty user name; {DATABASE_FORMS}", shown()));
             }
             (Some(u), p)
         }
@@ -342,7 +343,7 @@ pub fn parse_database(value: &str) -> std::result::Result<String, String> {
     let end = rest.find(is_socket_start).unwrap_or(rest.len());
     let (name, socket) = (&rest[..end], &rest[end..]);
     if name.is_empty() || name.contains('@') {
-        return Err(format!("invalid database {shown:?}: no valid database name; {DATABASE_FORMS}"));
+        return Err(format!("invalid database {:?}: no valid database name; {DATABASE_FORMS}", shown()));
     }
     let mut url = String::from("mysql://");
     if let Some(u) = user {
