@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/transaction.proto",
         "proto/object.proto",
         "proto/admin.proto",
+        "proto/replication.proto",
         "proto/packet.proto",
     ];
     for f in &files {

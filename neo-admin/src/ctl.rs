@@ -42,12 +42,18 @@ pub(crate) fn decide(view: &ClusterView, primary: Option<&Primary>, body: Body) 
         | Body::SetClusterState(_)
         | Body::AskIds(_)
         | Body::AskLastTransaction(_)
+        | Body::AddPendingNodes(_)
+        | Body::TweakPartitionTable(_)
+        | Body::SetNodeState(_)
+        | Body::SetNumReplicas(_)
             if !connected =>
         {
             not_ready(NOT_CONNECTED)
         }
         Body::AskClusterState(_) => match view.cluster_state {
-            Some(s) => Action::Answer(msg::AnswerClusterState { state: s as i32 }.into()),
+            Some(s) => {
+                Action::Answer(msg::AnswerClusterState { state: s as i32, detail: view.cluster_detail.clone() }.into())
+            }
             None => not_ready("The cluster state is not known yet."),
         },
         Body::AskNodeList(m) => {
@@ -70,7 +76,13 @@ pub(crate) fn decide(view: &ClusterView, primary: Option<&Primary>, body: Body) 
             ),
             None => not_ready(NOT_CONNECTED),
         },
-        b @ (Body::SetClusterState(_) | Body::AskIds(_) | Body::AskLastTransaction(_)) => Action::Forward(b),
+        b @ (Body::SetClusterState(_)
+        | Body::AskIds(_)
+        | Body::AskLastTransaction(_)
+        | Body::AddPendingNodes(_)
+        | Body::TweakPartitionTable(_)
+        | Body::SetNodeState(_)
+        | Body::SetNumReplicas(_)) => Action::Forward(b),
         other => Action::Answer(proto::error(
             ErrorCode::ProtocolError,
             format!("unexpected message {}", proto::body_name(&other)),
@@ -217,7 +229,10 @@ mod tests {
         let v = view();
         let p = primary();
         let a = decide(&v, Some(&p), Body::AskClusterState(msg::AskClusterState {}));
-        assert_eq!(a, Action::Answer(Body::AnswerClusterState(msg::AnswerClusterState { state: 2 })));
+        assert_eq!(
+            a,
+            Action::Answer(Body::AnswerClusterState(msg::AnswerClusterState { state: 2, detail: String::new() }))
+        );
         let a = decide(&v, Some(&p), Body::AskNodeList(msg::AskNodeList { node_type: None }));
         let Action::Answer(Body::AnswerNodeList(l)) = a else { panic!("{a:?}") };
         let nids: Vec<String> = l.nodes.iter().map(|n| Nid(n.nid).to_string()).collect();

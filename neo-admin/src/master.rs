@@ -122,7 +122,7 @@ async fn session(shared: &Shared, link: &Link, mut incoming: Incoming, stop: &Ca
         if let Body::NotifyClusterInformation(m) = &req.body
             && let Ok(s) = proto::convert::cluster_state(m.state)
         {
-            info!("cluster state: {s}");
+            info!("cluster state: {s} {}", m.detail);
         }
         // Short, non-async critical section.
         let r = shared.lock().view.apply(&req.body);

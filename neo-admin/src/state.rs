@@ -43,6 +43,8 @@ pub enum Update {
 #[derive(Clone, Debug, Default)]
 pub struct ClusterView {
     pub cluster_state: Option<ClusterState>,
+    /// Why the cluster is in that state, when the master says (e.g. what RECOVERING waits for).
+    pub cluster_detail: String,
     nodes: BTreeMap<Nid, NodeInfo>,
     pub pt: Option<PartitionTable>,
 }
@@ -111,6 +113,7 @@ impl ClusterView {
             Body::SendPartitionTable(m) => self.set_pt(m)?,
             Body::NotifyPartitionChanges(m) => self.apply_pt_changes(m)?,
             Body::NotifyClusterInformation(m) => {
+                self.cluster_detail = m.detail.clone();
                 if self.set_cluster_state(m.state)? == ClusterState::Stopping {
                     return Ok(Update::Stopping);
                 }
@@ -232,7 +235,8 @@ mod tests {
     #[test]
     fn cluster_state_and_stopping() {
         let mut v = ClusterView::new();
-        let notify = |s: i32| Body::NotifyClusterInformation(msg::NotifyClusterInformation { state: s });
+        let notify =
+            |s: i32| Body::NotifyClusterInformation(msg::NotifyClusterInformation { state: s, detail: String::new() });
         assert_eq!(v.apply(&notify(ClusterState::Running as i32)), Ok(Update::Applied));
         assert_eq!(v.cluster_state, Some(ClusterState::Running));
         assert!(v.apply(&notify(42)).is_err());

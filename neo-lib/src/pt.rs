@@ -2,7 +2,7 @@
 //! a ptid. Pure data and its invariants; the master decides changes, every node applies them.
 
 use crate::{CellState, Nid, Ptid};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -173,6 +173,159 @@ impl PartitionTable {
         out
     }
 
+    /// NEO's `tweak`: the changes that spread the cells evenly over `nodes` (the storages that
+    /// hold data from now on): each partition gets `min(replicas + 1, nodes)` cells on distinct
+    /// nodes, each node `⌊np·repeats/N⌋` cells or one more, keeping cells where they are as much
+    /// as possible. New cells are OUT_OF_DATE (they replicate); a readable cell that must go
+    /// becomes FEEDING (still written and read) while its partition has fewer readable cells
+    /// that stay than it should, so no partition ever has fewer readable copies because of a
+    /// tweak; it is discarded once its replacements are UP_TO_DATE (`feeding_done`). Other
+    /// cells that must go, and every cell on a node not in `nodes`, are discarded (readable
+    /// ones only when enough readable cells stay).
+    pub fn tweak(&self, nodes: &[Nid]) -> Result<Vec<CellChange>, PtError> {
+        let mut nodes: Vec<Nid> = nodes.to_vec();
+        nodes.sort();
+        nodes.dedup();
+        if nodes.is_empty() {
+            return Err(PtError::NoNodes);
+        }
+        let n = nodes.len();
+        let repeats = (self.replicas as usize + 1).min(n);
+        let rank = |s: CellState| match s {
+            CellState::UpToDate => 0,
+            CellState::Feeding => 1,
+            CellState::OutOfDate => 2,
+            _ => 3,
+        };
+        // Cells that stay, per partition: on `nodes`, best first, at most `repeats`.
+        let mut keep: Vec<Vec<Cell>> = self
+            .rows
+            .iter()
+            .map(|row| {
+                let mut cells: Vec<Cell> =
+                    row.iter().filter(|c| nodes.contains(&c.nid) && rank(c.state) < 3).copied().collect();
+                cells.sort_by_key(|c| (rank(c.state), c.nid));
+                cells.truncate(repeats);
+                cells
+            })
+            .collect();
+        let mut load: BTreeMap<Nid, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+        for c in keep.iter().flatten() {
+            *load.entry(c.nid).or_default() += 1;
+        }
+        // Partitions short of cells get new ones on the least loaded nodes.
+        for row in keep.iter_mut() {
+            while row.len() < repeats {
+                let Some(u) =
+                    nodes.iter().filter(|u| !row.iter().any(|c| c.nid == **u)).min_by_key(|u| (load[*u], **u)).copied()
+                else {
+                    break;
+                };
+                row.push(Cell { nid: u, state: CellState::OutOfDate });
+                *load.entry(u).or_default() += 1;
+            }
+        }
+        // Quotas: the nodes holding the most get the remainder's extra cell.
+        let total = self.rows.len() * repeats;
+        let mut by_load: Vec<Nid> = nodes.clone();
+        by_load.sort_by_key(|n| (std::cmp::Reverse(load[n]), *n));
+        let quota: BTreeMap<Nid, usize> =
+            by_load.iter().enumerate().map(|(i, nid)| (*nid, total / n + usize::from(i < total % n))).collect();
+        // Move cells from nodes over their quota to nodes under it, along the shortest chain
+        // of moves (A gives a partition to B, which gives another to C, ...): each move takes a
+        // partition that has the giver and not the taker, OUT_OF_DATE cells first (nothing
+        // readable moves when something else can).
+        let movable = |keep: &[Vec<Cell>], x: Nid, y: Nid| -> Option<usize> {
+            keep.iter()
+                .enumerate()
+                .filter(|(_, row)| !row.iter().any(|c| c.nid == y))
+                .filter_map(|(p, row)| row.iter().find(|c| c.nid == x).map(|c| (std::cmp::Reverse(rank(c.state)), p)))
+                .min()
+                .map(|(_, p)| p)
+        };
+        loop {
+            let path = by_load.iter().filter(|o| load[*o] > quota[*o]).find_map(|o| {
+                let mut prev: BTreeMap<Nid, Nid> = BTreeMap::new();
+                let mut queue = std::collections::VecDeque::from([*o]);
+                while let Some(x) = queue.pop_front() {
+                    for &y in &nodes {
+                        if y == *o || prev.contains_key(&y) || movable(&keep, x, y).is_none() {
+                            continue;
+                        }
+                        prev.insert(y, x);
+                        if load[&y] < quota[&y] {
+                            let mut path = vec![y];
+                            while let Some(p) = prev.get(path.last()?) {
+                                path.push(*p);
+                            }
+                            path.reverse();
+                            return Some(path);
+                        }
+                        queue.push_back(y);
+                    }
+                }
+                None
+            });
+            let Some(path) = path else { break };
+            // From the taker back to the first giver: each move stays possible.
+            for pair in path.windows(2).rev() {
+                let (x, y) = (pair[0], pair[1]);
+                let Some(p) = movable(&keep, x, y) else { break };
+                keep[p].retain(|c| c.nid != x);
+                keep[p].push(Cell { nid: y, state: CellState::OutOfDate });
+            }
+            let (first, last) = (path[0], path[path.len() - 1]);
+            *load.entry(first).or_default() -= 1;
+            *load.entry(last).or_default() += 1;
+        }
+        // The changes from the current table to `keep`.
+        let mut changes = Vec::new();
+        for (p, (row, kept)) in self.rows.iter().zip(&keep).enumerate() {
+            let p = p as u32;
+            for c in kept {
+                match self.cell(p, c.nid) {
+                    None => changes.push(CellChange { partition: p, nid: c.nid, state: CellState::OutOfDate }),
+                    Some(CellState::Feeding) => {
+                        changes.push(CellChange { partition: p, nid: c.nid, state: CellState::UpToDate })
+                    }
+                    Some(_) => {}
+                }
+            }
+            let readable_kept = kept.iter().filter(|c| self.cell(p, c.nid).is_some_and(CellState::is_readable)).count();
+            for c in row.iter().filter(|c| !kept.iter().any(|k| k.nid == c.nid)) {
+                let state = if c.state.is_readable() && readable_kept < repeats {
+                    CellState::Feeding
+                } else {
+                    CellState::Discarded
+                };
+                if state != c.state {
+                    changes.push(CellChange { partition: p, nid: c.nid, state });
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    /// After a cell of `partition` became UP_TO_DATE: its FEEDING cells are discarded once no
+    /// cell of the partition is OUT_OF_DATE any more (their replacements are all readable).
+    pub fn feeding_done(&self, partition: u32) -> Vec<CellChange> {
+        let row = self.row(partition);
+        if row.iter().any(|c| c.state == CellState::OutOfDate) {
+            return Vec::new();
+        }
+        row.iter()
+            .filter(|c| c.state == CellState::Feeding)
+            .map(|c| CellChange { partition, nid: c.nid, state: CellState::Discarded })
+            .collect()
+    }
+
+    /// A new number of replicas (no cell changes): the next ptid.
+    pub fn set_replicas(&mut self, replicas: u32) -> Ptid {
+        self.replicas = replicas;
+        self.ptid = Ptid(self.ptid.0 + 1);
+        self.ptid
+    }
+
     /// Summary `{state: count}` as NEO's monitoring prints it.
     pub fn summary(&self) -> Vec<(CellState, usize)> {
         CellState::ALL
@@ -238,6 +391,79 @@ mod tests {
         assert!(!pt.operational(|n| n == s(1)));
         // s2 now holds the last readable cells: it is not outdated.
         assert!(pt.outdate_changes(s(2)).is_empty());
+    }
+
+    /// Apply `changes` as replication would end: OUT_OF_DATE cells become UP_TO_DATE one by
+    /// one, each followed by `feeding_done`.
+    fn replicate_all(pt: &mut PartitionTable) {
+        loop {
+            let Some((p, nid)) = (0..pt.np())
+                .find_map(|p| pt.row(p).iter().find(|c| c.state == CellState::OutOfDate).map(|c| (p, c.nid)))
+            else {
+                return;
+            };
+            pt.commit_changes(&[CellChange { partition: p, nid, state: CellState::UpToDate }]);
+            let done = pt.feeding_done(p);
+            pt.commit_changes(&done);
+        }
+    }
+
+    #[test]
+    fn tweak_balances_keeps_copies_readable_and_is_stable() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..1000 {
+            let np = rng.u32(1..40);
+            let replicas = rng.u32(0..4);
+            let first: Vec<Nid> = (1..=rng.u32(1..6)).map(s).collect();
+            let mut pt = PartitionTable::make(np, replicas, &first).unwrap();
+            // Some cells out of date, as after losses.
+            for p in 0..np {
+                if rng.bool() {
+                    let row = pt.row(p).to_vec();
+                    if row.len() > 1 {
+                        let c = row[rng.usize(..row.len())];
+                        pt.commit_changes(&[CellChange { partition: p, nid: c.nid, state: CellState::OutOfDate }]);
+                    }
+                }
+            }
+            // Nodes join and leave.
+            let mut nodes: Vec<Nid> = first.clone();
+            for n in 10..10 + rng.u32(0..4) {
+                nodes.push(s(n));
+            }
+            if nodes.len() > 1 && rng.bool() {
+                nodes.remove(rng.usize(..nodes.len()));
+            }
+            let before = pt.clone();
+            let changes = pt.tweak(&nodes).unwrap();
+            pt.commit_changes(&changes);
+            let repeats = (replicas as usize + 1).min(nodes.len());
+            for p in 0..np {
+                let readable_before = before.readable_cells(p).count();
+                let readable_after = pt.readable_cells(p).count();
+                assert!(
+                    readable_after >= readable_before.min(repeats),
+                    "round {round}, partition {p}: {readable_before} readable cells before, {readable_after} after"
+                );
+                let mut seen: Vec<Nid> = pt.row(p).iter().map(|c| c.nid).collect();
+                seen.sort();
+                seen.dedup();
+                assert_eq!(seen.len(), pt.row(p).len(), "round {round}: two cells of partition {p} on one node");
+            }
+            replicate_all(&mut pt);
+            let mut load: BTreeMap<Nid, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+            for p in 0..np {
+                let row = pt.row(p);
+                assert_eq!(row.len(), repeats, "round {round}, partition {p}: {row:?}");
+                assert!(row.iter().all(|c| c.state == CellState::UpToDate && nodes.contains(&c.nid)), "{row:?}");
+                for c in row {
+                    *load.get_mut(&c.nid).unwrap() += 1;
+                }
+            }
+            let (min, max) = (load.values().min().unwrap(), load.values().max().unwrap());
+            assert!(max - min <= 1, "round {round}: unbalanced {load:?}");
+            assert!(pt.tweak(&nodes).unwrap().is_empty(), "round {round}: a second tweak changes something");
+        }
     }
 
     #[test]

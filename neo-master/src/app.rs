@@ -89,6 +89,15 @@ pub struct Master {
     /// Set when `SetClusterState(STOPPING)` was accepted: refuse new transactions, stop when
     /// the in-flight ones are done.
     pub stopping: bool,
+    /// OUT_OF_DATE cells that missed a commit (its client did not write them): the greatest
+    /// such TID. A cell becomes UP_TO_DATE only once replication copied up to it. Commits
+    /// before this master started are all on the readable cells before any replication
+    /// round can start (verification finished them), so nothing older is needed here.
+    pub missed: HashMap<(u32, Nid), neo_lib::Tid>,
+    /// The ptid at which each cell last became readable (absent: before this master started).
+    pub readable_since: HashMap<(u32, Nid), neo_lib::Ptid>,
+    /// Why the master stopped itself, if it did (the process then exits with an error).
+    pub fatal: Option<String>,
 }
 
 impl Master {
@@ -118,8 +127,24 @@ impl Master {
             recovery: Default::default(),
             tm: Transactions::default(),
             stopping: false,
+            missed: HashMap::new(),
+            readable_since: HashMap::new(),
+            fatal: None,
             cfg,
         };
+        match &m.cfg.database {
+            Some(path) => {
+                let path = std::path::PathBuf::from(path);
+                if let Some(pt) = crate::state::load(&path, &m.cfg.cluster)? {
+                    info!("partition table ptid {} loaded from {}", pt.ptid, path.display());
+                    m.pt = Some(pt);
+                }
+            }
+            None => warn!(
+                "no `database` for this master: the newest partition table is not kept, so a storage that missed commits could be started alone (with `neoctl start`)"
+            ),
+        }
+        m.register_absent_storages();
         let ts = m.timestamp();
         m.nodes.insert(
             nid,
@@ -162,7 +187,10 @@ impl Master {
         }
         .instrument(span)
         .await;
-        Ok(())
+        match m.fatal.take() {
+            Some(why) => Err(MasterError::Fatal(why)),
+            None => Ok(()),
+        }
     }
 
     /// Strictly increasing identification timestamps.
@@ -275,8 +303,12 @@ impl Master {
         }
         info!("cluster state {} -> {}", self.state, state);
         self.state = state;
+        if state != ClusterState::Recovering {
+            self.recovery.waiting.clear();
+        }
         for c in self.conns.values() {
-            let _ = c.link.notify(msg::NotifyClusterInformation { state: state as i32 }).await;
+            let m = msg::NotifyClusterInformation { state: state as i32, detail: self.recovery.waiting.clone() };
+            let _ = c.link.notify(m).await;
         }
     }
 
@@ -293,15 +325,53 @@ impl Master {
         }
     }
 
-    /// Commit partition table changes and notify every storage, admin and client.
+    /// Save the partition table (the master's `database`), before anyone is told about it:
+    /// blocking IO on a blocking thread, awaited (the actor does nothing else meanwhile). A
+    /// table that cannot be saved stops the master: going on could let a restart use an
+    /// older one.
+    pub async fn save_pt(&mut self) {
+        let (Some(path), Some(pt)) = (self.cfg.database.clone(), self.pt.clone()) else { return };
+        let cluster = self.cfg.cluster.clone();
+        let path = std::path::PathBuf::from(path);
+        let saved = tokio::task::spawn_blocking(move || crate::state::save(&path, &cluster, &pt)).await;
+        let err = match saved {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!("cannot save the partition table: {err}: stopping");
+        self.fatal.get_or_insert(format!("cannot save the partition table: {err}"));
+        for c in self.conns.values() {
+            c.link.abort();
+        }
+        self.shutdown.cancel();
+    }
+
+    /// Commit partition table changes, save the table, and notify every storage, admin and
+    /// client.
     pub async fn commit_pt_changes(&mut self, changes: &[CellChange]) {
         let Some(pt) = &mut self.pt else { return };
         if changes.is_empty() {
             return;
         }
         let ptid = pt.commit_changes(changes);
+        let replicas = pt.replicas;
+        self.save_pt().await;
+        if self.shutdown.is_cancelled() {
+            return;
+        }
         info!("partition table changed: ptid {ptid}, {changes:?}");
-        let m = proto::convert::changes_to_msg(ptid, pt.replicas, changes);
+        for ch in changes {
+            let cell = (ch.partition, ch.nid);
+            if ch.state.is_readable() {
+                self.readable_since.insert(cell, ptid);
+                self.missed.remove(&cell);
+            } else if ch.state == neo_lib::CellState::Discarded {
+                self.readable_since.remove(&cell);
+                self.missed.remove(&cell);
+            }
+        }
+        let m = proto::convert::changes_to_msg(ptid, replicas, changes);
         for c in self.conns.values() {
             if c.node_type != NodeType::Master {
                 let _ = c.link.notify(m.clone()).await;
@@ -438,7 +508,8 @@ impl Master {
         if send_pt && let Some(pt) = &self.pt {
             let _ = link.notify(Body::SendPartitionTable(proto::convert::pt_to_msg(pt))).await;
         }
-        let _ = link.notify(msg::NotifyClusterInformation { state: self.state as i32 }).await;
+        let m = msg::NotifyClusterInformation { state: self.state as i32, detail: self.recovery.waiting.clone() };
+        let _ = link.notify(m).await;
         if node_type == NodeType::Storage {
             match self.state {
                 ClusterState::Recovering => self.recovery_storage_added(conn),
@@ -469,8 +540,12 @@ impl Master {
                 self.answer(conn, id, msg::AnswerLastTransaction { tid }).await
             }
             Body::NotifyReady(_) if node_type == NodeType::Storage => self.handle_ready(nid).await,
+            Body::AskReplicationDone(m) if node_type == NodeType::Storage => {
+                self.handle_replication_done(conn, nid, id, m).await
+            }
             Body::AskClusterState(_) => {
-                self.answer(conn, id, msg::AnswerClusterState { state: self.state as i32 }).await
+                let m = msg::AnswerClusterState { state: self.state as i32, detail: self.recovery.waiting.clone() };
+                self.answer(conn, id, m).await
             }
             Body::AskIds(_) => {
                 let m = msg::AnswerIds {
@@ -497,6 +572,10 @@ impl Master {
                 None => self.answer(conn, id, proto::error(ErrorCode::NotReady, "no partition table yet")).await,
             },
             Body::SetClusterState(m) if node_type == NodeType::Admin => self.handle_set_state(conn, id, m).await,
+            Body::AddPendingNodes(m) if node_type == NodeType::Admin => self.handle_add_pending(conn, id, m).await,
+            Body::TweakPartitionTable(m) if node_type == NodeType::Admin => self.handle_tweak(conn, id, m).await,
+            Body::SetNodeState(m) if node_type == NodeType::Admin => self.handle_set_node_state(conn, id, m).await,
+            Body::SetNumReplicas(m) if node_type == NodeType::Admin => self.handle_set_num_replicas(conn, id, m).await,
             Body::AskPack(m) if node_type == NodeType::Client => self.handle_pack(conn, id, m).await,
             other => {
                 let name = proto::body_name(&other);
@@ -607,7 +686,7 @@ impl Master {
         }
     }
 
-    async fn forget_node(&mut self, nid: Nid) {
+    pub async fn forget_node(&mut self, nid: Nid) {
         if let Some(mut n) = self.nodes.remove(&nid) {
             n.info.state = NodeState::Unknown;
             let m = proto::convert::node_to_msg(&n.info);

@@ -3,8 +3,11 @@
 //! coordinates two-phase commit. All state lives in one actor task (`app::Master`) fed by one
 //! pump task per connection, so handlers are plain functions on `&mut Master`.
 
+mod admin;
 mod app;
 mod recovery;
+mod replication;
+pub mod state;
 mod transactions;
 
 use neo_lib::config::NodeConfig;
@@ -19,6 +22,10 @@ pub enum MasterError {
     Tls(#[from] proto::tls::TlsError),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    Fatal(String),
+    #[error("master state: {0}")]
+    State(#[from] state::StateError),
 }
 
 /// Run a master until `shutdown` is cancelled or the cluster is stopped.

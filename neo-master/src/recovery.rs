@@ -28,6 +28,9 @@ struct Unfinished {
 pub struct Recovery {
     /// `neoctl start` was given (or the cluster restarts after losing operation).
     pub startup_allowed: bool,
+    /// What RECOVERING waits for, as told to the log, the admin and neoctl ("" if nothing
+    /// worth saying).
+    pub waiting: String,
     /// Storages asked for their ptid and not answered yet.
     asked: BTreeSet<Nid>,
     /// ptid reported by each storage.
@@ -111,6 +114,7 @@ impl Master {
                         Ok(pt) if self.pt.as_ref().is_none_or(|p| pt.ptid > p.ptid) => {
                             info!("partition table {} (ptid {}) from {nid}", pt.np(), pt.ptid);
                             self.pt = Some(pt);
+                            self.save_pt().await;
                             // Its storages that are not back are known, and DOWN (as NEO shows
                             // them), before the table that names them.
                             let absent = self.register_absent_storages();
@@ -160,13 +164,29 @@ impl Master {
                 }
                 let readable_nodes: BTreeSet<Nid> =
                     pt.rows().iter().flatten().filter(|c| c.state.is_readable()).map(|c| c.nid).collect();
-                let all_back = readable_nodes.iter().all(|n| pending.contains(n));
+                let missing: Vec<Nid> = readable_nodes.iter().copied().filter(|n| !pending.contains(n)).collect();
                 let operational = pt.operational(|n| pending.contains(&n));
                 if !operational {
-                    return;
+                    let stale: Vec<String> = self
+                        .recovery
+                        .ptids
+                        .iter()
+                        .filter(|(_, p)| **p < pt.ptid)
+                        .map(|(n, p)| format!("{n} has ptid {p}"))
+                        .collect();
+                    let mut why = format!(
+                        "waiting for {} (readable cells of partition table ptid {} without which some partition has none)",
+                        join(&missing),
+                        pt.ptid
+                    );
+                    if !stale.is_empty() {
+                        why.push_str(&format!("; older tables are not used: {}", stale.join(", ")));
+                    }
+                    return self.set_waiting(why).await;
                 }
-                if !all_back && !self.recovery.startup_allowed {
-                    return;
+                if !missing.is_empty() && !self.recovery.startup_allowed {
+                    let why = format!("waiting for {} (or `neoctl start` to start without them)", join(&missing));
+                    return self.set_waiting(why).await;
                 }
             }
             _ => {
@@ -181,6 +201,7 @@ impl Master {
                     Ok(pt) => {
                         info!("new cluster: {} partitions, {} replicas, storages {:?}", pt.np(), pt.replicas, pending);
                         self.pt = Some(pt);
+                        self.save_pt().await;
                     }
                     Err(e) => {
                         warn!("cannot create partition table: {e}");
@@ -190,6 +211,20 @@ impl Master {
             }
         }
         self.start_verification().await;
+    }
+
+    /// Say (once) what RECOVERING waits for: in the log, and to the admin (`neoctl print
+    /// cluster`).
+    async fn set_waiting(&mut self, why: String) {
+        if self.recovery.waiting == why {
+            return;
+        }
+        warn!("{why}");
+        self.recovery.waiting = why;
+        let m = msg::NotifyClusterInformation { state: self.state as i32, detail: self.recovery.waiting.clone() };
+        for c in self.conns_of(&[NodeType::Admin]) {
+            self.notify(c, m.clone()).await;
+        }
     }
 
     async fn start_verification(&mut self) {
@@ -205,6 +240,10 @@ impl Master {
             && let Some(pt) = &mut self.pt
         {
             pt.commit_changes(&changes);
+            self.save_pt().await;
+        }
+        if self.shutdown.is_cancelled() {
+            return;
         }
         let pt_nodes = self.pt.as_ref().map(|p| p.nodes()).unwrap_or_default();
         for nid in pending.iter().filter(|n| pt_nodes.contains(n)) {
@@ -412,7 +451,7 @@ impl Master {
     }
 
     /// Outdate cells found without a committed transaction, keeping at least one readable cell
-    /// per partition.
+    /// per partition; they replicate from scratch.
     async fn outdate_cells(&mut self, mut cells: Vec<(u32, Nid)>) {
         let Some(pt) = &self.pt else { return };
         cells.sort_unstable();
@@ -424,6 +463,10 @@ impl Master {
                 .filter(|c| !changes.iter().any(|ch: &CellChange| ch.partition == p && ch.nid == c.nid))
                 .count();
             if readable_left > 1 {
+                // Discarded then added again: the storage starts this cell from nothing, as it
+                // lacks a transaction older than its last one (replicating from its last TID
+                // would never copy it).
+                changes.push(CellChange { partition: p, nid: n, state: CellState::Discarded });
                 changes.push(CellChange { partition: p, nid: n, state: CellState::OutOfDate });
             }
         }
@@ -435,4 +478,8 @@ impl Master {
         self.tm.storage_starting_done(nid);
         self.maybe_begin_delayed().await;
     }
+}
+
+fn join(nids: &[Nid]) -> String {
+    nids.iter().map(Nid::to_string).collect::<Vec<_>>().join(", ")
 }

@@ -2,7 +2,8 @@
 //! involved storage), commit in TID order (answer, invalidations, unlock), abort.
 
 use crate::app::{AskKind, ConnId, Master};
-use neo_lib::{ErrorCode, Nid, NodeType, Oid, Tid};
+use neo_lib::pt::CellChange;
+use neo_lib::{CellState, ErrorCode, Nid, NodeType, Oid, Tid};
 use proto::{Body, LinkError, msg};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, info, warn};
@@ -29,6 +30,9 @@ pub struct Finish {
     /// Locks are asked again (a new round) when a storage is lost before the commit is
     /// acknowledged.
     pub round: u32,
+    /// OUT_OF_DATE cells of its partitions that did not take its writes: replication must
+    /// copy it before they may become UP_TO_DATE (see `Master::missed`).
+    pub missed: Vec<(u32, Nid)>,
 }
 
 #[derive(Default)]
@@ -196,6 +200,20 @@ impl Master {
                 proto::error(ErrorCode::IncompleteTransaction, "the cluster lost storages needed by this transaction");
             return self.answer(conn, id, e).await;
         }
+        let np = self.np();
+        let mut partitions: Vec<u32> =
+            m.oids.iter().chain(std::iter::once(&ttid.0)).map(|o| (o % u64::from(np.max(1))) as u32).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let written: BTreeSet<(u32, Nid)> = m.written.iter().map(|c| (c.partition, Nid(c.nid))).collect();
+        let missed = match self.cells_missed(ttid, nid, &partitions, &written).await {
+            Ok(missed) => missed,
+            Err(e) => {
+                self.tm.txns.remove(&ttid);
+                self.answer(conn, id, e).await;
+                return self.maybe_stop().await;
+            }
+        };
         let running = self.running_storages();
         let mut involved: Vec<Nid> = m.involved.iter().map(|n| Nid(*n)).filter(|n| running.contains(n)).collect();
         involved.sort();
@@ -218,17 +236,12 @@ impl Master {
                 self.tm.last_oid = Oid(max);
             }
         }
-        let np = self.np();
         let tid = if self.tm.last_allocated == ttid && self.tm.txns.len() == 1 && self.tm.queue.is_empty() {
             ttid // explicit-tid begin: keep it
         } else {
             self.tm.next_tid(Some(ttid), np)
         };
         debug!("finish {ttid:?} as {tid:?} for {nid} on {involved:?}");
-        let mut partitions: Vec<u32> =
-            m.oids.iter().chain(std::iter::once(&ttid.0)).map(|o| (o % u64::from(np.max(1))) as u32).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
         if let Some(t) = self.tm.txns.get_mut(&ttid) {
             t.finish = Some(Finish {
                 req_id: id,
@@ -239,10 +252,61 @@ impl Master {
                 tid,
                 partitions,
                 round: 0,
+                missed,
             });
         }
         self.tm.queue.insert(tid, ttid);
         self.ask_locks(ttid);
+    }
+
+    /// The writable cells of `partitions` that did not take all of the transaction's writes
+    /// (`written`, as the client reports them). A readable one is outdated now, before any
+    /// lock, so that no readable cell lacks a committed transaction (or the transaction is
+    /// refused if a partition would have no readable cell left); the OUT_OF_DATE ones are
+    /// returned: replication copies the transaction to them.
+    async fn cells_missed(
+        &mut self,
+        ttid: Tid,
+        client: Nid,
+        partitions: &[u32],
+        written: &BTreeSet<(u32, Nid)>,
+    ) -> Result<Vec<(u32, Nid)>, Body> {
+        let Some(pt) = &self.pt else { return Err(proto::error(ErrorCode::NotReady, "no partition table")) };
+        if written.is_empty() {
+            return Err(proto::error(ErrorCode::ProtocolError, "the finish names no cell that took the transaction"));
+        }
+        let mut outdate = Vec::new();
+        let mut missed = Vec::new();
+        for &p in partitions {
+            for c in pt.writable_cells(p) {
+                if written.contains(&(p, c.nid)) {
+                    continue;
+                }
+                if c.state.is_readable() {
+                    outdate.push(CellChange { partition: p, nid: c.nid, state: CellState::OutOfDate });
+                } else {
+                    missed.push((p, c.nid));
+                }
+            }
+        }
+        if !outdate.is_empty() {
+            let lost: Vec<u32> = partitions
+                .iter()
+                .copied()
+                .filter(|p| {
+                    !pt.readable_cells(*p).any(|c| !outdate.iter().any(|o| o.partition == *p && o.nid == c.nid))
+                })
+                .collect();
+            if !lost.is_empty() {
+                warn!("{client}'s {ttid:?} reached no readable cell of partitions {lost:?}: refused");
+                let e = format!("no readable cell of partitions {lost:?} took the transaction");
+                return Err(proto::error(ErrorCode::IncompleteTransaction, e));
+            }
+            warn!("{client}'s {ttid:?} did not write the readable cells {outdate:?}: outdating them");
+            missed.extend(outdate.iter().map(|c| (c.partition, c.nid)));
+            self.commit_pt_changes(&outdate).await;
+        }
+        Ok(missed)
     }
 
     /// Ask every involved storage of `ttid` (still waited for) to lock it.
@@ -319,6 +383,10 @@ impl Master {
                 }
             }
             self.tm.last_tid = tid;
+            for cell in f.missed {
+                let t = self.missed.entry(cell).or_insert(tid);
+                *t = (*t).max(tid);
+            }
             if let Some(max) = max_oid {
                 self.tm.max_stored_oid = self.tm.max_stored_oid.max(Oid(max));
             }

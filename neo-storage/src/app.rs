@@ -7,10 +7,11 @@ use crate::db::{Db, Queued};
 use std::collections::HashMap;
 mod history;
 mod reads;
+mod replication;
 use crate::tm::{LockAttempt, Stored, Tm};
 use neo_lib::config::{Address, NodeConfig};
 use neo_lib::pt::PartitionTable;
-use neo_lib::{CellState, ClusterState, ErrorCode, Nid, NodeState, NodeType, Oid, Ptid, Tid};
+use neo_lib::{CellState, ClusterState, ErrorCode, Nid, NodeInfo, NodeState, NodeType, Oid, Ptid, Tid};
 use proto::net::{NetConfig, connect_identified, identification, receive_identification};
 use proto::{Body, Incoming, Link, Request, msg};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,10 @@ struct Shared {
     ready: bool,
     /// Why the node stopped itself, if it did (the process then exits with an error).
     fatal: Option<String>,
+    /// The other nodes as the master describes them (storages' addresses for replication).
+    nodes: HashMap<Nid, NodeInfo>,
+    /// Stops the replication task (the session with the master or operation ended).
+    replication: Option<CancellationToken>,
 }
 
 pub struct Storage {
@@ -50,6 +55,8 @@ pub struct Storage {
     reads: Mutex<HashMap<u64, std::net::TcpStream>>,
     address: Address,
     shutdown: CancellationToken,
+    /// Wakes the replication task: the partition table or the node list changed.
+    repl_kick: tokio::sync::Notify,
 }
 
 enum SessionEnd {
@@ -117,11 +124,12 @@ pub async fn run(
         net,
         db,
         tm: Tm::default(),
-        shared: Mutex::new(Shared { nid, pt, ready: false, fatal: None }),
+        shared: Mutex::new(Shared { nid, pt, ready: false, fatal: None, nodes: HashMap::new(), replication: None }),
         clients: Mutex::new(HashMap::new()),
         reads: Mutex::new(HashMap::new()),
         address: address.clone(),
         shutdown: shutdown.clone(),
+        repl_kick: tokio::sync::Notify::new(),
         cfg,
     });
     let span = tracing::info_span!("storage", nid = ?nid, cluster = %st.cfg.cluster);
@@ -137,6 +145,7 @@ pub async fn run(
                 Some(SessionEnd::Stop) => break,
                 Some(SessionEnd::Lost) => {
                     warn!("lost the primary master; reconnecting");
+                    stop_replication(&st);
                     st.with(|s| s.ready = false);
                     abort_unvoted(&st).await;
                 }
@@ -147,6 +156,7 @@ pub async fn run(
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
+        stop_replication(&st);
         peers.cancel();
         reads::shut_down_all(&st);
         abort_unvoted(&st).await;
@@ -217,6 +227,31 @@ async fn master_session(st: &Arc<Storage>) -> Option<SessionEnd> {
     }
 }
 
+fn stop_replication(st: &Storage) {
+    if let Some(t) = st.with(|s| s.replication.take()) {
+        t.cancel();
+    }
+}
+
+/// Install a new partition table (the master's, complete or changed): this node's cells that
+/// changed get their replication progress set (or their rows purged) first, then the table
+/// is saved, then the replication task looks at it.
+async fn install_pt(
+    st: &Storage,
+    pt: PartitionTable,
+    changes: Option<&[neo_lib::pt::CellChange]>,
+) -> Result<(), StorageError> {
+    let (old, me) = st.with(|s| (s.pt.clone(), s.nid));
+    if let Some(me) = me {
+        let c = replication::cells_changed(me, old.as_ref(), &pt, changes);
+        replication::apply_cells_changed(st, c).await?;
+    }
+    st.with(|s| s.pt = Some(pt));
+    save_pt(st).await?;
+    st.repl_kick.notify_waiters();
+    Ok(())
+}
+
 async fn save_pt(st: &Storage) -> Result<(), StorageError> {
     let Some(pt) = st.with(|s| s.pt.clone()) else { return Ok(()) };
     st.db.call(move |b| b.save_pt(&pt)).await??;
@@ -236,22 +271,31 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
                     return Ok(Some(SessionEnd::Stop));
                 }
             }
+            let infos = m.nodes.iter().map(proto::convert::node_from_msg).collect::<Result<Vec<_>, _>>();
+            let infos = infos.map_err(proto_err)?;
+            st.with(|s| {
+                for n in infos {
+                    if n.state == NodeState::Unknown {
+                        s.nodes.remove(&n.nid);
+                    } else {
+                        s.nodes.insert(n.nid, n);
+                    }
+                }
+            });
+            st.repl_kick.notify_waiters();
         }
         Body::SendPartitionTable(m) => {
             let pt = proto::convert::pt_from_msg(&m).map_err(proto_err)?;
             debug!("partition table ptid {}", pt.ptid);
-            st.with(|s| s.pt = Some(pt));
-            save_pt(st).await?;
+            install_pt(st, pt, None).await?;
         }
         Body::NotifyPartitionChanges(m) => {
             let changes = proto::convert::changes_from_msg(&m).map_err(proto_err)?;
-            st.with(|s| match s.pt.as_mut() {
-                Some(pt) => {
-                    pt.apply(Ptid(m.ptid), m.replicas, &changes).map_err(|e| StorageError::Protocol(e.to_string()))
-                }
-                None => Err(StorageError::Protocol("partition changes without a partition table".into())),
-            })?;
-            save_pt(st).await?;
+            let mut pt = st
+                .with(|s| s.pt.clone())
+                .ok_or_else(|| StorageError::Protocol("partition changes without a partition table".into()))?;
+            pt.apply(Ptid(m.ptid), m.replicas, &changes).map_err(|e| StorageError::Protocol(e.to_string()))?;
+            install_pt(st, pt, Some(&changes)).await?;
         }
         Body::NotifyClusterInformation(m) => {
             if m.state == ClusterState::Stopping as i32 {
@@ -309,8 +353,13 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
             st.with(|s| s.ready = true);
             info!("operational");
             let _ = link.notify(msg::NotifyReady {}).await;
+            stop_replication(st);
+            let token = st.shutdown.child_token();
+            st.with(|s| s.replication = Some(token.clone()));
+            tokio::spawn(replication::run(st.clone(), link.clone(), token).instrument(tracing::Span::current()));
         }
         Body::StopOperation(_) => {
+            stop_replication(st);
             st.with(|s| s.ready = false);
             abort_unvoted(st).await;
         }
@@ -484,8 +533,13 @@ async fn accept_loop(st: Arc<Storage>, listener: TcpListener, token: Cancellatio
 
 async fn serve_peer(st: Arc<Storage>, link: Link, mut incoming: Incoming, token: CancellationToken) {
     let Some((id, req)) = receive_identification(&link, &mut incoming, &st.cfg.cluster).await else { return };
-    if req.node_type != NodeType::Client as i32 {
-        link.refuse(id, ErrorCode::ProtocolError, "only clients may connect to a storage for now").await;
+    let peer_storage = req.node_type == NodeType::Storage as i32;
+    if !peer_storage && req.node_type != NodeType::Client as i32 {
+        link.refuse(id, ErrorCode::ProtocolError, "only clients and storages may connect to a storage").await;
+        return;
+    }
+    if peer_storage && req.nid.map(Nid).is_none_or(|n| n.node_type() != Some(NodeType::Storage)) {
+        link.refuse(id, ErrorCode::ProtocolError, "a storage must give its storage node id").await;
         return;
     }
     if !st.with(|s| s.ready) {
@@ -502,6 +556,9 @@ async fn serve_peer(st: Arc<Storage>, link: Link, mut incoming: Incoming, token:
     if link.answer(id, accept).await.is_err() {
         return;
     }
+    if peer_storage {
+        return serve_storage(st, link, incoming, token).await;
+    }
     let conn = link.conn_id();
     neo_lib::lock(&st.clients).insert(conn, link.clone());
     loop {
@@ -516,6 +573,24 @@ async fn serve_peer(st: Arc<Storage>, link: Link, mut incoming: Incoming, token:
     for ttid in st.tm.unvoted_of_conn(conn) {
         abort(&st, ttid).await;
     }
+}
+
+/// A storage replicating from this one: its requests are answered one at a time.
+async fn serve_storage(st: Arc<Storage>, link: Link, mut incoming: Incoming, token: CancellationToken) {
+    loop {
+        let req = tokio::select! {
+            _ = token.cancelled() => break,
+            r = incoming.recv() => match r { Some(r) => r, None => break },
+        };
+        let answer = match req.body {
+            Body::Ping(_) => msg::Pong {}.into(),
+            body => replication::serve(&st, body).await,
+        };
+        if link.answer(req.id, answer).await.is_err() {
+            break;
+        }
+    }
+    link.close().await;
 }
 
 async fn handle_client(st: &Arc<Storage>, link: &Link, req: Request) {
@@ -541,9 +616,13 @@ async fn handle_client(st: &Arc<Storage>, link: &Link, req: Request) {
                     extension: m.extension,
                     oids: m.oids.into_iter().map(Oid).collect(),
                 };
-                let ans = vote(&st2, link2.conn_id(), ttid, Some(meta))
+                // The metadata goes to the cells of partition(ttid): not taken here if this
+                // node has no writable cell of it (the client then tells the master).
+                let skipped = !st2.cell_of(ttid.0).is_some_and(|(_, state)| state.is_writable());
+                let meta = (!skipped).then_some(meta);
+                let ans = vote(&st2, link2.conn_id(), ttid, meta)
                     .await
-                    .map(|conflicts| msg::AnswerStoreTransaction { conflicts }.into());
+                    .map(|conflicts| msg::AnswerStoreTransaction { conflicts, skipped }.into());
                 let _ = link2.answer(id, ans.unwrap_or_else(|b| b)).await;
             });
         }
@@ -644,11 +723,12 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
             return proto::error(ErrorCode::ProtocolError, format!("checksum mismatch for oid {oid}"));
         }
     }
+    let skipped = msg::AnswerStoreObject { conflict: Some(0), locked_by: None, skipped: true };
     let Some((partition, state)) = st.cell_of(oid.0) else {
-        return msg::AnswerStoreObject { conflict: Some(0), locked_by: None }.into();
+        return skipped.into();
     };
     if !state.is_writable() {
-        return msg::AnswerStoreObject { conflict: Some(0), locked_by: None }.into();
+        return skipped.into();
     }
     if !st.tm.register(ttid, conn) {
         return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} is locked or aborted"));
@@ -663,12 +743,12 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
         // checkCurrentSerialInTransaction: the write lock is held until the transaction ends,
         // and the serial is checked at vote.
         if lockless {
-            return msg::AnswerStoreObject { conflict: Some(0), locked_by: None }.into();
+            return msg::AnswerStoreObject { conflict: Some(0), locked_by: None, skipped: false }.into();
         }
         if !st.tm.add_checked(ttid, oid, partition, Tid(m.serial)) {
             return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
         }
-        return msg::AnswerStoreObject { conflict: None, locked_by: None }.into();
+        return msg::AnswerStoreObject { conflict: None, locked_by: None, skipped: false }.into();
     }
     let data = if m.deleted {
         None
@@ -683,7 +763,7 @@ async fn store(st: &Storage, conn: u64, m: msg::AskStoreObject) -> Body {
         return proto::error(ErrorCode::ProtocolError, format!("transaction {ttid:?} was aborted"));
     }
     let conflict = if lockless { Some(0) } else { None };
-    msg::AnswerStoreObject { conflict, locked_by: None }.into()
+    msg::AnswerStoreObject { conflict, locked_by: None, skipped: false }.into()
 }
 
 /// Take the write lock of `oid` for `ttid`, waiting for older transactions (and for younger

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use neo_lib::config::{Address, DEFAULT_ADMIN_PORT, TlsFiles};
-use neo_lib::{ClusterState, NodeType};
+use neo_lib::{ClusterState, Nid, NodeState, NodeType};
 use proto::{Body, msg};
 use std::path::PathBuf;
 
@@ -43,6 +43,28 @@ pub enum Cmd {
         #[command(subcommand)]
         what: SetCmd,
     },
+    /// Pending storages join the cluster and get cells (all pending ones if none is named).
+    Add {
+        #[arg(value_name = "NID", value_parser = parse_storage)]
+        nids: Vec<Nid>,
+    },
+    /// Spread the cells evenly over the running storages.
+    Tweak {
+        /// Print the resulting partition table without changing anything.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
+    /// Storages leave the cluster for good: their cells are discarded (refused if a partition
+    /// would lose its last readable copy).
+    Drop {
+        #[arg(value_name = "NID", required = true, value_parser = parse_storage)]
+        nids: Vec<Nid>,
+    },
+    /// Stop storages: their cells go OUT_OF_DATE (refused on the last readable copy).
+    Kill {
+        #[arg(value_name = "NID", required = true, value_parser = parse_storage)]
+        nids: Vec<Nid>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -69,10 +91,44 @@ pub enum SetCmd {
         #[arg(value_name = "STATE")]
         state: ClusterState,
     },
+    /// Set the state of storages: DOWN (as kill) or UNKNOWN (as drop).
+    Node {
+        /// Storage node ids, then the state.
+        #[arg(value_name = "NID... STATE", num_args = 2.., required = true, value_parser = parse_nid_or_state)]
+        args: Vec<NidOrState>,
+    },
+    /// Number of replicas of each partition (then `tweak` moves the cells).
+    #[command(alias = "replicas")]
+    Numreplicas {
+        #[arg(value_name = "N")]
+        replicas: u32,
+    },
+}
+
+/// An argument of `set node`: a storage node id, or (the last one) a node state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NidOrState {
+    Nid(Nid),
+    State(NodeState),
+}
+
+fn parse_nid_or_state(s: &str) -> Result<NidOrState, String> {
+    match s.parse::<NodeState>() {
+        Ok(state) => Ok(NidOrState::State(state)),
+        Err(_) => parse_storage(s).map(NidOrState::Nid),
+    }
+}
+
+fn parse_storage(s: &str) -> Result<Nid, String> {
+    let nid: Nid = s.parse().map_err(|e| format!("{e}"))?;
+    match nid.node_type() {
+        Some(NodeType::Storage) => Ok(nid),
+        _ => Err(format!("{s} is not a storage node id (S1, S2, ...)")),
+    }
 }
 
 /// A parsed command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     PrintCluster,
     PrintNode(Option<NodeType>),
@@ -80,6 +136,10 @@ pub enum Command {
     PrintIds,
     PrintPrimary,
     SetClusterState(ClusterState),
+    Add(Vec<Nid>),
+    Tweak { dry_run: bool },
+    SetNodeState(Vec<Nid>, NodeState),
+    SetNumReplicas(u32),
 }
 
 fn parse_address(s: &str) -> Result<Address, String> {
@@ -87,8 +147,9 @@ fn parse_address(s: &str) -> Result<Address, String> {
 }
 
 impl Cli {
-    pub fn command(&self) -> Command {
-        match &self.command {
+    /// The command to run; Err: a usage error (exit status 2).
+    pub fn command(&self) -> Result<Command, String> {
+        Ok(match &self.command {
             Cmd::Print { what } => match what {
                 PrintCmd::Cluster => Command::PrintCluster,
                 PrintCmd::Node { node_type } => Command::PrintNode(*node_type),
@@ -98,7 +159,26 @@ impl Cli {
             },
             Cmd::Start => Command::SetClusterState(ClusterState::Verifying),
             Cmd::Set { what: SetCmd::Cluster { state } } => Command::SetClusterState(*state),
-        }
+            Cmd::Add { nids } => Command::Add(nids.clone()),
+            Cmd::Tweak { dry_run } => Command::Tweak { dry_run: *dry_run },
+            Cmd::Drop { nids } => Command::SetNodeState(nids.clone(), NodeState::Unknown),
+            Cmd::Kill { nids } => Command::SetNodeState(nids.clone(), NodeState::Down),
+            Cmd::Set { what: SetCmd::Node { args } } => {
+                let (last, nids) = args.split_last().ok_or("set node: NID... STATE expected")?;
+                let NidOrState::State(state) = last else {
+                    return Err("set node: the last argument must be a node state (DOWN or UNKNOWN)".into());
+                };
+                let nids = nids
+                    .iter()
+                    .map(|a| match a {
+                        NidOrState::Nid(n) => Ok(*n),
+                        NidOrState::State(s) => Err(format!("set node: {s} is not a storage node id")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Command::SetNodeState(nids, *state)
+            }
+            Cmd::Set { what: SetCmd::Numreplicas { replicas } } => Command::SetNumReplicas(*replicas),
+        })
     }
 
     /// The TLS files, when all three were given (clap enforces all or none).
@@ -115,7 +195,7 @@ impl Cli {
 impl Command {
     /// The request sent to the admin for this command.
     pub fn request(&self) -> Body {
-        match *self {
+        match self {
             Command::PrintCluster => msg::AskClusterState {}.into(),
             Command::PrintNode(t) => msg::AskNodeList { node_type: t.map(|t| t as i32) }.into(),
             Command::PrintPt { min, max } => {
@@ -123,7 +203,13 @@ impl Command {
             }
             Command::PrintIds => msg::AskIds {}.into(),
             Command::PrintPrimary => msg::AskPrimary {}.into(),
-            Command::SetClusterState(s) => msg::SetClusterState { state: s as i32 }.into(),
+            Command::SetClusterState(s) => msg::SetClusterState { state: *s as i32 }.into(),
+            Command::Add(nids) => msg::AddPendingNodes { nids: nids.iter().map(|n| n.0).collect() }.into(),
+            Command::Tweak { dry_run } => msg::TweakPartitionTable { dry_run: *dry_run }.into(),
+            Command::SetNodeState(nids, state) => {
+                msg::SetNodeState { nids: nids.iter().map(|n| n.0).collect(), state: *state as i32 }.into()
+            }
+            Command::SetNumReplicas(n) => msg::SetNumReplicas { replicas: *n }.into(),
         }
     }
 }
@@ -139,8 +225,9 @@ mod tests {
     }
 
     fn cmd(args: &[&str]) -> Command {
-        match parse(args) {
-            Ok(c) => c.command(),
+        match parse(args).map(|c| c.command()) {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => panic!("{args:?}: {e}"),
             Err(e) => panic!("{args:?}: {e}"),
         }
     }
@@ -159,6 +246,17 @@ mod tests {
         assert_eq!(cmd(&["start"]), Command::SetClusterState(ClusterState::Verifying));
         assert_eq!(cmd(&["set", "cluster", "STOPPING"]), Command::SetClusterState(ClusterState::Stopping));
         assert_eq!(cmd(&["set", "cluster", "starting_backup"]), Command::SetClusterState(ClusterState::StartingBackup));
+        let (s1, s2) = (Nid::new(NodeType::Storage, 1), Nid::new(NodeType::Storage, 2));
+        assert_eq!(cmd(&["add"]), Command::Add(vec![]));
+        assert_eq!(cmd(&["add", "S1", "S2"]), Command::Add(vec![s1, s2]));
+        assert_eq!(cmd(&["tweak"]), Command::Tweak { dry_run: false });
+        assert_eq!(cmd(&["tweak", "-n"]), Command::Tweak { dry_run: true });
+        assert_eq!(cmd(&["tweak", "--dry-run"]), Command::Tweak { dry_run: true });
+        assert_eq!(cmd(&["drop", "S2"]), Command::SetNodeState(vec![s2], NodeState::Unknown));
+        assert_eq!(cmd(&["kill", "S1", "S2"]), Command::SetNodeState(vec![s1, s2], NodeState::Down));
+        assert_eq!(cmd(&["set", "node", "S1", "S2", "down"]), Command::SetNodeState(vec![s1, s2], NodeState::Down));
+        assert_eq!(cmd(&["set", "numreplicas", "2"]), Command::SetNumReplicas(2));
+        assert_eq!(cmd(&["set", "replicas", "0"]), Command::SetNumReplicas(0));
     }
 
     #[test]
@@ -192,6 +290,14 @@ mod tests {
         assert_eq!(kind(&["set", "cluster"]), ErrorKind::MissingRequiredArgument);
         assert_eq!(kind(&["-a", "host:99999", "print", "ids"]), ErrorKind::ValueValidation);
         assert_eq!(kind(&["--ca", "ca.pem", "start"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(kind(&["drop"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(kind(&["kill", "M1"]), ErrorKind::ValueValidation);
+        assert_eq!(kind(&["add", "S"]), ErrorKind::ValueValidation);
+        assert_eq!(kind(&["set", "node", "S1"]), ErrorKind::TooFewValues);
+        assert_eq!(kind(&["set", "numreplicas", "x"]), ErrorKind::ValueValidation);
+        let usage = |args: &[&str]| parse(args).unwrap().command().unwrap_err();
+        assert!(usage(&["set", "node", "S1", "S2"]).contains("node state"));
+        assert!(usage(&["set", "node", "DOWN", "DOWN"]).contains("not a storage node id"));
         let e = parse(&["set", "cluster", "FOO"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ValueValidation);
         assert_eq!(e.exit_code(), 2);

@@ -51,22 +51,28 @@ async fn ask(addr: &Address, net: &NetConfig, cmd: &Command, timeout: Duration) 
 }
 
 /// Run the command line: the text to print, or the failure.
-async fn run(cli: &Cli) -> Result<String, CtlError> {
+async fn run(cli: &Cli, cmd: &Command) -> Result<String, CtlError> {
     let tls = match cli.tls_files() {
         Some(files) => Some(TlsContext::load(&files).map_err(|e| CtlError::Tls(e.to_string()))?),
         None => None,
     };
     let net = NetConfig { tls, max_frame: neo_lib::DEFAULT_MAX_FRAME };
-    let cmd = cli.command();
-    let answer = ask(&cli.address, &net, &cmd, REQUEST_TIMEOUT).await?;
-    output::format_answer(&cmd, answer, cli.json)
+    let answer = ask(&cli.address, &net, cmd, REQUEST_TIMEOUT).await?;
+    output::format_answer(cmd, answer, cli.json)
 }
 
 fn main() -> ExitCode {
     // Usage errors: clap prints the usage and exits with status 2.
     let cli = Cli::parse();
+    let cmd = match cli.command() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("neoctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt.block_on(run(&cli)),
+        Ok(rt) => rt.block_on(run(&cli, &cmd)),
         Err(e) => Err(CtlError::Invalid(format!("cannot start runtime: {e}"))),
     };
     let code = output::exit_code(&result);

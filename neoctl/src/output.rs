@@ -76,7 +76,12 @@ pub fn format_answer(cmd: &Command, answer: Body, json: bool) -> Result<String, 
         }),
         (Command::PrintCluster, Body::AnswerClusterState(m)) => {
             let s = convert::cluster_state(m.state).map_err(invalid)?;
-            Ok(if json { json!({ "state": s.as_str() }).to_string() } else { s.to_string() })
+            Ok(match (json, m.detail.is_empty()) {
+                (true, true) => json!({ "state": s.as_str() }).to_string(),
+                (true, false) => json!({ "state": s.as_str(), "detail": m.detail }).to_string(),
+                (false, true) => s.to_string(),
+                (false, false) => format!("{s} ({})", m.detail),
+            })
         }
         (Command::PrintNode(_), Body::AnswerNodeList(m)) => {
             let nodes = m.nodes.iter().map(convert::node_from_msg).collect::<Result<Vec<_>, _>>().map_err(invalid)?;
@@ -95,9 +100,22 @@ pub fn format_answer(cmd: &Command, answer: Body, json: bool) -> Result<String, 
                 format!("{nid} {}", m.address)
             })
         }
-        (Command::SetClusterState(_), Body::Error(_)) => {
-            Ok(if json { json!({ "ok": true }).to_string() } else { String::new() })
+        (Command::Tweak { .. }, Body::AnswerTweakPartitionTable(m)) => {
+            let pt = m.pt.as_ref().ok_or_else(|| CtlError::Invalid("tweak answer without a table".into()))?;
+            let pt = convert::pt_from_msg(pt).map_err(invalid)?;
+            let grid = format_pt(&pt, None, None, json)?;
+            Ok(if json {
+                format!("{{\"changed\":{},\"pt\":{grid}}}", m.changed)
+            } else if m.changed {
+                grid
+            } else {
+                format!("# nothing to change\n{grid}")
+            })
         }
+        (
+            Command::SetClusterState(_) | Command::Add(_) | Command::SetNodeState(..) | Command::SetNumReplicas(_),
+            Body::Error(_),
+        ) => Ok(if json { json!({ "ok": true }).to_string() } else { String::new() }),
         (_, other) => Err(unexpected(&other)),
     }
 }
@@ -260,10 +278,18 @@ mod tests {
 
     #[test]
     fn cluster_state() {
-        let b = || Body::AnswerClusterState(msg::AnswerClusterState { state: ClusterState::Running as i32 });
+        let b = || {
+            Body::AnswerClusterState(msg::AnswerClusterState { state: ClusterState::Running as i32, detail: "".into() })
+        };
         assert_eq!(out(Command::PrintCluster, b(), false), "RUNNING");
         assert_eq!(out(Command::PrintCluster, b(), true), r#"{"state":"RUNNING"}"#);
-        let bad = Body::AnswerClusterState(msg::AnswerClusterState { state: 99 });
+        let waiting = || {
+            let detail = "waiting for S2".to_string();
+            Body::AnswerClusterState(msg::AnswerClusterState { state: ClusterState::Recovering as i32, detail })
+        };
+        assert_eq!(out(Command::PrintCluster, waiting(), false), "RECOVERING (waiting for S2)");
+        assert_eq!(out(Command::PrintCluster, waiting(), true), r#"{"detail":"waiting for S2","state":"RECOVERING"}"#);
+        let bad = Body::AnswerClusterState(msg::AnswerClusterState { state: 99, detail: "".into() });
         assert!(matches!(format_answer(&Command::PrintCluster, bad, false), Err(CtlError::Invalid(_))));
     }
 
@@ -382,8 +408,8 @@ mod tests {
     #[test]
     fn ack_and_errors() {
         let set = Command::SetClusterState(ClusterState::Verifying);
-        assert_eq!(out(set, proto::ack(), false), "");
-        assert_eq!(out(set, proto::ack(), true), r#"{"ok":true}"#);
+        assert_eq!(out(set.clone(), proto::ack(), false), "");
+        assert_eq!(out(set.clone(), proto::ack(), true), r#"{"ok":true}"#);
         let r = format_answer(&set, proto::error(ErrorCode::Denied, "Invalid state requested"), false);
         let e = r.clone().unwrap_err();
         assert_eq!(e.to_string(), "DENIED: Invalid state requested");

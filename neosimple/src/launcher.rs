@@ -129,8 +129,9 @@ impl SimpleCluster {
         }
         writeln!(
             conf,
-            "\n[master]\nbind = {master}\nautostart = {}\nlogfile = {}",
+            "\n[master]\nbind = {master}\nautostart = {}\ndatabase = {}\nlogfile = {}",
             opts.storages,
+            dir.join("master.state").display(),
             dir.join("master.log").display()
         )?;
         writeln!(conf, "\n[admin]\nbind = {admin}\nlogfile = {}", dir.join("admin.log").display())?;
@@ -168,7 +169,8 @@ impl SimpleCluster {
     }
 
     fn spawn(&mut self, exe: &Path, kind: &str, section: &str) -> Result<(), BoxError> {
-        let stderr = std::fs::File::create(self.dir.join(format!("{section}.stderr")))?;
+        let stderr =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{section}.stderr")))?;
         let child = Command::new(exe)
             .arg("__node")
             .arg(kind)
@@ -183,6 +185,24 @@ impl SimpleCluster {
             .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
         self.children.push((section.to_string(), child));
         Ok(())
+    }
+
+    /// Kill node `section` with SIGKILL (no clean stop, nothing flushed) and reap it.
+    pub fn kill(&mut self, section: &str) -> Result<(), BoxError> {
+        let i = self.children.iter().position(|(n, _)| n == section).ok_or_else(|| format!("no node {section}"))?;
+        let (_, mut child) = self.children.remove(i);
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Start node `section` again (after `kill`), with `exe` as the launcher.
+    pub fn respawn(&mut self, exe: &Path, section: &str) -> Result<(), BoxError> {
+        if self.children.iter().any(|(n, _)| n == section) {
+            return Err(format!("node {section} is running").into());
+        }
+        let kind = if section.starts_with("storage") { "storage" } else { section };
+        self.spawn(exe, kind, section)
     }
 
     fn net(&self) -> Result<NetConfig, BoxError> {

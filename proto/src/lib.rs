@@ -97,6 +97,19 @@ body_from!(
     AnswerPrimary,
     AskIds,
     AnswerIds,
+    AddPendingNodes,
+    TweakPartitionTable,
+    AnswerTweakPartitionTable,
+    SetNodeState,
+    SetNumReplicas,
+    AskPartitionLastTid,
+    AnswerPartitionLastTid,
+    AskFetchTransactions,
+    AnswerFetchTransactions,
+    AskFetchObjects,
+    AnswerFetchObjects,
+    AskReplicationDone,
+    AnswerReplicationDone,
 );
 
 /// Name of a message, for logs and "unexpected message" errors.

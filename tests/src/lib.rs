@@ -200,6 +200,7 @@ impl Cluster {
         if self.opts.autostart {
             extra.push(("autostart", self.opts.storages.to_string()));
         }
+        extra.push(("database", self.dir.path().join("master.state").display().to_string()));
         let cfg = self.config(NodeType::Master, &extra);
         let token = CancellationToken::new();
         let t = token.clone();
@@ -232,6 +233,25 @@ impl Cluster {
             &[("bind", self.storage_addrs[i].to_string()), ("database", self.storage_db(i).to_string())],
         );
         std::thread::scope(|s| s.spawn(move || f(neo_storage::open_backend(&cfg).unwrap().as_mut())).join().unwrap())
+    }
+
+    /// A new storage (same engine as the last one), started: it is PENDING until `neoctl add`.
+    /// Returns its index.
+    pub async fn add_storage(&mut self) -> usize {
+        let i = self.storages.len();
+        let on_mysql = self.databases.last().is_some_and(|d| d.starts_with("mysql://"));
+        if on_mysql {
+            let db = neo_storage::testing::TestDatabase::new().unwrap().expect("a MySQL server");
+            self.databases.push(db.url.clone());
+            self.mysql.push(db);
+        } else {
+            self.databases.push(self.dir.path().join(format!("storage{}.sqlite", i + 1)).display().to_string());
+        }
+        let l = bind(&Address { host: "127.0.0.1".into(), port: 0 }).await;
+        self.storage_addrs.push(local(&l));
+        self.storages.push(None);
+        self.spawn_storage(i, l);
+        i
     }
 
     fn spawn_storage(&mut self, i: usize, l: TcpListener) {
@@ -352,6 +372,13 @@ impl Cluster {
         }
         self.start_admin().await;
         self.wait_state(ClusterState::Running).await;
+    }
+
+    /// Stop the master (as SIGTERM does).
+    pub async fn stop_master(&mut self) {
+        if let Some(m) = self.master.take() {
+            m.stop().await.unwrap();
+        }
     }
 
     /// Stop the master and start it again on the same port; the storages reconnect and the

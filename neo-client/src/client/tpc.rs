@@ -42,6 +42,9 @@ pub(super) struct TxnShared {
 struct StoreOutcome {
     oid: Oid,
     nid: Nid,
+    partition: u32,
+    /// checkCurrentSerial: nothing written.
+    check: bool,
     serial: Tid,
     result: std::result::Result<msg::AnswerStoreObject, LinkError>,
 }
@@ -89,6 +92,11 @@ pub struct Transaction {
     contacted: BTreeSet<Nid>,
     /// Storages that failed during this transaction.
     failed: BTreeSet<Nid>,
+    /// Cells (partition, storage) that took a write of this transaction, and those that
+    /// skipped one (no writable cell there): the master is told which cells took all of
+    /// them, so that a cell that missed the transaction is caught up or outdated.
+    stored_on: BTreeSet<(u32, Nid)>,
+    skipped_on: BTreeSet<(u32, Nid)>,
     /// Number of cells that locked each object.
     locked: HashMap<Oid, usize>,
     /// Objects checked by `check_current_serial` (not modified): oid -> serial read.
@@ -218,6 +226,8 @@ impl Client {
             involved: BTreeSet::new(),
             contacted: BTreeSet::new(),
             failed: BTreeSet::new(),
+            stored_on: BTreeSet::new(),
+            skipped_on: BTreeSet::new(),
             locked: HashMap::new(),
             checked: BTreeMap::new(),
             voted_on: BTreeSet::new(),
@@ -317,10 +327,11 @@ impl Client {
         serial: Tid,
         m: msg::AskStoreObject,
     ) -> Result<()> {
-        let (_, cells) = self.write_cells(oid.0);
+        let (partition, cells) = self.write_cells(oid.0);
         if cells.is_empty() {
             return Err(ClientError::NoStorage(format!("oid {oid}: no writable cell")));
         }
+        let check = m.check_only;
         for nid in cells {
             txn.contacted.insert(nid);
             txn.voted_on.remove(&nid);
@@ -338,7 +349,7 @@ impl Client {
                     },
                     Err(e) => Err(e),
                 };
-                StoreOutcome { oid, nid, serial, result }
+                StoreOutcome { oid, nid, partition, check, serial, result }
             });
         }
         Ok(())
@@ -401,8 +412,13 @@ impl Client {
                 return Err(ClientError::NoStorage(format!("oid {oid}: no storage accepted the store")));
             }
         }
-        let (_, meta_cells) = self.write_cells(txn.ttid.0);
-        if !meta_cells.iter().any(|n| txn.voted_on.contains(n)) {
+        let (meta_partition, meta_cells) = self.write_cells(txn.ttid.0);
+        let took_meta = |n: &Nid| {
+            txn.voted_on.contains(n)
+                && txn.stored_on.contains(&(meta_partition, *n))
+                && !txn.skipped_on.contains(&(meta_partition, *n))
+        };
+        if !meta_cells.iter().any(took_meta) {
             return Err(ClientError::NoStorage(format!("transaction {:?}: no storage took its metadata", txn.ttid)));
         }
         txn.voted = true;
@@ -447,7 +463,7 @@ impl Client {
             let _ = q.await; // an error means the store failed before sending: seen below
         }
         // Metadata to the cells of partition(ttid), a plain vote to the other storages.
-        let (_, meta_cells) = self.write_cells(txn.ttid.0);
+        let (meta_partition, meta_cells) = self.write_cells(txn.ttid.0);
         let oids: Vec<u64> = txn.objects.iter().map(|(o, _)| o.0).collect();
         let mut votes = JoinSet::new();
         for nid in meta_cells.iter().copied().filter(|n| !txn.voted_on.contains(n) && !txn.failed.contains(n)) {
@@ -462,9 +478,11 @@ impl Client {
             let client = self.clone();
             votes.spawn(async move {
                 let r = match client.storage_link(nid).await {
-                    Ok(l) => {
-                        l.ask(m).await.and_then(|b| expect_answer!(b, AnswerStoreTransaction)).map(|a| a.conflicts)
-                    }
+                    Ok(l) => l
+                        .ask(m)
+                        .await
+                        .and_then(|b| expect_answer!(b, AnswerStoreTransaction))
+                        .map(|a| (a.conflicts, Some(a.skipped))),
                     Err(e) => Err(e),
                 };
                 (nid, r)
@@ -484,7 +502,7 @@ impl Client {
                         .ask(msg::AskVoteTransaction { ttid })
                         .await
                         .and_then(|b| expect_answer!(b, AnswerVoteTransaction))
-                        .map(|a| a.conflicts),
+                        .map(|a| (a.conflicts, None)),
                     Err(e) => Err(e),
                 };
                 (nid, r)
@@ -493,11 +511,24 @@ impl Client {
         while let Some(r) = txn.stores.join_next().await {
             let Ok(o) = r else { continue };
             match o.result {
+                Ok(a) if a.skipped => {
+                    debug!("{} has no writable cell for {:?}", o.nid, o.oid);
+                    txn.skipped_on.insert((o.partition, o.nid));
+                }
                 Ok(a) => match a.conflict {
-                    None => *txn.locked.entry(o.oid).or_default() += 1,
+                    None => {
+                        *txn.locked.entry(o.oid).or_default() += 1;
+                        if !o.check {
+                            txn.stored_on.insert((o.partition, o.nid));
+                        }
+                    }
                     // Accepted without lock (OUT_OF_DATE cell): it votes, locks and unlocks to
                     // get the data.
-                    Some(0) => {}
+                    Some(0) => {
+                        if !o.check {
+                            txn.stored_on.insert((o.partition, o.nid));
+                        }
+                    }
                     Some(c) => {
                         let read = txn.checked.contains_key(&o.oid);
                         add_conflict(txn, o.oid, o.serial, Tid(c), read);
@@ -516,7 +547,7 @@ impl Client {
         while let Some(r) = votes.join_next().await {
             let Ok((nid, r)) = r else { continue };
             match r {
-                Ok(conflicts) if !conflicts.is_empty() => {
+                Ok((conflicts, _)) if !conflicts.is_empty() => {
                     // The storage persisted nothing: resolve and vote again, or abort.
                     for c in conflicts {
                         let (oid, serial) = (Oid(c.oid), Tid(c.serial));
@@ -524,9 +555,18 @@ impl Client {
                         add_conflict(txn, oid, serial, Tid(c.committed), read);
                     }
                 }
-                Ok(_) => {
+                Ok((_, meta_skipped)) => {
                     txn.involved.insert(nid);
                     txn.voted_on.insert(nid);
+                    match meta_skipped {
+                        Some(true) => {
+                            txn.skipped_on.insert((meta_partition, nid));
+                        }
+                        Some(false) => {
+                            txn.stored_on.insert((meta_partition, nid));
+                        }
+                        None => {}
+                    }
                 }
                 Err(e) if is_storage_failure(&e) => {
                     warn!("vote on {nid} failed: {e}");
@@ -561,6 +601,12 @@ impl Client {
             oids: txn.objects.iter().map(|(o, _)| o.0).collect(),
             involved: txn.involved.iter().map(|n| n.0).collect(),
             failed: txn.failed.iter().map(|n| n.0).collect(),
+            written: txn
+                .stored_on
+                .iter()
+                .filter(|c| !txn.skipped_on.contains(c) && !txn.failed.contains(&c.1))
+                .map(|&(partition, nid)| msg::CellRef { partition, nid: nid.0 })
+                .collect(),
         };
         let link = self.master().await?;
         let tid = match link.ask(m).await.and_then(|b| expect_answer!(b, AnswerTransactionFinished)) {

@@ -1,6 +1,6 @@
 //! Helpers shared by every engine: id conversions, oid lists, validation of stored values.
 
-use super::{BackendError, Result};
+use super::{BackendError, ReplObject, ReplProgress, Result, TxnInfo};
 use neo_lib::{Oid, Tid};
 
 /// Length of a SHA-1 checksum.
@@ -262,5 +262,170 @@ impl UndoRevisions {
             undo_serial: self.previous.map(Revision::data_serial),
             is_current: current.data_serial() == undone.data_serial(),
         })
+    }
+}
+
+// --- replication
+
+/// The `packed` column of a `trans` row.
+pub(crate) fn packed_of(v: i64, what: &dyn Fn() -> String) -> Result<bool> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(corrupt(format!("{}: invalid packed flag {v}", what()))),
+    }
+}
+
+/// A stored checksum, checked to be a SHA-1.
+pub(crate) fn stored_checksum(checksum: Vec<u8>, what: &dyn Fn() -> String) -> Result<Vec<u8>> {
+    if checksum.len() != CHECKSUM_LEN {
+        return Err(corrupt(format!("{}: checksum of {} bytes, expected {CHECKSUM_LEN}", what(), checksum.len())));
+    }
+    Ok(checksum)
+}
+
+/// The inclusive bind values of `(tid, oid) >= min AND tid <= max` for `fetch_objects`:
+/// (min tid, min oid, max tid), None if no stored revision can match. Oids are compared as
+/// stored (the `as i64` bit cast; oids stay below 2^63).
+pub(crate) fn object_range(min: (Tid, Oid), max: Tid) -> Option<(i64, i64, i64)> {
+    let (min_tid, max_tid) = tid_range(min.0, max)?;
+    Some((min_tid, id64(min.1.0), max_tid))
+}
+
+/// The size limit of a `fetch_objects` answer: rows are taken while their data fits in
+/// `max_bytes`, the first one whatever its size.
+#[derive(Debug)]
+pub(crate) struct FetchBudget {
+    max_bytes: u64,
+    used: u64,
+    rows: usize,
+}
+
+impl FetchBudget {
+    pub(crate) fn new(max_bytes: usize) -> FetchBudget {
+        FetchBudget { max_bytes: u64::try_from(max_bytes).unwrap_or(u64::MAX), used: 0, rows: 0 }
+    }
+
+    /// Whether a row with `size` bytes of data is taken (if not, the answer ends before it).
+    pub(crate) fn take(&mut self, size: u64) -> bool {
+        let used = self.used.saturating_add(size);
+        if self.rows > 0 && used > self.max_bytes {
+            return false;
+        }
+        self.used = used;
+        self.rows += 1;
+        true
+    }
+}
+
+/// Check what `store_replicated` is given before writing any of it: every TID storable, data
+/// with a SHA-1 and a known compression.
+pub(crate) fn check_replicated(transactions: &[TxnInfo], objects: &[ReplObject]) -> Result<()> {
+    let storable = |tid: Tid, what: &dyn Fn() -> String| {
+        if tid > Tid::MAX {
+            return Err(BackendError::Db(format!("{}: TID {tid} is too large to be stored", what())));
+        }
+        Ok(())
+    };
+    for t in transactions {
+        storable(t.tid, &|| format!("replicated transaction {}", t.tid))?;
+        storable(t.ttid, &|| format!("replicated transaction {} (ttid)", t.tid))?;
+    }
+    for o in objects {
+        let what = || format!("replicated object {} revision {}", o.oid, o.tid);
+        storable(o.tid, &what)?;
+        if let Some(s) = o.data_serial {
+            storable(s, &what)?;
+        }
+        if let Some(d) = &o.data {
+            check_data_args(&d.checksum, d.compression).map_err(|e| BackendError::Db(format!("{}: {e}", what())))?;
+        }
+    }
+    Ok(())
+}
+
+/// The `config` key holding the saved progress of the replication of `partition`.
+pub(crate) fn progress_key(partition: u32) -> String {
+    format!("replication.{partition}")
+}
+
+/// A `ReplProgress` as saved: six hexadecimal numbers, "next_trans next_obj.tid next_obj.oid
+/// base_trans base_obj.tid base_obj.oid".
+pub(crate) fn encode_progress(p: &ReplProgress) -> String {
+    format!(
+        "{:016x} {:016x} {:016x} {:016x} {:016x} {:016x}",
+        p.next_trans.0, p.next_obj.0.0, p.next_obj.1.0, p.base_trans.0, p.base_obj.0.0, p.base_obj.1.0
+    )
+}
+
+/// Parse a progress saved by `encode_progress` under `key`; anything else is corruption.
+pub(crate) fn decode_progress(key: &str, value: &str) -> Result<ReplProgress> {
+    let bad = || corrupt(format!("config {key:?}: invalid replication progress {value:?}"));
+    let mut numbers = [0u64; 6];
+    let mut fields = value.split(' ');
+    for n in &mut numbers {
+        let field = fields.next().ok_or_else(bad)?;
+        if field.is_empty() || field.len() > 16 || !field.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        *n = u64::from_str_radix(field, 16).map_err(|_| bad())?;
+    }
+    if fields.next().is_some() {
+        return Err(bad());
+    }
+    let [next_trans, next_tid, next_oid, base_trans, base_tid, base_oid] = numbers;
+    Ok(ReplProgress {
+        next_trans: Tid(next_trans),
+        next_obj: (Tid(next_tid), Oid(next_oid)),
+        base_trans: Tid(base_trans),
+        base_obj: (Tid(base_tid), Oid(base_oid)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn progress_round_trips_and_garbage_is_corrupt() {
+        let p = ReplProgress {
+            next_trans: Tid(1),
+            next_obj: (Tid(2), Oid(3)),
+            base_trans: Tid(u64::MAX),
+            base_obj: (Tid(Tid::MAX.0), Oid(0)),
+        };
+        let key = progress_key(7);
+        assert_eq!(key, "replication.7");
+        assert_eq!(decode_progress(&key, &encode_progress(&p)).unwrap(), p);
+        assert_eq!(decode_progress(&key, &encode_progress(&ReplProgress::ZERO)).unwrap(), ReplProgress::ZERO);
+        for bad in [
+            "",
+            "1 2 3 4 5",
+            "1 2 3 4 5 6 7",
+            "1 2 3 4 5 x",
+            "1  2 3 4 5 6",
+            "+1 2 3 4 5 6",
+            "1 2 3 4 5 10000000000000000",
+        ] {
+            match decode_progress(&key, bad) {
+                Err(BackendError::Corrupt(m)) => assert!(m.contains("replication.7"), "{m}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fetch_budget_takes_the_first_row_whatever_its_size() {
+        // Past the limit with the first row: nothing more, not even an empty record.
+        let mut b = FetchBudget::new(10);
+        assert!(b.take(100));
+        assert!(!b.take(0));
+        let mut b = FetchBudget::new(10);
+        assert!(b.take(4) && b.take(6) && b.take(0));
+        assert!(!b.take(1));
+        let mut b = FetchBudget::new(0);
+        assert!(b.take(0) && b.take(0));
+        assert!(!b.take(1));
     }
 }

@@ -135,6 +135,47 @@ pub struct UndoInfo {
     pub is_current: bool,
 }
 
+/// A committed object revision as replication copies it from one cell to another: `data`
+/// None is a deletion; the data is as stored (compressed or not, with its checksum).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplObject {
+    pub oid: Oid,
+    pub tid: Tid,
+    pub data: Option<NewData>,
+    /// Undo back-pointer: the TID whose data this revision reuses.
+    pub data_serial: Option<Tid>,
+}
+
+/// How far an OUT_OF_DATE cell has caught up, saved with what replication wrote so that an
+/// interrupted replication resumes where it stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReplProgress {
+    /// Every committed transaction (metadata) of the partition with `tid < next_trans` is here.
+    pub next_trans: Tid,
+    /// Every committed object revision of the partition with `(tid, oid) < next_obj` is here.
+    pub next_obj: (Tid, Oid),
+    /// Where the current round started: a round whose source turned out to be stale (the
+    /// master refuses its end) starts again from here.
+    pub base_trans: Tid,
+    pub base_obj: (Tid, Oid),
+}
+
+impl ReplProgress {
+    /// Nothing of the partition is known to be here.
+    pub const ZERO: ReplProgress = ReplProgress {
+        next_trans: Tid::ZERO,
+        next_obj: (Tid::ZERO, Oid::ZERO),
+        base_trans: Tid::ZERO,
+        base_obj: (Tid::ZERO, Oid::ZERO),
+    };
+
+    /// Everything up to `tid` included is here.
+    pub fn after(tid: Tid) -> ReplProgress {
+        let next = tid.next();
+        ReplProgress { next_trans: next, next_obj: (next, Oid::ZERO), base_trans: next, base_obj: (next, Oid::ZERO) }
+    }
+}
+
 /// The interface every storage engine implements.
 pub trait Backend: Send {
     /// Engine name for logs ("SQLite").
@@ -268,4 +309,44 @@ pub trait Backend: Send {
     /// Give back data ids returned by `store_data` for a transaction aborted before its vote,
     /// so that the following `abort` can delete them if nothing else uses them.
     fn release_data(&mut self, ids: &[DataId]) -> Result<()>;
+
+    // --- replication (an OUT_OF_DATE cell copies what it missed from a readable cell)
+    /// Greatest TID of a committed transaction (metadata) or object revision of `partition`;
+    /// None if it has none. Temporary data does not count.
+    fn partition_last_tid(&mut self, partition: u32) -> Result<Option<Tid>>;
+    /// Committed transactions (metadata) of `partition` with `min <= tid <= max`, packed or
+    /// not, oldest first, at most `length`.
+    fn fetch_transactions(&mut self, partition: u32, min: Tid, max: Tid, length: u32) -> Result<Vec<TxnInfo>>;
+    /// Committed object revisions of `partition` with `(tid, oid) >= min` and `tid <= max`,
+    /// ordered by `(tid, oid)`, at most `length`, and stopping before the record that would
+    /// take the total size of their data past `max_bytes` (the first record is always
+    /// returned, whatever its size).
+    fn fetch_objects(
+        &mut self,
+        partition: u32,
+        min: (Tid, Oid),
+        max: Tid,
+        length: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<ReplObject>>;
+    /// Write replicated transactions and object revisions of `partition` (replacing a row with
+    /// the same key: a transaction the cell also received directly is written twice, with the
+    /// same content) and save `progress` for the partition, as one unit: after a crash either
+    /// all of it is there or none. Durable after the following `sync`.
+    fn store_replicated(
+        &mut self,
+        partition: u32,
+        transactions: &[TxnInfo],
+        objects: &[ReplObject],
+        progress: &ReplProgress,
+    ) -> Result<()>;
+    /// The saved progress of the replication of `partition`, None if none is saved.
+    fn replication_progress(&mut self, partition: u32) -> Result<Option<ReplProgress>>;
+    /// Save (or, with None, forget) the progress of the replication of `partition`. Durable
+    /// on return.
+    fn set_replication_progress(&mut self, partition: u32, progress: Option<&ReplProgress>) -> Result<()>;
+    /// Delete every committed transaction and object revision of `partition` (and the data
+    /// rows nothing references any more): the cell was dropped, or starts again from nothing.
+    /// Temporary data is not touched. Durable on return.
+    fn purge_partition(&mut self, partition: u32) -> Result<()>;
 }

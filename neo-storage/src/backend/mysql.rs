@@ -41,18 +41,28 @@
 //! call reconnects first (same URL and session settings, schema version and cluster checked, no
 //! migration), waiting up to `RECONNECT_FOR` for a restarting server. Reads, and the writes that
 //! are idempotent by contract (`lock`, `unlock`, `abort`, `set_config`, `save_pt`,
-//! `drop_unfinished`, `pack`), are retried once on a new connection; `store_data`, `vote` and
-//! `vote_data` are not (the node aborts that transaction). Nothing is kept across calls on the
-//! server side but committed rows: data ids (`held`, `released`) stay valid.
+//! `drop_unfinished`, `pack`, and replication's `store_replicated` (rows replaced, data
+//! deduplicated), `set_replication_progress`, `purge_partition`), are retried once on a new
+//! connection; `store_data`, `vote` and `vote_data` are not (the node aborts that transaction).
+//! Nothing is kept across calls on the server side but committed rows: data ids (`held`,
+//! `released`) stay valid.
+//!
+//! Replication: `store_replicated` writes like a vote (one script when it fits in a chunk, else
+//! statement by statement with records split into `bigdata`; the deferred unlocks committed
+//! with it) and prunes the data rows of the revisions it replaced; `fetch_objects` reads the
+//! revisions along the `(partition, tid, oid)` key, then the data of those its size limit
+//! takes (chunks reassembled). The progress of each partition is the `config` row
+//! `replication.<partition>`.
 
 use super::common::{
-    CHECKSUM_LEN, HeldData, Revision, UndoRevisions, check_data_args, compression_of, corrupt, decode_oids,
-    decode_partitions, distinct_partitions, encode_oids, encode_partitions, id64, merge_tids, partition_list, size_of,
+    CHECKSUM_LEN, FetchBudget, HeldData, Revision, UndoRevisions, check_data_args, check_replicated, compression_of,
+    corrupt, decode_oids, decode_partitions, decode_progress, distinct_partitions, encode_oids, encode_partitions,
+    encode_progress, id64, merge_tids, object_range, packed_of, partition_list, progress_key, size_of, stored_checksum,
     tid_of, tid_range, tid_upper, undo_current_max, window_end,
 };
 use super::{
-    Backend, BackendError, DataId, Load, LockedTxn, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta,
-    UndoInfo,
+    Backend, BackendError, DataId, Load, LockedTxn, NewData, NewObject, ObjectRecord, ReplObject, ReplProgress, Result,
+    TempObject, TxnInfo, TxnMeta, UndoInfo,
 };
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Row, Value};
@@ -560,18 +570,7 @@ fn vote_script(ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnM
     let mut rows = String::with_capacity(80 * objects.len());
     for (i, (partition, o)) in objects.iter().enumerate() {
         let data_id = match &o.data {
-            Some(d) => {
-                let _ = write!(
-                    s,
-                    "INSERT INTO data (hash, compression, value, value_size) VALUES ({}, {}, {}, {})
-                     ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id); SET @d{i} = LAST_INSERT_ID(); ",
-                    hex(&d.checksum),
-                    d.compression,
-                    hex(&d.data),
-                    d.data.len()
-                );
-                format!("@d{i}")
-            }
+            Some(d) => data_statements(&mut s, i, d),
             None => "NULL".to_string(),
         };
         let _ = write!(
@@ -605,6 +604,120 @@ fn vote_script(ttid: Tid, objects: &[(u32, NewObject)], meta: Option<(u32, &TxnM
         None => write!(s, "INSERT INTO ttrans (ttid, meta) VALUES ({ttid64}, 0) ON DUPLICATE KEY UPDATE ttid = ttid; "),
     };
     Some(s)
+}
+
+/// Append to script `s` the statements that insert data `d` (in one chunk), or find the
+/// identical row (`ON DUPLICATE KEY`: the unique key on hash and compression deduplicates),
+/// and keep its id in the session variable `@d{i}`; returns the name of that variable.
+fn data_statements(s: &mut String, i: usize, d: &NewData) -> String {
+    use std::fmt::Write;
+    let _ = write!(
+        s,
+        "INSERT INTO data (hash, compression, value, value_size) VALUES ({}, {}, {}, {})
+         ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id); SET @d{i} = LAST_INSERT_ID(); ",
+        hex(&d.checksum),
+        d.compression,
+        hex(&d.data),
+        d.data.len()
+    );
+    format!("@d{i}")
+}
+
+/// Bytes of a replication script besides its values' literals, per transaction.
+const SCRIPT_PER_TRANSACTION: usize = 400;
+
+/// The length `replicated_script` may reach (see `vote_script`): `store_replicated` writes
+/// in one query when it is below the chunk size (then every record fits in one chunk too).
+fn replicated_estimate(transactions: &[TxnInfo], objects: &[ReplObject]) -> usize {
+    let values: usize = objects.iter().map(|o| o.data.as_ref().map_or(0, |d| 2 * d.data.len())).sum();
+    let metas: usize = transactions
+        .iter()
+        .map(|t| {
+            let m = &t.meta;
+            SCRIPT_PER_TRANSACTION + 2 * (8 * m.oids.len() + m.user.len() + m.description.len() + m.extension.len())
+        })
+        .sum();
+    SCRIPT_OVERHEAD + SCRIPT_PER_OBJECT * objects.len() + values + metas
+}
+
+/// The statements of `store_replicated` as one script (see `run_script`): the `trans` rows
+/// and the `obj` rows (replacing those with the same key), their data rows inserted or
+/// found as a vote does, the progress, and the pruning of the data rows among `replaced`
+/// (those of the replaced revisions, not held) that nothing references any more.
+fn replicated_script(
+    partition: u32,
+    transactions: &[TxnInfo],
+    objects: &[ReplObject],
+    progress: &ReplProgress,
+    replaced: &[DataId],
+) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(replicated_estimate(transactions, objects));
+    for (i, t) in transactions.iter().enumerate() {
+        let m = &t.meta;
+        let _ = write!(
+            s,
+            "{}({partition}, {}, {}, {}, {}, {}, {}, {})",
+            if i == 0 {
+                "INSERT INTO trans (`partition`, tid, packed, oids, user, description, ext, ttid) VALUES "
+            } else {
+                ", "
+            },
+            id64(t.tid.0),
+            u8::from(t.packed),
+            hex(&encode_oids(&m.oids)),
+            hex(&m.user),
+            hex(&m.description),
+            hex(&m.extension),
+            id64(t.ttid.0)
+        );
+    }
+    if !transactions.is_empty() {
+        s.push_str(
+            " ON DUPLICATE KEY UPDATE packed = VALUES(packed), oids = VALUES(oids), user = VALUES(user),
+               description = VALUES(description), ext = VALUES(ext), ttid = VALUES(ttid); ",
+        );
+    }
+    let mut rows = String::with_capacity(80 * objects.len());
+    for (i, o) in objects.iter().enumerate() {
+        let data_id = match &o.data {
+            Some(d) => data_statements(&mut s, i, d),
+            None => "NULL".to_string(),
+        };
+        let _ = write!(
+            rows,
+            "{}({partition}, {}, {}, {data_id}, {})",
+            if i == 0 { "" } else { ", " },
+            id64(o.oid.0),
+            id64(o.tid.0),
+            opt_id(o.data_serial.map(|t| id64(t.0)))
+        );
+    }
+    if !objects.is_empty() {
+        let _ = write!(
+            s,
+            "INSERT INTO obj (`partition`, oid, tid, data_id, value_tid) VALUES {rows}
+             ON DUPLICATE KEY UPDATE data_id = VALUES(data_id), value_tid = VALUES(value_tid); "
+        );
+    }
+    let _ = write!(
+        s,
+        "INSERT INTO config (name, value) VALUES ({}, {}) ON DUPLICATE KEY UPDATE value = VALUES(value); ",
+        hex(progress_key(partition).as_bytes()),
+        hex(encode_progress(progress).as_bytes())
+    );
+    if !replaced.is_empty() {
+        let ids = replaced.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+        let _ = write!(
+            s,
+            "DELETE FROM data WHERE id IN ({ids})
+               AND NOT EXISTS (SELECT 1 FROM obj WHERE obj.data_id = data.id)
+               AND NOT EXISTS (SELECT 1 FROM tobj WHERE tobj.data_id = data.id);
+             DELETE FROM bigdata WHERE data_id IN ({ids})
+               AND NOT EXISTS (SELECT 1 FROM data WHERE data.id = bigdata.data_id); "
+        );
+    }
+    s
 }
 
 /// Whether a failed call may be run again on a new connection (see the module documentation).
@@ -1073,6 +1186,267 @@ async fn insert_data(c: &mut Conn, chunk: usize, checksum: &[u8], compression: u
     Ok(id)
 }
 
+/// The data ids (distinct, not held) of the committed revisions among `objects` (of
+/// `partition`), which writing `objects` replaces: one row of scalar subqueries (a primary
+/// key seek each) per `LAST_SERIALS_PER_QUERY` objects.
+async fn replaced_data_ids(
+    c: &mut Conn,
+    held: &HeldData,
+    partition: u32,
+    objects: &[ReplObject],
+) -> Result<Vec<DataId>> {
+    let mut out = Vec::new();
+    for group in objects.chunks(LAST_SERIALS_PER_QUERY) {
+        let columns: Vec<String> = group
+            .iter()
+            .map(|o| {
+                format!(
+                    "(SELECT data_id FROM obj WHERE `partition` = {partition} AND oid = {} AND tid = {})",
+                    id64(o.oid.0),
+                    id64(o.tid.0)
+                )
+            })
+            .collect();
+        let row: Option<Row> = c.query_first(format!("SELECT {}", columns.join(", "))).await.map_err(db)?;
+        let mut row = row.ok_or_else(|| BackendError::Db("replaced revisions: the server returned no row".into()))?;
+        for (i, o) in group.iter().enumerate() {
+            out.extend(col_opt_int(&mut row, i, "data_id", &|| format!("object {} revision {}", o.oid, o.tid))?);
+        }
+    }
+    out.retain(|id| !held.is_held(*id));
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// `store_replicated` in one round trip (see `replicated_script`), in the transaction of the
+/// deferred unlocks if one is `open`, committed (with them).
+async fn write_replicated_script(
+    c: &mut Conn,
+    open: bool,
+    held: &HeldData,
+    partition: u32,
+    transactions: &[TxnInfo],
+    objects: &[ReplObject],
+    progress: &ReplProgress,
+) -> Result<()> {
+    let replaced = match replaced_data_ids(c, held, partition, objects).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            // As `run_script` does on failure: the deferred unlocks are run again later.
+            let _ = c.query_drop("ROLLBACK").await.map_err(db);
+            return Err(e);
+        }
+    };
+    let script = replicated_script(partition, transactions, objects, progress, &replaced);
+    run_script(c, open, &script, true).await
+}
+
+/// `store_replicated` statement by statement, in the open transaction (records longer than
+/// `chunk` split into `bigdata`).
+async fn write_replicated(
+    c: &mut Conn,
+    chunk: usize,
+    held: &HeldData,
+    partition: u32,
+    transactions: &[TxnInfo],
+    objects: &[ReplObject],
+    progress: &ReplProgress,
+) -> Result<()> {
+    let replaced = replaced_data_ids(c, held, partition, objects).await?;
+    for t in transactions {
+        let m = &t.meta;
+        c.exec_drop(
+            "INSERT INTO trans (`partition`, tid, packed, oids, user, description, ext, ttid)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON DUPLICATE KEY UPDATE packed = VALUES(packed), oids = VALUES(oids), user = VALUES(user),
+               description = VALUES(description), ext = VALUES(ext), ttid = VALUES(ttid)",
+            (
+                partition,
+                id64(t.tid.0),
+                t.packed,
+                encode_oids(&m.oids),
+                &m.user,
+                &m.description,
+                &m.extension,
+                id64(t.ttid.0),
+            ),
+        )
+        .await
+        .map_err(db)?;
+    }
+    for o in objects {
+        let data_id = match &o.data {
+            Some(d) => Some(insert_data(c, chunk, &d.checksum, d.compression, &d.data).await?),
+            None => None,
+        };
+        c.exec_drop(
+            "INSERT INTO obj (`partition`, oid, tid, data_id, value_tid) VALUES (?, ?, ?, ?, ?)
+             ON DUPLICATE KEY UPDATE data_id = VALUES(data_id), value_tid = VALUES(value_tid)",
+            (partition, id64(o.oid.0), id64(o.tid.0), data_id, o.data_serial.map(|t| id64(t.0))),
+        )
+        .await
+        .map_err(db)?;
+    }
+    set_config_row(c, &progress_key(partition), &encode_progress(progress)).await?;
+    prune(c, held, replaced).await
+}
+
+/// A revision `fetch_objects` takes, before its data is read.
+struct FetchedRow {
+    oid: Oid,
+    tid: Tid,
+    data_serial: Option<Tid>,
+    /// (data id, checksum, compression, size).
+    data: Option<(DataId, Vec<u8>, u32, usize)>,
+}
+
+/// `fetch_objects`: the revisions (without their data) along the (partition, tid, oid) key,
+/// as many as the budget takes, then the data of those only (each data row once).
+async fn fetch_object_rows(
+    c: &mut Conn,
+    partition: u32,
+    (min_tid, min_oid, max_tid): (i64, i64, i64),
+    length: u32,
+    max_bytes: usize,
+) -> Result<Vec<ReplObject>> {
+    let rows: Vec<Row> = c
+        .exec(
+            "SELECT o.oid, o.tid, o.data_id, o.value_tid, d.id, d.hash, d.compression, d.value_size
+             FROM obj o FORCE INDEX (tid) LEFT JOIN data d ON d.id = o.data_id
+             WHERE o.`partition` = ? AND ((o.tid = ? AND o.oid >= ?) OR (o.tid > ? AND o.tid <= ?))
+             ORDER BY o.tid, o.oid LIMIT ?",
+            (partition, min_tid, min_oid, min_tid, max_tid, length),
+        )
+        .await
+        .map_err(db)?;
+    let mut budget = FetchBudget::new(max_bytes);
+    let mut taken = Vec::with_capacity(rows.len());
+    // Data row → the first revision using it, to name it in errors.
+    let mut users: std::collections::HashMap<DataId, (Oid, Tid, usize)> = std::collections::HashMap::new();
+    // Data row → how many of the taken revisions use it.
+    let mut uses: std::collections::HashMap<DataId, usize> = std::collections::HashMap::new();
+    for mut row in rows {
+        let row = &mut row;
+        let oid = Oid(col_int(row, 0, "oid", &|| format!("object of partition {partition}"))? as u64);
+        let tid = col_tid(row, 1, "tid", &|| format!("object {oid}"))?;
+        let what = || format!("object {oid} revision {tid}");
+        let data_id = col_opt_int(row, 2, "data_id", &what)?;
+        let data_serial = col_opt_tid(row, 3, "value_tid", &what)?;
+        let data = match data_id {
+            None => None,
+            Some(id) => {
+                if col_opt_int(row, 4, "data.id", &what)?.is_none() {
+                    return Err(corrupt(format!("{}: data row {id} does not exist", what())));
+                }
+                let what = || format!("object {oid} revision {tid} (data row {id})");
+                let checksum = stored_checksum(col_blob(row, 5, "hash", false, &what)?, &what)?;
+                let compression = compression_of(col_int(row, 6, "compression", &what)?, &what)?;
+                let size = size_of(col_int(row, 7, "value_size", &what)?, &what)?;
+                let size =
+                    usize::try_from(size).map_err(|_| corrupt(format!("{}: invalid value size {size}", what())))?;
+                Some((id, checksum, compression, size))
+            }
+        };
+        if !budget.take(data.as_ref().map_or(0, |d| d.3 as u64)) {
+            break;
+        }
+        if let Some((id, _, _, size)) = &data {
+            users.entry(*id).or_insert((oid, tid, *size));
+            *uses.entry(*id).or_insert(0) += 1;
+        }
+        taken.push(FetchedRow { oid, tid, data_serial, data });
+    }
+    let mut values = read_values(c, &users).await?;
+    let mut out = Vec::with_capacity(taken.len());
+    for r in taken {
+        let data = match r.data {
+            None => None,
+            Some((id, checksum, compression, _)) => {
+                // The last revision using a data row takes its value, the others a copy.
+                let left = uses.get_mut(&id).map(|n| {
+                    *n -= 1;
+                    *n
+                });
+                let value = if left == Some(0) { values.remove(&id) } else { values.get(&id).cloned() };
+                let data = value.ok_or_else(|| {
+                    corrupt(format!("object {} revision {} (data row {id}): the data row vanished", r.oid, r.tid))
+                })?;
+                Some(NewData { checksum, compression, data })
+            }
+        };
+        out.push(ReplObject { oid: r.oid, tid: r.tid, data, data_serial: r.data_serial });
+    }
+    Ok(out)
+}
+
+/// The values of the data rows `users` names (data id → a revision using it, and the size
+/// the row records), chunks reassembled and checked against that size.
+async fn read_values(
+    c: &mut Conn,
+    users: &std::collections::HashMap<DataId, (Oid, Tid, usize)>,
+) -> Result<std::collections::HashMap<DataId, Vec<u8>>> {
+    let mut values = std::collections::HashMap::with_capacity(users.len());
+    if users.is_empty() {
+        return Ok(values);
+    }
+    let what = |id: DataId| match users.get(&id) {
+        Some((oid, tid, _)) => format!("object {oid} revision {tid} (data row {id})"),
+        None => format!("data row {id}"),
+    };
+    let mut ids: Vec<DataId> = users.keys().copied().collect();
+    ids.sort_unstable();
+    let list = |ids: &[DataId]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+    let rows: Vec<Row> =
+        c.query(format!("SELECT id, value FROM data WHERE id IN ({})", list(&ids))).await.map_err(db)?;
+    let mut big = Vec::new();
+    for mut row in rows {
+        let id = col_int(&mut row, 0, "id", &|| "data row".to_string())?;
+        let value = col_blob(&mut row, 1, "value", false, &|| what(id))?;
+        let size = users.get(&id).map_or(value.len(), |u| u.2);
+        if value.len() < size {
+            big.push(id);
+        }
+        values.insert(id, value);
+    }
+    if !big.is_empty() {
+        let rows: Vec<Row> = c
+            .query(format!(
+                "SELECT data_id, n, value FROM bigdata WHERE data_id IN ({}) ORDER BY data_id, n",
+                list(&big)
+            ))
+            .await
+            .map_err(db)?;
+        let mut expected: Option<(DataId, i64)> = None;
+        for mut row in rows {
+            let id = col_int(&mut row, 0, "bigdata.data_id", &|| "data chunk".to_string())?;
+            let n = col_int(&mut row, 1, "bigdata.n", &|| what(id))?;
+            let next = match expected {
+                Some((last, k)) if last == id => k + 1,
+                _ => 1,
+            };
+            if n != next {
+                return Err(corrupt(format!("{}: chunk {next} is missing", what(id))));
+            }
+            expected = Some((id, n));
+            let chunk = col_blob(&mut row, 2, "bigdata.value", false, &|| what(id))?;
+            if let Some(value) = values.get_mut(&id) {
+                value.extend_from_slice(&chunk);
+            }
+        }
+    }
+    for (id, (_, _, size)) in users {
+        match values.get(id) {
+            None => return Err(corrupt(format!("{}: the data row does not exist", what(*id)))),
+            Some(v) if v.len() != *size => {
+                return Err(corrupt(format!("{}: value of {} bytes, expected {size}", what(*id), v.len())));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(values)
+}
+
 /// Rows per multi-row INSERT of temporary objects, largest first: any count is written with
 /// few statements of a few fixed shapes (the statement cache keeps them prepared).
 const BATCHES: [usize; 4] = [128, 32, 8, 1];
@@ -1195,6 +1569,27 @@ fn read_tids(rows: Vec<Row>) -> Result<Vec<Tid>> {
     rows.into_iter().map(|mut row| col_tid(&mut row, 0, "tid", &|| "transaction".to_string())).collect()
 }
 
+/// The columns of a `trans` row `read_txn` decodes, in order.
+const TXN_COLUMNS: &str = "packed, oids, user, description, ext, ttid";
+
+/// Decode the `TXN_COLUMNS` of transaction `tid` of `partition`, starting at column `first`.
+fn read_txn(row: &mut Row, first: usize, partition: u32, tid: Tid) -> Result<TxnInfo> {
+    let what = || format!("transaction {tid} (partition {partition})");
+    let packed = packed_of(col_int(row, first, "packed", &what)?, &what)?;
+    let oids = decode_oids(&col_blob(row, first + 1, "oids", true, &what)?, &what)?;
+    Ok(TxnInfo {
+        tid,
+        ttid: col_tid(row, first + 5, "ttid", &what)?,
+        packed,
+        meta: TxnMeta {
+            user: col_blob(row, first + 2, "user", true, &what)?,
+            description: col_blob(row, first + 3, "description", true, &what)?,
+            extension: col_blob(row, first + 4, "ext", true, &what)?,
+            oids,
+        },
+    })
+}
+
 /// Load statements: `tid` condition none / `= at` / `< before` / both.
 const LOAD_COLUMNS: &str = "SELECT o.tid, o.data_id, o.value_tid, d.id, d.hash, d.compression, d.value,
         (SELECT MIN(n.tid) FROM obj n WHERE n.`partition` = o.`partition` AND n.oid = o.oid
@@ -1218,14 +1613,7 @@ async fn read_record(c: &mut Conn, mut row: Row, oid: Oid) -> Result<ObjectRecor
                 return Err(corrupt(format!("{}: data row {id} does not exist", what())));
             }
             let what = || format!("object {oid} revision {serial} (data row {id})");
-            let checksum = col_blob(row, 4, "hash", false, &what)?;
-            if checksum.len() != CHECKSUM_LEN {
-                return Err(corrupt(format!(
-                    "{}: checksum of {} bytes, expected {CHECKSUM_LEN}",
-                    what(),
-                    checksum.len()
-                )));
-            }
+            let checksum = stored_checksum(col_blob(row, 4, "hash", false, &what)?, &what)?;
             let compression = compression_of(col_int(row, 5, "compression", &what)?, &what)?;
             let mut data = col_blob(row, 6, "value", false, &what)?;
             let size = col_int(row, 8, "value_size", &what)?;
@@ -1413,34 +1801,15 @@ impl Backend for MysqlBackend {
         on_conn!(self, RETRY, c, async {
             let row: Option<Row> = c
                 .exec_first(
-                    "SELECT packed, oids, user, description, ext, ttid FROM trans
-                     WHERE `partition` = ? AND tid = ?",
+                    format!("SELECT {TXN_COLUMNS} FROM trans WHERE `partition` = ? AND tid = ?"),
                     (partition, id64(tid.0)),
                 )
                 .await
                 .map_err(db)?;
-            let Some(mut row) = row else {
-                return Ok(None);
-            };
-            let row = &mut row;
-            let what = || format!("transaction {tid} (partition {partition})");
-            let packed = match col_int(row, 0, "packed", &what)? {
-                0 => false,
-                1 => true,
-                v => return Err(corrupt(format!("{}: invalid packed flag {v}", what()))),
-            };
-            let oids = decode_oids(&col_blob(row, 1, "oids", true, &what)?, &what)?;
-            Ok(Some(TxnInfo {
-                tid,
-                ttid: col_tid(row, 5, "ttid", &what)?,
-                packed,
-                meta: TxnMeta {
-                    user: col_blob(row, 2, "user", true, &what)?,
-                    description: col_blob(row, 3, "description", true, &what)?,
-                    extension: col_blob(row, 4, "ext", true, &what)?,
-                    oids,
-                },
-            }))
+            match row {
+                None => Ok(None),
+                Some(mut row) => read_txn(&mut row, 0, partition, tid).map(Some),
+            }
         })
     }
 
@@ -1735,6 +2104,118 @@ impl Backend for MysqlBackend {
     fn release_data(&mut self, ids: &[DataId]) -> Result<()> {
         self.release(ids);
         Ok(())
+    }
+
+    fn partition_last_tid(&mut self, partition: u32) -> Result<Option<Tid>> {
+        // Two index dives: the primary key of trans, the (partition, tid, oid) key of obj.
+        on_conn!(self, RETRY, c, async {
+            let row: Option<Row> = c
+                .exec_first(
+                    "SELECT (SELECT MAX(tid) FROM trans WHERE `partition` = ?),
+                            (SELECT MAX(tid) FROM obj FORCE INDEX (tid) WHERE `partition` = ?)",
+                    (partition, partition),
+                )
+                .await
+                .map_err(db)?;
+            let mut row = row.ok_or_else(|| BackendError::Db("partition_last_tid: no row".into()))?;
+            let what = || format!("last TID of partition {partition}");
+            let trans = col_opt_tid(&mut row, 0, "trans.tid", &what)?;
+            let obj = col_opt_tid(&mut row, 1, "obj.tid", &what)?;
+            Ok(trans.max(obj))
+        })
+    }
+
+    fn fetch_transactions(&mut self, partition: u32, min: Tid, max: Tid, length: u32) -> Result<Vec<TxnInfo>> {
+        let Some((min, max)) = tid_range(min, max) else {
+            return Ok(Vec::new());
+        };
+        on_conn!(self, RETRY, c, async {
+            let rows: Vec<Row> = c
+                .exec(
+                    format!(
+                        "SELECT tid, {TXN_COLUMNS} FROM trans WHERE `partition` = ? AND tid >= ? AND tid <= ?
+                         ORDER BY tid LIMIT ?"
+                    ),
+                    (partition, min, max, length),
+                )
+                .await
+                .map_err(db)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for mut row in rows {
+                let tid = col_tid(&mut row, 0, "tid", &|| format!("transaction of partition {partition}"))?;
+                out.push(read_txn(&mut row, 1, partition, tid)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn fetch_objects(
+        &mut self,
+        partition: u32,
+        min: (Tid, Oid),
+        max: Tid,
+        length: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<ReplObject>> {
+        let Some(range) = object_range(min, max) else {
+            return Ok(Vec::new());
+        };
+        on_conn!(self, RETRY, c, fetch_object_rows(c, partition, range, length, max_bytes))
+    }
+
+    fn store_replicated(
+        &mut self,
+        partition: u32,
+        transactions: &[TxnInfo],
+        objects: &[ReplObject],
+        progress: &ReplProgress,
+    ) -> Result<()> {
+        check_replicated(transactions, objects)?;
+        // Idempotent (rows replaced, data deduplicated): retried on a new connection. Held
+        // data rows are never pruned.
+        let held = &self.held;
+        if replicated_estimate(transactions, objects) <= self.link.chunk {
+            // One round trip for the revisions it replaces, one for the writes, which commit
+            // the deferred unlocks too (as a vote does).
+            let r = joined!(
+                self,
+                RETRY,
+                c,
+                write_replicated_script(c, self.link.deferred.open, held, partition, transactions, objects, progress)
+            );
+            return self.committed(r);
+        }
+        let chunk = self.link.chunk;
+        in_tx!(self, RETRY, c, write_replicated(c, chunk, held, partition, transactions, objects, progress))
+    }
+
+    fn replication_progress(&mut self, partition: u32) -> Result<Option<ReplProgress>> {
+        let key = progress_key(partition);
+        self.get_config(&key)?.map(|v| decode_progress(&key, &v)).transpose()
+    }
+
+    fn set_replication_progress(&mut self, partition: u32, progress: Option<&ReplProgress>) -> Result<()> {
+        self.set_config(&progress_key(partition), progress.map(encode_progress).as_deref())
+    }
+
+    fn purge_partition(&mut self, partition: u32) -> Result<()> {
+        let held = &self.held;
+        let key = progress_key(partition);
+        in_tx!(self, RETRY, c, async {
+            let rows: Vec<Row> = c
+                .exec("SELECT DISTINCT data_id FROM obj WHERE `partition` = ? AND data_id IS NOT NULL", (partition,))
+                .await
+                .map_err(db)?;
+            let mut candidates = Vec::with_capacity(rows.len());
+            for mut row in rows {
+                candidates.push(col_int(&mut row, 0, "data_id", &|| format!("object of partition {partition}"))?);
+            }
+            c.exec_drop("DELETE FROM obj WHERE `partition` = ?", (partition,)).await.map_err(db)?;
+            c.exec_drop("DELETE FROM trans WHERE `partition` = ?", (partition,)).await.map_err(db)?;
+            // What replication saved is not here any more.
+            c.exec_drop("DELETE FROM config WHERE name = ?", (key.as_str(),)).await.map_err(db)?;
+            prune(c, held, candidates).await
+        })
     }
 }
 

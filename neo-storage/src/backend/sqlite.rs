@@ -11,19 +11,24 @@
 //!
 //! Durability: the connection runs with `synchronous=NORMAL` in WAL mode (commits append to the
 //! log without fsync); `sync` fdatasyncs the log, making every commit so far durable.
-//! `set_config`, `save_pt`, `drop_unfinished` and `pack` sync themselves; `vote`, `vote_data` and
-//! `lock` rely on the caller's `sync` (group commit, done for locks: the log is appended in
+//! `set_config`, `save_pt`, `drop_unfinished`, `pack`, `set_replication_progress` and
+//! `purge_partition` sync themselves; `vote`, `vote_data`, `lock` and `store_replicated` rely on
+//! the caller's `sync` (group commit, done for locks: the log is appended in
 //! order, so syncing a lock also makes the votes before it durable); `unlock` is never synced: the next
 //! verification replays it from the durable `lock` if a crash loses it.
+//!
+//! Replication keeps the progress of each partition in the `config` row
+//! `replication.<partition>`, written by `store_replicated` with the rows it describes.
 
 use super::common::{
-    CHECKSUM_LEN, HeldData, Revision, UndoRevisions, check_data_args, compression_of, corrupt, decode_oids,
-    decode_partitions, distinct_partitions, encode_oids, encode_partitions, id64, merge_tids, partition_list, size_of,
+    CHECKSUM_LEN, FetchBudget, HeldData, Revision, UndoRevisions, check_data_args, check_replicated, compression_of,
+    corrupt, decode_oids, decode_partitions, decode_progress, distinct_partitions, encode_oids, encode_partitions,
+    encode_progress, id64, merge_tids, object_range, packed_of, partition_list, progress_key, size_of, stored_checksum,
     tid_of, tid_range, tid_upper, undo_current_max, window_end,
 };
 use super::{
-    Backend, BackendError, DataId, Load, LockedTxn, NewObject, ObjectRecord, Result, TempObject, TxnInfo, TxnMeta,
-    UndoInfo,
+    Backend, BackendError, DataId, Load, LockedTxn, NewData, NewObject, ObjectRecord, ReplObject, ReplProgress, Result,
+    TempObject, TxnInfo, TxnMeta, UndoInfo,
 };
 use neo_lib::pt::{Cell, PartitionTable};
 use neo_lib::{CellState, Nid, Oid, Ptid, Tid};
@@ -599,33 +604,13 @@ impl Backend for SqliteBackend {
     fn transaction(&mut self, partition: u32, tid: Tid) -> Result<Option<TxnInfo>> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT packed, oids, user, description, ext, ttid FROM trans
-                 WHERE partition = ?1 AND tid = ?2",
-            )
+            .prepare_cached(&format!("SELECT {TXN_COLUMNS} FROM trans WHERE partition = ?1 AND tid = ?2"))
             .map_err(db)?;
         let mut q = stmt.query(params![i64::from(partition), id64(tid.0)]).map_err(db)?;
-        let Some(row) = q.next().map_err(db)? else {
-            return Ok(None);
-        };
-        let what = || format!("transaction {tid} (partition {partition})");
-        let packed = match col_int(row, 0, "packed", &what)? {
-            0 => false,
-            1 => true,
-            v => return Err(corrupt(format!("{}: invalid packed flag {v}", what()))),
-        };
-        let oids = decode_oids(&col_blob(row, 1, "oids", true, &what)?, &what)?;
-        Ok(Some(TxnInfo {
-            tid,
-            ttid: col_tid(row, 5, "ttid", &what)?,
-            packed,
-            meta: TxnMeta {
-                user: col_blob(row, 2, "user", true, &what)?,
-                description: col_blob(row, 3, "description", true, &what)?,
-                extension: col_blob(row, 4, "ext", true, &what)?,
-                oids,
-            },
-        }))
+        match q.next().map_err(db)? {
+            None => Ok(None),
+            Some(row) => read_txn(row, 0, partition, tid).map(Some),
+        }
     }
 
     fn object_history(&mut self, partition: u32, oid: Oid, offset: u32, length: u32) -> Result<Vec<(Tid, u64)>> {
@@ -917,6 +902,208 @@ impl Backend for SqliteBackend {
         self.writeback_due = true;
         Ok(())
     }
+
+    fn partition_last_tid(&mut self, partition: u32) -> Result<Option<Tid>> {
+        // Two index seeks: the primary key of trans, the (partition, tid, oid) index of obj.
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT (SELECT MAX(tid) FROM trans WHERE partition = ?1),
+                        (SELECT MAX(tid) FROM obj INDEXED BY obj_partition_tid_oid WHERE partition = ?1)",
+            )
+            .map_err(db)?;
+        let mut q = stmt.query([i64::from(partition)]).map_err(db)?;
+        let row = q.next().map_err(db)?.ok_or_else(|| BackendError::Db("partition_last_tid: no row".into()))?;
+        let what = || format!("last TID of partition {partition}");
+        let trans = col_opt_tid(row, 0, "trans.tid", &what)?;
+        let obj = col_opt_tid(row, 1, "obj.tid", &what)?;
+        Ok(trans.max(obj))
+    }
+
+    fn fetch_transactions(&mut self, partition: u32, min: Tid, max: Tid, length: u32) -> Result<Vec<TxnInfo>> {
+        let Some((min, max)) = tid_range(min, max) else {
+            return Ok(Vec::new());
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT tid, {TXN_COLUMNS} FROM trans WHERE partition = ?1 AND tid >= ?2 AND tid <= ?3
+                 ORDER BY tid LIMIT ?4"
+            ))
+            .map_err(db)?;
+        let mut q = stmt.query(params![i64::from(partition), min, max, i64::from(length)]).map_err(db)?;
+        let mut out = Vec::new();
+        while let Some(row) = q.next().map_err(db)? {
+            let tid = col_tid(row, 0, "tid", &|| format!("transaction of partition {partition}"))?;
+            out.push(read_txn(row, 1, partition, tid)?);
+        }
+        Ok(out)
+    }
+
+    fn fetch_objects(
+        &mut self,
+        partition: u32,
+        min: (Tid, Oid),
+        max: Tid,
+        length: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<ReplObject>> {
+        let Some((min_tid, min_oid, max_tid)) = object_range(min, max) else {
+            return Ok(Vec::new());
+        };
+        // Along the (partition, tid, oid) index. A value is read only once its row is taken
+        // (typeof and LENGTH read the size of a blob from the record header).
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT o.oid, o.tid, o.data_id, o.value_tid, d.id, d.hash, d.compression,
+                        typeof(d.value), LENGTH(d.value), d.value
+                 FROM obj o INDEXED BY obj_partition_tid_oid LEFT JOIN data d ON d.id = o.data_id
+                 WHERE o.partition = ?1 AND (o.tid, o.oid) >= (?2, ?3) AND o.tid <= ?4
+                 ORDER BY o.tid, o.oid LIMIT ?5",
+            )
+            .map_err(db)?;
+        let mut q =
+            stmt.query(params![i64::from(partition), min_tid, min_oid, max_tid, i64::from(length)]).map_err(db)?;
+        let mut budget = FetchBudget::new(max_bytes);
+        let mut out = Vec::new();
+        while let Some(row) = q.next().map_err(db)? {
+            let oid = Oid(col_int(row, 0, "oid", &|| format!("object of partition {partition}"))? as u64);
+            let tid = col_tid(row, 1, "tid", &|| format!("object {oid}"))?;
+            let what = || format!("object {oid} revision {tid}");
+            let data_id = col_opt_int(row, 2, "data_id", &what)?;
+            let data_serial = col_opt_tid(row, 3, "value_tid", &what)?;
+            let data = match data_id {
+                None => {
+                    if !budget.take(0) {
+                        break;
+                    }
+                    None
+                }
+                Some(id) => {
+                    if col_opt_int(row, 4, "data.id", &what)?.is_none() {
+                        return Err(corrupt(format!("{}: data row {id} does not exist", what())));
+                    }
+                    let what = || format!("object {oid} revision {tid} (data row {id})");
+                    let kind: String = row.get(7).map_err(db)?;
+                    if kind != "blob" {
+                        return Err(corrupt(format!("{}: column value holds a {kind} value, expected a blob", what())));
+                    }
+                    if !budget.take(size_of(col_int(row, 8, "length of value", &what)?, &what)?) {
+                        break;
+                    }
+                    let checksum = stored_checksum(col_blob(row, 5, "hash", false, &what)?, &what)?;
+                    let compression = compression_of(col_int(row, 6, "compression", &what)?, &what)?;
+                    Some(NewData { checksum, compression, data: col_blob(row, 9, "value", false, &what)? })
+                }
+            };
+            out.push(ReplObject { oid, tid, data, data_serial });
+        }
+        Ok(out)
+    }
+
+    fn store_replicated(
+        &mut self,
+        partition: u32,
+        transactions: &[TxnInfo],
+        objects: &[ReplObject],
+        progress: &ReplProgress,
+    ) -> Result<()> {
+        check_replicated(transactions, objects)?;
+        let part = i64::from(partition);
+        // A savepoint: its own transaction, or part of the open batch.
+        let tx = self.conn.savepoint().map_err(db)?;
+        // Data rows the replaced revisions referenced: pruned if nothing else does.
+        let mut replaced = Vec::new();
+        {
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO trans (partition, tid, packed, oids, user, description, ext, ttid)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(db)?;
+            for t in transactions {
+                let m = &t.meta;
+                ins.execute(params![
+                    part,
+                    id64(t.tid.0),
+                    i64::from(t.packed),
+                    encode_oids(&m.oids),
+                    m.user,
+                    m.description,
+                    m.extension,
+                    id64(t.ttid.0)
+                ])
+                .map_err(db)?;
+            }
+            let mut old = tx
+                .prepare_cached("SELECT data_id FROM obj WHERE partition = ?1 AND oid = ?2 AND tid = ?3")
+                .map_err(db)?;
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO obj (partition, oid, tid, data_id, value_tid) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(db)?;
+            for o in objects {
+                let (oid64, tid64) = (id64(o.oid.0), id64(o.tid.0));
+                {
+                    let mut q = old.query(params![part, oid64, tid64]).map_err(db)?;
+                    if let Some(row) = q.next().map_err(db)? {
+                        let what = || format!("object {} revision {}", o.oid, o.tid);
+                        replaced.extend(col_opt_int(row, 0, "data_id", &what)?);
+                    }
+                }
+                let data_id = match &o.data {
+                    Some(d) => Some(insert_data(&tx, &d.checksum, d.compression, &d.data)?),
+                    None => None,
+                };
+                ins.execute(params![part, oid64, tid64, data_id, o.data_serial.map(|t| id64(t.0))]).map_err(db)?;
+            }
+        }
+        tx.prepare_cached("INSERT OR REPLACE INTO config (name, value) VALUES (?1, ?2)")
+            .map_err(db)?
+            .execute([progress_key(partition), encode_progress(progress)])
+            .map_err(db)?;
+        Self::prune(&tx, &self.held, replaced)?;
+        tx.commit().map_err(db)?;
+        // Durable after the next sync, like a vote.
+        self.writeback_due = true;
+        Ok(())
+    }
+
+    fn replication_progress(&mut self, partition: u32) -> Result<Option<ReplProgress>> {
+        let key = progress_key(partition);
+        config_value(&self.conn, &key)?.map(|v| decode_progress(&key, &v)).transpose()
+    }
+
+    fn set_replication_progress(&mut self, partition: u32, progress: Option<&ReplProgress>) -> Result<()> {
+        self.set_config(&progress_key(partition), progress.map(encode_progress).as_deref())
+    }
+
+    fn purge_partition(&mut self, partition: u32) -> Result<()> {
+        let part = i64::from(partition);
+        let tx = self.conn.savepoint().map_err(db)?;
+        let mut candidates = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare_cached("SELECT DISTINCT data_id FROM obj WHERE partition = ?1 AND data_id IS NOT NULL")
+                .map_err(db)?;
+            let mut q = stmt.query([part]).map_err(db)?;
+            while let Some(row) = q.next().map_err(db)? {
+                candidates.push(col_int(row, 0, "data_id", &|| format!("object of partition {partition}"))?);
+            }
+        }
+        tx.prepare_cached("DELETE FROM obj WHERE partition = ?1").map_err(db)?.execute([part]).map_err(db)?;
+        tx.prepare_cached("DELETE FROM trans WHERE partition = ?1").map_err(db)?.execute([part]).map_err(db)?;
+        // What replication saved is not here any more.
+        tx.prepare_cached("DELETE FROM config WHERE name = ?1")
+            .map_err(db)?
+            .execute([progress_key(partition)])
+            .map_err(db)?;
+        Self::prune(&tx, &self.held, candidates)?;
+        tx.commit().map_err(db)?;
+        self.sync_wal()
+    }
 }
 
 /// The revisions `undo_info` needs, tagged with their kind (`UNDO_CURRENT`, ...): the newest
@@ -1031,6 +1218,27 @@ fn write_ttrans(tx: &Connection, ttid64: i64, meta: Option<(u32, &TxnMeta)>) -> 
     Ok(())
 }
 
+/// The columns of a `trans` row `read_txn` decodes, in order.
+const TXN_COLUMNS: &str = "packed, oids, user, description, ext, ttid";
+
+/// Decode the `TXN_COLUMNS` of transaction `tid` of `partition`, starting at column `first`.
+fn read_txn(row: &Row<'_>, first: usize, partition: u32, tid: Tid) -> Result<TxnInfo> {
+    let what = || format!("transaction {tid} (partition {partition})");
+    let packed = packed_of(col_int(row, first, "packed", &what)?, &what)?;
+    let oids = decode_oids(&col_blob(row, first + 1, "oids", true, &what)?, &what)?;
+    Ok(TxnInfo {
+        tid,
+        ttid: col_tid(row, first + 5, "ttid", &what)?,
+        packed,
+        meta: TxnMeta {
+            user: col_blob(row, first + 2, "user", true, &what)?,
+            description: col_blob(row, first + 3, "description", true, &what)?,
+            extension: col_blob(row, first + 4, "ext", true, &what)?,
+            oids,
+        },
+    })
+}
+
 /// Decode one row of `LOAD_COLUMNS`.
 fn read_record(row: &Row<'_>, oid: Oid) -> Result<ObjectRecord> {
     let serial = col_tid(row, 0, "tid", &|| format!("object {oid}"))?;
@@ -1045,14 +1253,7 @@ fn read_record(row: &Row<'_>, oid: Oid) -> Result<ObjectRecord> {
                 return Err(corrupt(format!("{}: data row {id} does not exist", what())));
             }
             let what = || format!("object {oid} revision {serial} (data row {id})");
-            let checksum = col_blob(row, 4, "hash", false, &what)?;
-            if checksum.len() != CHECKSUM_LEN {
-                return Err(corrupt(format!(
-                    "{}: checksum of {} bytes, expected {CHECKSUM_LEN}",
-                    what(),
-                    checksum.len()
-                )));
-            }
+            let checksum = stored_checksum(col_blob(row, 4, "hash", false, &what)?, &what)?;
             let compression = compression_of(col_int(row, 5, "compression", &what)?, &what)?;
             (compression, checksum, col_blob(row, 6, "value", false, &what)?)
         }

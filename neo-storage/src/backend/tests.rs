@@ -1182,6 +1182,852 @@ pub(crate) fn corrupt_history_rows(open: Open<'_>, raw: RawSql<'_>) {
     assert_eq!(tids(b, &ALL, 0, 1), [200]);
 }
 
+// --- replication
+
+/// Seed of a random test: `NEO_TEST_SEED` if set, else a new one each run, printed if the
+/// test fails (run it again with `NEO_TEST_SEED=<seed>`).
+struct Seed(u64);
+
+impl Seed {
+    fn new() -> Seed {
+        Seed(std::env::var("NEO_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..)))
+    }
+}
+
+impl Drop for Seed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("random test failed with seed {0}: NEO_TEST_SEED={0} runs it again", self.0);
+        }
+    }
+}
+
+/// Data of an object revision in the replication tests: (compression, bytes).
+type Data = (u32, Vec<u8>);
+
+/// One object revision of a transaction of the replication tests.
+#[derive(Clone, Debug)]
+struct Rev {
+    oid: u64,
+    /// None: a deletion.
+    data: Option<Data>,
+    data_serial: Option<u64>,
+}
+
+/// A transaction of the replication tests: ttid `tid - 1`, metadata in partition(ttid).
+#[derive(Clone, Debug)]
+struct Txn {
+    tid: u64,
+    revs: Vec<Rev>,
+}
+
+impl Txn {
+    fn ttid(&self) -> Tid {
+        Tid(self.tid - 1)
+    }
+
+    fn meta(&self) -> TxnMeta {
+        TxnMeta {
+            user: format!("user{}", self.tid).into_bytes(),
+            description: format!("transaction {}", self.tid).into_bytes(),
+            extension: vec![0x80, 0x03, b'}', b'q', (self.tid % 256) as u8, b'.'],
+            oids: self.revs.iter().map(|r| Oid(r.oid)).collect(),
+        }
+    }
+
+    /// Vote (through `vote_data`, or `store_data` then `vote`) and lock.
+    fn vote_and_lock(&self, b: &mut dyn Backend, with_vote_data: bool) {
+        let meta = self.meta();
+        let meta = Some((part(self.ttid().0), &meta));
+        if with_vote_data {
+            let objects: Vec<(u32, super::NewObject)> = self
+                .revs
+                .iter()
+                .map(|r| {
+                    let data = r.data.as_ref().map(|(compression, d)| super::NewData {
+                        checksum: sha1(d),
+                        compression: *compression,
+                        data: d.clone(),
+                    });
+                    let o = super::NewObject { oid: Oid(r.oid), data, data_serial: r.data_serial.map(Tid) };
+                    (part(r.oid), o)
+                })
+                .collect();
+            b.vote_data(self.ttid(), &objects, meta).unwrap();
+        } else {
+            let objects: Vec<(u32, TempObject)> = self
+                .revs
+                .iter()
+                .map(|r| {
+                    let data_id = r.data.as_ref().map(|(c, d)| b.store_data(part(r.oid), &sha1(d), *c, d).unwrap());
+                    (part(r.oid), TempObject { oid: Oid(r.oid), data_id, data_serial: r.data_serial.map(Tid) })
+                })
+                .collect();
+            b.vote(self.ttid(), &objects, meta).unwrap();
+        }
+        b.lock(self.ttid(), Tid(self.tid), &[]).unwrap();
+        b.sync().unwrap();
+    }
+
+    fn unlock(&self, b: &mut dyn Backend) {
+        b.unlock(self.ttid(), Tid(self.tid)).unwrap();
+    }
+
+    fn commit(&self, b: &mut dyn Backend, with_vote_data: bool) {
+        self.vote_and_lock(b, with_vote_data);
+        self.unlock(b);
+    }
+}
+
+/// Objects of the replication tests: oids 1..=REPL_OIDS, spread over the NP partitions.
+const REPL_OIDS: u64 = 24;
+
+/// A record of `n` bytes of one of a few shapes.
+fn random_bytes(rng: &mut fastrand::Rng, n: usize) -> Vec<u8> {
+    match rng.u8(0..3) {
+        0 => {
+            let base: Vec<u8> = std::iter::repeat_with(|| rng.u8(..)).take(n.min(1 << 16)).collect();
+            base.iter().copied().cycle().take(n).collect()
+        }
+        1 => vec![rng.u8(..); n],
+        _ => {
+            let k = rng.u64(..);
+            (0..n as u64).map(|i| (i.wrapping_mul(k | 1) >> 7) as u8).collect()
+        }
+    }
+}
+
+/// The committed revisions of each object so far, to make deletions and undos of.
+type Revisions = std::collections::BTreeMap<u64, Vec<(u64, Option<Data>)>>;
+
+/// A random transaction at `tid`: 1 to 5 objects, each a new record (0 B to 3 MiB; `big`
+/// adds one above MySQL's chunk of 8 MiB), the data of another revision (deduplicated), an
+/// undo (the data of an older revision of the object with a back-pointer to it), or a
+/// deletion.
+fn random_txn(rng: &mut fastrand::Rng, tid: u64, revisions: &mut Revisions, pool: &mut Vec<Data>, big: bool) -> Txn {
+    let mut oids: Vec<u64> = (1..=REPL_OIDS).collect();
+    rng.shuffle(&mut oids);
+    oids.truncate(rng.usize(1..=5));
+    let mut revs = Vec::new();
+    for (i, oid) in oids.into_iter().enumerate() {
+        let history = revisions.get(&oid).cloned().unwrap_or_default();
+        let alive = history.last().is_some_and(|(_, d)| d.is_some());
+        let with_data: Vec<&(u64, Option<Data>)> = history.iter().filter(|(_, d)| d.is_some()).collect();
+        let choice = rng.u8(0..20);
+        let rev = if big && i == 0 {
+            let n = (8 << 20) + rng.usize(1..5000);
+            let data = (0u32, random_bytes(rng, n));
+            Rev { oid, data: Some(data), data_serial: None }
+        } else if choice < 2 && alive {
+            // A deletion, sometimes with a back-pointer.
+            let data_serial = if rng.u8(0..4) == 0 { history.last().map(|(t, _)| *t) } else { None };
+            Rev { oid, data: None, data_serial }
+        } else if choice < 5 && !with_data.is_empty() {
+            let (serial, data) = with_data[rng.usize(..with_data.len())];
+            Rev { oid, data: data.clone(), data_serial: Some(*serial) }
+        } else if choice < 9 && !pool.is_empty() {
+            Rev { oid, data: Some(pool[rng.usize(..pool.len())].clone()), data_serial: None }
+        } else {
+            let n = match rng.u8(0..40) {
+                0..=3 => 0,
+                4..=23 => rng.usize(1..300),
+                24..=38 => rng.usize(300..70_000),
+                _ => rng.usize((1 << 20)..(3 << 20)),
+            };
+            let data = (rng.u32(0..2), random_bytes(rng, n));
+            if n < (1 << 20) {
+                pool.push(data.clone());
+            }
+            Rev { oid, data: Some(data), data_serial: None }
+        };
+        revs.push(rev);
+    }
+    for r in &revs {
+        revisions.entry(r.oid).or_default().push((tid, r.data.clone()));
+    }
+    Txn { tid, revs }
+}
+
+/// Size of the data of fetched revisions.
+fn fetched_size(objects: &[super::ReplObject]) -> usize {
+    objects.iter().map(|o| o.data.as_ref().map_or(0, |d| d.data.len())).sum()
+}
+
+/// A short description of the first difference between two lists of revisions.
+fn first_difference(a: &[super::ReplObject], b: &[super::ReplObject]) -> String {
+    let brief = |o: Option<&super::ReplObject>| {
+        o.map(|o| {
+            let data = o.data.as_ref().map(|d| (d.compression, d.data.len(), d.checksum.clone()));
+            format!("{:?} {:?} {data:?} {:?}", o.oid, o.tid, o.data_serial)
+        })
+    };
+    match (0..a.len().max(b.len())).find(|i| a.get(*i) != b.get(*i)) {
+        None => "none".to_string(),
+        Some(i) => format!("#{i}: {:?} vs {:?}", brief(a.get(i)), brief(b.get(i))),
+    }
+}
+
+/// A replication of each partition from `src` to `dst`, chunk by chunk, as a storage would
+/// run it: rounds up to the last TID of the partition on the source when the round starts,
+/// with the progress saved by `store_replicated` (or `set_replication_progress`).
+#[derive(Default)]
+struct Replicator {
+    /// The upper bound of the current round of each partition.
+    rounds: std::collections::HashMap<u32, Tid>,
+}
+
+impl Replicator {
+    /// One chunk of the replication of `partition` (at most `length` rows of each kind,
+    /// `max_bytes` of data), checking what the source returns. Returns false if the partition
+    /// had nothing left to copy.
+    fn step(
+        &mut self,
+        src: &mut dyn Backend,
+        dst: &mut dyn Backend,
+        partition: u32,
+        length: u32,
+        max_bytes: usize,
+        batch: bool,
+    ) -> bool {
+        let saved = dst.replication_progress(partition).unwrap();
+        let mut progress = saved.unwrap_or(super::ReplProgress::ZERO);
+        let max = match self.rounds.get(&partition) {
+            Some(max) => *max,
+            None => {
+                let Some(last) = src.partition_last_tid(partition).unwrap() else { return false };
+                if progress.next_trans > last && progress.next_obj.0 > last {
+                    return false;
+                }
+                // A new round.
+                progress.base_trans = progress.next_trans;
+                progress.base_obj = progress.next_obj;
+                self.rounds.insert(partition, last);
+                last
+            }
+        };
+        let transactions = if progress.next_trans <= max {
+            src.fetch_transactions(partition, progress.next_trans, max, length).unwrap()
+        } else {
+            Vec::new()
+        };
+        let mut previous = progress.next_trans;
+        for t in &transactions {
+            assert!(t.tid >= previous && t.tid <= max, "transaction {:?} out of order or bounds", t.tid);
+            assert_eq!(src.transaction(partition, t.tid).unwrap().as_ref(), Some(t));
+            previous = t.tid.next();
+        }
+        progress.next_trans = match transactions.last() {
+            Some(last) if transactions.len() == length as usize => last.tid.next(),
+            _ => max.next(),
+        };
+        let objects = if progress.next_obj.0 <= max {
+            src.fetch_objects(partition, progress.next_obj, max, length, max_bytes).unwrap()
+        } else {
+            Vec::new()
+        };
+        // Ordered, in bounds, cut exactly where the size limit says.
+        let mut previous = progress.next_obj;
+        for o in &objects {
+            assert!(
+                (o.tid, o.oid) >= previous && o.tid <= max,
+                "revision {:?} {:?} out of order or bounds",
+                o.oid,
+                o.tid
+            );
+            previous = (o.tid, Oid(o.oid.0 + 1));
+            if let Some(d) = &o.data {
+                assert!(d.checksum == sha1(&d.data), "checksum of {:?} {:?}", o.oid, o.tid);
+            }
+        }
+        if progress.next_obj.0 <= max && max_bytes != usize::MAX {
+            let uncut = src.fetch_objects(partition, progress.next_obj, max, length, usize::MAX).unwrap();
+            assert!(uncut.starts_with(&objects), "a chunk is not the start of the uncut one");
+            if let Some(next) = uncut.get(objects.len()) {
+                assert!(!objects.is_empty(), "the first revision is always returned");
+                let with_next = fetched_size(&objects) + fetched_size(std::slice::from_ref(next));
+                assert!(
+                    with_next > max_bytes,
+                    "cut at {} bytes of {max_bytes} before {next:?}",
+                    fetched_size(&objects)
+                );
+            }
+            if objects.len() > 1 {
+                assert!(fetched_size(&objects) <= max_bytes);
+            }
+        }
+        progress.next_obj = match objects.last() {
+            Some(last) => (last.tid, Oid(last.oid.0 + 1)),
+            None => (max.next(), Oid::ZERO),
+        };
+        let batched = batch && dst.begin_batch();
+        dst.store_replicated(partition, &transactions, &objects, &progress).unwrap();
+        if batched {
+            dst.commit_batch().unwrap();
+        }
+        dst.sync().unwrap();
+        assert_eq!(dst.replication_progress(partition).unwrap(), Some(progress));
+        if progress.next_trans > max && progress.next_obj.0 > max {
+            self.rounds.remove(&partition);
+        }
+        true
+    }
+
+    /// Replicate every partition until it has nothing left to copy.
+    fn finish(&mut self, src: &mut dyn Backend, dst: &mut dyn Backend, length: u32, max_bytes: usize) {
+        for p in ALL {
+            while self.step(src, dst, p, length, max_bytes, false) {}
+        }
+    }
+}
+
+/// Every read of `partition` gives the same on both backends: transactions (metadata, undo
+/// log, iterator), every revision of every object (loads at, before and latest, history,
+/// undo information, last serial), and the revisions as replication fetches them.
+fn assert_same_partition(a: &mut dyn Backend, b: &mut dyn Backend, partition: u32) {
+    let p = partition;
+    assert_eq!(a.partition_last_tid(p).unwrap(), b.partition_last_tid(p).unwrap(), "partition {p}: last TID");
+    let ta = a.fetch_transactions(p, Tid::ZERO, Tid(u64::MAX), u32::MAX).unwrap();
+    let tb = b.fetch_transactions(p, Tid::ZERO, Tid(u64::MAX), u32::MAX).unwrap();
+    assert!(ta == tb, "partition {p}: {} vs {} transactions differ", ta.len(), tb.len());
+    for t in &ta {
+        assert_eq!(b.transaction(p, t.tid).unwrap().as_ref(), Some(t), "partition {p}");
+    }
+    assert_eq!(a.tids(&[p], 0, u32::MAX).unwrap(), b.tids(&[p], 0, u32::MAX).unwrap(), "partition {p}: undo log");
+    assert_eq!(
+        a.tids_from(&[p], Tid::ZERO, Tid(u64::MAX), u32::MAX).unwrap(),
+        b.tids_from(&[p], Tid::ZERO, Tid(u64::MAX), u32::MAX).unwrap(),
+        "partition {p}: iterator"
+    );
+    let oa = a.fetch_objects(p, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), u32::MAX, usize::MAX).unwrap();
+    let ob = b.fetch_objects(p, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), u32::MAX, usize::MAX).unwrap();
+    assert!(oa == ob, "partition {p}: revisions differ: {}", first_difference(&oa, &ob));
+    let mut oids: Vec<Oid> = oa.iter().map(|o| o.oid).collect();
+    oids.sort_unstable();
+    oids.dedup();
+    for oid in oids {
+        let what = format!("partition {p} object {oid:?}");
+        let history = a.object_history(p, oid, 0, u32::MAX).unwrap();
+        assert_eq!(history, b.object_history(p, oid, 0, u32::MAX).unwrap(), "{what}: history");
+        assert_eq!(a.last_serial(p, oid).unwrap(), b.last_serial(p, oid).unwrap(), "{what}: last serial");
+        let same = |x: Load, y: Load, how: &str| assert!(x == y, "{what}: {how} differs");
+        same(a.load(p, oid, None, None).unwrap(), b.load(p, oid, None, None).unwrap(), "latest");
+        for (serial, _) in history {
+            same(a.load(p, oid, Some(serial), None).unwrap(), b.load(p, oid, Some(serial), None).unwrap(), "at");
+            same(a.load(p, oid, None, Some(serial)).unwrap(), b.load(p, oid, None, Some(serial)).unwrap(), "before");
+            assert_eq!(
+                a.undo_info(p, oid, serial, None).unwrap(),
+                b.undo_info(p, oid, serial, None).unwrap(),
+                "{what}: undo of {serial:?}"
+            );
+        }
+    }
+}
+
+/// Replication of random histories: the source commits transactions (vote, lock, unlock),
+/// an older part of them packed; the destination copies each partition chunk by chunk (small
+/// `length` and `max_bytes`, sometimes inside a batch) while it also commits some of the same
+/// transactions directly, voted and unlocked before, during or after their replication. Then
+/// every read of every partition is the same on both. Records of 0 B to a few MiB, one above
+/// MySQL's chunk; deletions, undo back-pointers, data shared by several objects.
+pub(crate) fn replication_of_random_histories(src: &mut dyn Backend, dst: &mut dyn Backend) {
+    let seed = Seed::new();
+    let mut rng = fastrand::Rng::with_seed(seed.0);
+    let mut revisions = Revisions::new();
+    let mut pool: Vec<Data> = Vec::new();
+    let mut tid = 1000u64;
+    // Metadata in partition(tid - 1): every partition.
+    let mut next_tid = |rng: &mut fastrand::Rng| {
+        tid += rng.u64(2..40);
+        tid
+    };
+    // An older history, packed: the source only.
+    let mut packed_at = 0;
+    for i in 0..12 {
+        let tid = next_tid(&mut rng);
+        let t = random_txn(&mut rng, tid, &mut revisions, &mut pool, false);
+        t.commit(src, rng.bool());
+        if i == 7 {
+            packed_at = t.tid;
+        }
+    }
+    let packed_partitions: Vec<u32> = ALL.into_iter().filter(|_| rng.u8(0..4) != 0).collect();
+    src.pack(&packed_partitions, Tid(packed_at)).unwrap();
+    // Packed revisions cannot be undone any more.
+    revisions.clear();
+
+    // Transactions the destination also receives: voted (and locked) and unlocked later.
+    let mut direct: Vec<(Txn, bool)> = Vec::new();
+    let mut replicator = Replicator::default();
+    let big_at = rng.usize(0..45);
+    for i in 0..45 {
+        let tid = next_tid(&mut rng);
+        let t = random_txn(&mut rng, tid, &mut revisions, &mut pool, i == big_at);
+        t.commit(src, rng.bool());
+        if rng.bool() {
+            direct.push((t, false));
+        }
+        for _ in 0..rng.usize(0..5) {
+            match rng.u8(0..5) {
+                0 | 1 if !direct.is_empty() => {
+                    // Vote and lock, or unlock, a transaction the destination also receives.
+                    let k = rng.usize(..direct.len());
+                    if direct[k].1 {
+                        direct.remove(k).0.unlock(dst);
+                    } else {
+                        direct[k].0.vote_and_lock(dst, rng.bool());
+                        direct[k].1 = true;
+                    }
+                }
+                _ => {
+                    let p = rng.u32(0..NP);
+                    let (length, max_bytes) =
+                        (rng.u32(1..8), if rng.u8(0..5) == 0 { usize::MAX } else { rng.usize(0..200_000) });
+                    replicator.step(src, dst, p, length, max_bytes, rng.bool());
+                }
+            }
+        }
+    }
+    for (t, voted) in direct {
+        if !voted {
+            t.vote_and_lock(dst, rng.bool());
+        }
+        if rng.bool() {
+            t.unlock(dst);
+        } else {
+            // Unlocked after its replication.
+            replicator.finish(src, dst, rng.u32(1..8), rng.usize(0..200_000));
+            t.unlock(dst);
+        }
+    }
+    replicator.finish(src, dst, rng.u32(1..8), rng.usize(0..200_000));
+    assert!(dst.locked_transactions().unwrap().is_empty());
+    for p in ALL {
+        assert_same_partition(src, dst, p);
+    }
+    assert_eq!(src.last_ids().unwrap(), dst.last_ids().unwrap());
+    // Once replicated, a transaction the destination receives again changes nothing.
+    let again = src.fetch_transactions(0, Tid::ZERO, Tid(u64::MAX), 3).unwrap();
+    let objects = src.fetch_objects(0, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 5, usize::MAX).unwrap();
+    let progress = dst.replication_progress(0).unwrap().unwrap();
+    dst.store_replicated(0, &again, &objects, &progress).unwrap();
+    assert_same_partition(src, dst, 0);
+}
+
+/// Replicate everything of `src` into `dst` (a fresh cell), chunk by chunk.
+fn replicate_all(src: &mut dyn Backend, dst: &mut dyn Backend) {
+    Replicator::default().finish(src, dst, 3, 50);
+}
+
+/// An interrupted replication resumes from the progress it saved, in a destination opened
+/// again (when the engine's database outlives the backend).
+pub(crate) fn replication_resumes(src: &mut dyn Backend, open_dst: Open<'_>) {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let (mut revisions, mut pool) = (Revisions::new(), Vec::new());
+    for i in 0..12u64 {
+        random_txn(&mut rng, 100 + 10 * i, &mut revisions, &mut pool, false).commit(src, i % 2 == 0);
+    }
+    let saved = {
+        let mut dst = open_dst(CLUSTER).unwrap();
+        let dst = &mut *dst;
+        assert_eq!(dst.replication_progress(1).unwrap(), None);
+        let mut replicator = Replicator::default();
+        for _ in 0..3 {
+            assert!(replicator.step(src, dst, 1, 2, 100, false));
+        }
+        // Nothing else of the partition is here.
+        let here = dst.fetch_objects(1, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), u32::MAX, usize::MAX).unwrap();
+        assert!(here.len() <= 6);
+        dst.replication_progress(1).unwrap().unwrap()
+    };
+    assert!(saved.next_obj > (Tid::ZERO, Oid::ZERO) && saved.next_trans > Tid::ZERO);
+    let mut dst = open_dst(CLUSTER).unwrap();
+    let dst = &mut *dst;
+    assert_eq!(dst.replication_progress(1).unwrap(), Some(saved));
+    assert_eq!(dst.replication_progress(2).unwrap(), None);
+    // The round the first destination started is not known any more: a new round from the
+    // saved progress copies the rest.
+    let mut replicator = Replicator::default();
+    assert!(replicator.step(src, dst, 1, 2, 100, false));
+    let round = dst.replication_progress(1).unwrap().unwrap();
+    assert_eq!((round.base_trans, round.base_obj), (saved.next_trans, saved.next_obj));
+    replicator.finish(src, dst, 2, 100);
+    assert_same_partition(src, dst, 1);
+    // The progress is saved with what it describes, and by itself.
+    let all = super::ReplProgress::after(src.partition_last_tid(1).unwrap().unwrap());
+    assert_eq!(
+        dst.replication_progress(1).unwrap().map(|p| (p.next_trans, p.next_obj)),
+        Some((all.next_trans, all.next_obj))
+    );
+    dst.set_replication_progress(3, Some(&all)).unwrap();
+    dst.set_replication_progress(1, None).unwrap();
+    drop(replicator);
+    let mut dst = open_dst(CLUSTER).unwrap();
+    assert_eq!(dst.replication_progress(3).unwrap(), Some(all));
+    assert_eq!(dst.replication_progress(1).unwrap(), None);
+    dst.set_replication_progress(3, None).unwrap();
+    assert_eq!(dst.replication_progress(3).unwrap(), None);
+    assert_same_partition(src, &mut *dst, 1);
+}
+
+/// fetch_transactions and fetch_objects: inclusive bounds, order, length, the size limit
+/// (reached exactly, and the first revision whatever its size), packed transactions,
+/// deletions and back-pointers as loads report them, data as stored.
+pub(crate) fn fetch_for_replication(b: &mut dyn Backend) {
+    // Partition 1: oids 1, 5, 9, 13, 17; metadata of every transaction (ttid 101, 201, ...).
+    commit(b, 102, &[(1, Some(b"aaaa")), (5, Some(b"bb")), (9, Some(b""))]);
+    commit(b, 202, &[(5, None), (2, Some(b"other partition"))]);
+    let z = b"x\x9c\x03\x00\x00\x00\x00\x01";
+    let id = b.store_data(1, &sha1(z), 1, z).unwrap();
+    let u = back_pointer(b, 1, b"aaaa", 102);
+    commit_objects(b, 302, &[u, TempObject { oid: Oid(9), data_id: Some(id), data_serial: None }]);
+    commit(b, 402, &[(13, Some(b"cccccc"))]);
+    // Voted and locked, not committed: not there.
+    let o = [store(b, 17, b"temporary")];
+    b.vote(Tid(501), &with_parts(&o), Some((1, &meta_for("t", &o)))).unwrap();
+    b.lock(Tid(501), Tid(502), &[]).unwrap();
+
+    let txns = |b: &mut dyn Backend, min: u64, max: u64, length: u32| -> Vec<u64> {
+        b.fetch_transactions(1, Tid(min), Tid(max), length).unwrap().iter().map(|t| t.tid.0).collect()
+    };
+    assert_eq!(txns(b, 0, u64::MAX, 100), [102, 202, 302, 402]);
+    assert_eq!(txns(b, 0, u64::MAX, u32::MAX), [102, 202, 302, 402]);
+    assert_eq!(txns(b, 102, 302, 100), [102, 202, 302]);
+    assert_eq!(txns(b, 103, 302, 100), [202, 302]);
+    assert_eq!(txns(b, 0, 301, 100), [102, 202]);
+    assert_eq!(txns(b, 202, 202, 100), [202]);
+    assert_eq!(txns(b, 0, u64::MAX, 1), [102]);
+    assert_eq!(txns(b, 103, u64::MAX, 2), [202, 302]);
+    assert!(txns(b, 0, u64::MAX, 0).is_empty());
+    assert!(txns(b, 302, 102, 10).is_empty());
+    assert!(txns(b, 403, u64::MAX, 10).is_empty());
+    assert!(txns(b, u64::MAX, u64::MAX, 10).is_empty());
+    assert!(b.fetch_transactions(2, Tid::ZERO, Tid(u64::MAX), 10).unwrap().is_empty());
+    for t in b.fetch_transactions(1, Tid::ZERO, Tid(u64::MAX), 10).unwrap() {
+        assert_eq!(b.transaction(1, t.tid).unwrap(), Some(t));
+    }
+    b.pack(&[1], Tid(102)).unwrap();
+    let t = b.fetch_transactions(1, Tid::ZERO, Tid(u64::MAX), 10).unwrap();
+    assert_eq!(
+        t.iter().map(|t| (t.tid.0, t.packed)).collect::<Vec<_>>(),
+        [(102, true), (202, false), (302, false), (402, false)]
+    );
+    assert_eq!(t[0].meta, TxnMeta { oids: vec![Oid(1), Oid(5), Oid(9)], ..meta_for("user102", &[]) });
+    assert_eq!(t[0].ttid, Tid(101));
+
+    let objs = |b: &mut dyn Backend, min: (u64, u64), max: u64, length: u32, max_bytes: usize| -> Vec<(u64, u64)> {
+        b.fetch_objects(1, (Tid(min.0), Oid(min.1)), Tid(max), length, max_bytes)
+            .unwrap()
+            .iter()
+            .map(|o| (o.tid.0, o.oid.0))
+            .collect()
+    };
+    let all = [(102, 1), (102, 5), (102, 9), (202, 5), (302, 1), (302, 9), (402, 13)];
+    assert_eq!(objs(b, (0, 0), u64::MAX, 100, usize::MAX), all);
+    assert_eq!(objs(b, (0, 0), u64::MAX, u32::MAX, usize::MAX), all);
+    assert_eq!(objs(b, (102, 5), u64::MAX, 100, usize::MAX), all[1..]);
+    assert_eq!(objs(b, (102, 6), 302, 100, usize::MAX), [(102, 9), (202, 5), (302, 1), (302, 9)]);
+    assert_eq!(objs(b, (102, 10), 301, 100, usize::MAX), [(202, 5)]);
+    assert_eq!(objs(b, (302, 9), 302, 100, usize::MAX), [(302, 9)]);
+    assert_eq!(objs(b, (0, 0), u64::MAX, 2, usize::MAX), all[..2]);
+    assert!(objs(b, (0, 0), u64::MAX, 0, usize::MAX).is_empty());
+    assert!(objs(b, (403, 0), u64::MAX, 10, usize::MAX).is_empty());
+    assert!(objs(b, (302, 0), 202, 10, usize::MAX).is_empty());
+    assert!(objs(b, (u64::MAX, 0), u64::MAX, 10, usize::MAX).is_empty());
+    // Sizes 4, 2, 0, 0 (deletion), 4, 8, 6: the limit reached exactly, passed, the first
+    // revision alone above it.
+    assert_eq!(objs(b, (0, 0), u64::MAX, 100, 6), all[..4]);
+    assert_eq!(objs(b, (0, 0), u64::MAX, 100, 5), all[..1]);
+    assert_eq!(objs(b, (0, 0), u64::MAX, 100, 0), all[..1]);
+    assert_eq!(objs(b, (102, 9), u64::MAX, 100, 0), all[2..4]);
+    assert_eq!(objs(b, (302, 9), u64::MAX, 100, 1), [(302, 9)]);
+    assert_eq!(objs(b, (0, 0), u64::MAX, 100, 10), all[..5]);
+
+    let fetched = b.fetch_objects(1, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 100, usize::MAX).unwrap();
+    let data = |d: &[u8], compression: u32| Some(super::NewData { checksum: sha1(d), compression, data: d.to_vec() });
+    let r = |oid: u64, tid: u64, data: Option<super::NewData>, serial: Option<u64>| super::ReplObject {
+        oid: Oid(oid),
+        tid: Tid(tid),
+        data,
+        data_serial: serial.map(Tid),
+    };
+    let expected = vec![
+        r(1, 102, data(b"aaaa", 0), None),
+        r(5, 102, data(b"bb", 0), None),
+        r(9, 102, data(b"", 0), None),
+        r(5, 202, None, None),
+        r(1, 302, data(b"aaaa", 0), Some(102)),
+        r(9, 302, data(z, 1), None),
+        r(13, 402, data(b"cccccc", 0), None),
+    ];
+    assert_eq!(fetched, expected);
+    // As loads report them.
+    for o in &fetched {
+        let l = found(b.load(1, o.oid, Some(o.tid), None).unwrap());
+        assert_eq!(o.data_serial, l.data_serial);
+        match &o.data {
+            Some(d) => assert_eq!((d.compression, &d.checksum, &d.data), (l.compression, &l.checksum, &l.data)),
+            None => assert!(l.data.is_empty() && l.checksum == [0; 20]),
+        }
+    }
+    b.unlock(Tid(501), Tid(502)).unwrap();
+    assert_eq!(objs(b, (402, 14), u64::MAX, 10, usize::MAX), [(502, 17)]);
+}
+
+/// partition_last_tid: the greatest TID of committed metadata or revisions of the partition,
+/// never of temporary data.
+pub(crate) fn partition_last_tid_ignores_temporary_data(b: &mut dyn Backend) {
+    let last = |b: &mut dyn Backend, p: u32| b.partition_last_tid(p).unwrap().map(|t| t.0);
+    assert_eq!(last(b, 0), None);
+    // Objects in partitions 1 and 2, metadata in partition 3 (ttid 99).
+    commit(b, 100, &[(1, Some(b"a")), (6, Some(b"b"))]);
+    assert_eq!((last(b, 0), last(b, 1), last(b, 2), last(b, 3)), (None, Some(100), Some(100), Some(100)));
+    // Voted, locked: temporary.
+    let o = [store(b, 4, b"c"), store(b, 5, b"d")];
+    b.vote(Tid(199), &with_parts(&o), Some((part(199), &meta_for("t", &o)))).unwrap();
+    assert_eq!((last(b, 0), last(b, 1), last(b, 3)), (None, Some(100), Some(100)));
+    b.lock(Tid(199), Tid(200), &[0, 1, 3]).unwrap();
+    assert_eq!((last(b, 0), last(b, 1), last(b, 3)), (None, Some(100), Some(100)));
+    b.unlock(Tid(199), Tid(200)).unwrap();
+    assert_eq!((last(b, 0), last(b, 1), last(b, 2), last(b, 3)), (Some(200), Some(200), Some(100), Some(200)));
+    // Metadata only (its objects elsewhere), objects only.
+    b.vote(Tid(301), &[], Some((2, &TxnMeta::default()))).unwrap();
+    b.lock(Tid(301), Tid(302), &[]).unwrap();
+    b.unlock(Tid(301), Tid(302)).unwrap();
+    let o = [store(b, 8, b"e")];
+    b.vote(Tid(401), &with_parts(&o), None).unwrap();
+    b.lock(Tid(401), Tid(402), &[]).unwrap();
+    b.unlock(Tid(401), Tid(402)).unwrap();
+    assert_eq!((last(b, 0), last(b, 1), last(b, 2), last(b, 3)), (Some(402), Some(200), Some(302), Some(200)));
+    // Also from replication, and the largest TID.
+    let t = TxnInfo { tid: Tid::MAX, ttid: Tid(7), packed: false, meta: TxnMeta::default() };
+    b.store_replicated(1, &[t], &[], &super::ReplProgress::ZERO).unwrap();
+    assert_eq!(last(b, 1), Some(Tid::MAX.0));
+    let o = super::ReplObject { oid: Oid(10), tid: Tid(999), data: None, data_serial: None };
+    b.store_replicated(2, &[], &[o], &super::ReplProgress::ZERO).unwrap();
+    assert_eq!(last(b, 2), Some(999));
+    // A transaction voted again after a commit.
+    let o = [store(b, 12, b"f")];
+    b.vote(Tid(1000), &with_parts(&o), None).unwrap();
+    assert_eq!(last(b, 0), Some(402));
+    b.abort(Tid(1000)).unwrap();
+}
+
+/// store_replicated writes transactions, revisions and progress together, replacing rows
+/// with the same key: a revision whose data changes does not leak its old data row; the
+/// cell can also receive the transaction directly (unlock before or after); data is
+/// deduplicated with what votes store; bad input writes nothing.
+pub(crate) fn store_replicated_replaces_and_prunes(b: &mut dyn Backend) {
+    let nd = |d: &[u8], compression: u32| Some(super::NewData { checksum: sha1(d), compression, data: d.to_vec() });
+    let r = |oid: u64, tid: u64, data: Option<super::NewData>| super::ReplObject {
+        oid: Oid(oid),
+        tid: Tid(tid),
+        data,
+        data_serial: None,
+    };
+    let progress = |n: u64| super::ReplProgress::after(Tid(n));
+    let t = |tid: u64, packed: bool| TxnInfo { tid: Tid(tid), ttid: Tid(tid - 1), packed, meta: meta_for("r", &[]) };
+    b.store_replicated(1, &[t(100, true)], &[r(1, 100, nd(b"old", 0)), r(5, 100, nd(b"kept", 0))], &progress(100))
+        .unwrap();
+    assert_eq!(b.replication_progress(1).unwrap(), Some(progress(100)));
+    let old_id = b.store_data(1, &sha1(b"old"), 0, b"old").unwrap();
+    b.release_data(&[old_id]).unwrap();
+    assert_eq!(latest(b, 1).data, b"old");
+    assert_eq!(b.transaction(1, Tid(100)).unwrap(), Some(t(100, true)));
+    // Replaced: new data and metadata, the old data row goes.
+    b.store_replicated(1, &[t(100, false)], &[r(1, 100, nd(b"new", 1))], &progress(100)).unwrap();
+    let l = latest(b, 1);
+    assert_eq!((l.data.as_slice(), l.compression), (&b"new"[..], 1));
+    assert_eq!(b.transaction(1, Tid(100)).unwrap(), Some(t(100, false)));
+    assert!(!data_row_is(b, b"old", old_id), "the data row of a replaced revision leaked");
+    b.abort(Tid(1)).unwrap();
+    // Data shared with a vote, with another partition, and with a temporary object survives.
+    commit(b, 200, &[(2, Some(b"shared"))]);
+    let shared_id = b.store_data(2, &sha1(b"shared"), 0, b"shared").unwrap();
+    b.release_data(&[shared_id]).unwrap();
+    b.store_replicated(1, &[], &[r(9, 300, nd(b"shared", 0)), r(13, 300, nd(b"temp", 0))], &progress(300)).unwrap();
+    let o = [store(b, 3, b"temp")];
+    let temp_id = o[0].data_id.unwrap();
+    b.vote(Tid(400), &with_parts(&o), None).unwrap();
+    b.store_replicated(1, &[], &[r(9, 300, nd(b"x", 0)), r(13, 300, None)], &progress(300)).unwrap();
+    assert_eq!(latest(b, 2).data, b"shared");
+    assert!(data_row_is(b, b"shared", shared_id));
+    assert!(data_row_is(b, b"temp", temp_id));
+    b.abort(Tid(1)).unwrap();
+    b.lock(Tid(400), Tid(410), &[]).unwrap();
+    b.unlock(Tid(400), Tid(410)).unwrap();
+    assert_eq!(latest(b, 3).data, b"temp");
+    assert_eq!(latest(b, 13).data, b"");
+
+    // A transaction also received directly: unlocked after its replication...
+    let direct = [store(b, 17, b"direct"), deletion(21)];
+    let meta = meta_for("direct", &direct);
+    b.vote(Tid(499), &with_parts(&direct), Some((1, &meta))).unwrap();
+    b.lock(Tid(499), Tid(501), &[]).unwrap();
+    let replicated = TxnInfo { tid: Tid(501), ttid: Tid(499), packed: false, meta: meta.clone() };
+    b.store_replicated(
+        1,
+        std::slice::from_ref(&replicated),
+        &[r(17, 501, nd(b"direct", 0)), r(21, 501, None)],
+        &progress(501),
+    )
+    .unwrap();
+    b.unlock(Tid(499), Tid(501)).unwrap();
+    assert_eq!(b.transaction(1, Tid(501)).unwrap().as_ref(), Some(&replicated));
+    assert_eq!(history(b, 17, 0, 10), [(501, 6)]);
+    assert_eq!(history(b, 21, 0, 10), [(501, 0)]);
+    // ...and replicated after its unlock.
+    let o = [store(b, 25, b"again")];
+    commit_objects(b, 602, &o);
+    let replicated = b.fetch_transactions(1, Tid(602), Tid(602), 1).unwrap();
+    let objects = b.fetch_objects(1, (Tid(602), Oid::ZERO), Tid(602), 10, usize::MAX).unwrap();
+    assert_eq!(objects.len(), 1);
+    b.store_replicated(1, &replicated, &objects, &progress(602)).unwrap();
+    assert_eq!(latest(b, 25).data, b"again");
+    assert_eq!(b.fetch_transactions(1, Tid(602), Tid(602), 1).unwrap(), replicated);
+    assert_eq!(b.replication_progress(1).unwrap(), Some(progress(602)));
+
+    // Bad input is refused and writes nothing (the progress neither).
+    let bad = super::ReplObject {
+        data: Some(super::NewData { checksum: vec![1, 2], compression: 0, data: b"bad".to_vec() }),
+        ..r(29, 700, None)
+    };
+    assert!(b.store_replicated(1, &[t(700, false)], &[r(33, 700, nd(b"ok", 0)), bad], &progress(700)).is_err());
+    let bad = r(33, 700, nd(b"ok", 5));
+    assert!(b.store_replicated(1, &[t(700, false)], &[bad], &progress(700)).is_err());
+    let bad = TxnInfo { tid: Tid(u64::MAX), ..t(700, false) };
+    assert!(b.store_replicated(1, &[bad], &[], &progress(700)).is_err());
+    assert_eq!(b.replication_progress(1).unwrap(), Some(progress(602)));
+    assert!(b.fetch_transactions(1, Tid(700), Tid(700), 1).unwrap().is_empty());
+    assert_eq!(load(b, 33, None, None), Load::DoesNotExist);
+    // Nothing at all, just the progress.
+    b.store_replicated(1, &[], &[], &progress(800)).unwrap();
+    assert_eq!(b.replication_progress(1).unwrap(), Some(progress(800)));
+    assert!(b.locked_transactions().unwrap().is_empty());
+}
+
+/// purge_partition deletes the committed transactions and revisions of one partition (and
+/// its saved progress) and the data rows nothing references any more; other partitions, data
+/// they share, temporary data and held data stay.
+pub(crate) fn purge_partition_keeps_the_others(b: &mut dyn Backend) {
+    // Partition 1: oids 1, 5; partition 2: oids 2, 6. Metadata of 102 in partition 1, of 203
+    // in partition 2.
+    commit(b, 102, &[(1, Some(b"shared")), (5, Some(b"only 1")), (2, Some(b"two"))]);
+    commit(b, 203, &[(6, Some(b"shared")), (5, Some(b"only 1 again")), (1, None)]);
+    let only_id = b.store_data(1, &sha1(b"only 1"), 0, b"only 1").unwrap();
+    b.release_data(&[only_id]).unwrap();
+    let shared_id = b.store_data(1, &sha1(b"shared"), 0, b"shared").unwrap();
+    b.release_data(&[shared_id]).unwrap();
+    b.abort(Tid(1)).unwrap();
+    b.set_replication_progress(1, Some(&super::ReplProgress::after(Tid(203)))).unwrap();
+    b.set_replication_progress(2, Some(&super::ReplProgress::after(Tid(203)))).unwrap();
+    // Voted (partition 1) and held data of partition 1.
+    let t = [store(b, 9, b"temporary")];
+    let temp_id = t[0].data_id.unwrap();
+    b.vote(Tid(301), &with_parts(&t), Some((1, &meta_for("t", &t)))).unwrap();
+    let held = store(b, 13, b"held");
+    let before: Vec<Load> = [2, 6].iter().map(|oid| load(b, *oid, None, None)).collect();
+    let other = b.fetch_objects(2, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 100, usize::MAX).unwrap();
+    let other_txns = b.fetch_transactions(2, Tid::ZERO, Tid(u64::MAX), 100).unwrap();
+
+    b.purge_partition(1).unwrap();
+    let check = |b: &mut dyn Backend| {
+        assert_eq!(b.partition_last_tid(1).unwrap(), None);
+        assert!(b.fetch_transactions(1, Tid::ZERO, Tid(u64::MAX), 100).unwrap().is_empty());
+        assert!(b.fetch_objects(1, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 100, usize::MAX).unwrap().is_empty());
+        assert_eq!(load(b, 1, None, None), Load::DoesNotExist);
+        assert_eq!(load(b, 5, Some(102), None), Load::DoesNotExist);
+        assert!(b.transaction(1, Tid(102)).unwrap().is_none());
+        assert_eq!(b.replication_progress(1).unwrap(), None);
+        // The other partition: untouched.
+        assert_eq!(b.replication_progress(2).unwrap(), Some(super::ReplProgress::after(Tid(203))));
+        let after: Vec<Load> = [2, 6].iter().map(|oid| load(b, *oid, None, None)).collect();
+        assert!(after == before, "partition 2 changed");
+        assert_eq!(b.fetch_objects(2, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 100, usize::MAX).unwrap(), other);
+        assert_eq!(b.fetch_transactions(2, Tid::ZERO, Tid(u64::MAX), 100).unwrap(), other_txns);
+        assert_eq!(latest(b, 6).data, b"shared");
+        assert_eq!(sorted_locked(b), vec![(Tid(301), None)]);
+    };
+    check(b);
+    // Idempotent; and a partition without anything.
+    b.purge_partition(1).unwrap();
+    b.purge_partition(3).unwrap();
+    check(b);
+    assert!(data_row_is(b, b"shared", shared_id));
+    assert!(!data_row_is(b, b"only 1", only_id), "data of the purged partition only survived");
+    b.abort(Tid(1)).unwrap();
+    // Temporary and held data survived.
+    b.lock(Tid(301), Tid(302), &[]).unwrap();
+    b.unlock(Tid(301), Tid(302)).unwrap();
+    assert_eq!(latest(b, 9).data, b"temporary");
+    assert!(data_row_is(b, b"temporary", temp_id));
+    commit_objects(b, 402, &[held]);
+    assert_eq!(latest(b, 13).data, b"held");
+    // The partition can be replicated again from a cell that has it.
+    assert_eq!(b.partition_last_tid(1).unwrap(), Some(Tid(402)));
+}
+
+/// Replicating a partition into a cell, purging it there, and replicating it again gives
+/// the same partition; the others stay.
+pub(crate) fn purge_then_replicate_again(src: &mut dyn Backend, dst: &mut dyn Backend) {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let (mut revisions, mut pool) = (Revisions::new(), Vec::new());
+    for i in 0..10u64 {
+        random_txn(&mut rng, 100 + 10 * i, &mut revisions, &mut pool, false).commit(src, i % 2 == 1);
+    }
+    replicate_all(src, dst);
+    for p in ALL {
+        assert_same_partition(src, dst, p);
+    }
+    dst.purge_partition(3).unwrap();
+    assert_eq!(dst.partition_last_tid(3).unwrap(), None);
+    for p in [0, 1, 2] {
+        assert_same_partition(src, dst, p);
+    }
+    replicate_all(src, dst);
+    for p in ALL {
+        assert_same_partition(src, dst, p);
+    }
+}
+
+/// Garbage read by replication is `Corrupt`, naming what is wrong: a saved progress, the
+/// rows fetch_transactions and fetch_objects read.
+pub(crate) fn corrupt_replication_rows(open: Open<'_>, raw: RawSql<'_>) {
+    let mut b = open(CLUSTER).unwrap();
+    let b = &mut *b;
+    commit(b, 102, &[(1, Some(b"d1")), (5, Some(b"d5")), (9, Some(b"d9")), (13, Some(b"d13"))]);
+    b.set_replication_progress(1, Some(&super::ReplProgress::after(Tid(102)))).unwrap();
+    b.idle();
+    raw("UPDATE config SET value = 'garbage' WHERE name = 'replication.1'");
+    assert_corrupt(b.replication_progress(1), "replication.1");
+    raw("UPDATE config SET value = '1 2 3 4 5' WHERE name = 'replication.1'");
+    assert_corrupt(b.replication_progress(1), "replication.1");
+    assert_eq!(b.replication_progress(2).unwrap(), None);
+    b.set_replication_progress(1, Some(&super::ReplProgress::ZERO)).unwrap();
+    assert_eq!(b.replication_progress(1).unwrap(), Some(super::ReplProgress::ZERO));
+    b.idle();
+
+    let fetch = |b: &mut dyn Backend, oid: u64| {
+        b.fetch_objects(1, (Tid(102), Oid(oid)), Tid(102), 1, usize::MAX).map(|v| v.len())
+    };
+    let data_of = |oid: u64| format!("(SELECT data_id FROM obj WHERE oid = {oid})");
+    raw(&format!("UPDATE data SET hash = X'010203' WHERE id = {}", data_of(1)));
+    assert_corrupt(fetch(b, 1), &Oid(1).to_string());
+    raw(&format!("UPDATE data SET compression = 7 WHERE id = {}", data_of(5)));
+    assert_corrupt(fetch(b, 5), &Oid(5).to_string());
+    raw("UPDATE obj SET data_id = 987654321 WHERE oid = 9");
+    assert_corrupt(fetch(b, 9), &Oid(9).to_string());
+    raw("UPDATE obj SET value_tid = -5 WHERE oid = 13");
+    assert_corrupt(fetch(b, 13), &Oid(13).to_string());
+    raw("UPDATE trans SET packed = 3 WHERE tid = 102");
+    assert_corrupt(b.fetch_transactions(1, Tid::ZERO, Tid(u64::MAX), 10), "packed");
+    raw("UPDATE trans SET packed = 0, oids = X'0102' WHERE tid = 102");
+    assert_corrupt(b.fetch_transactions(1, Tid::ZERO, Tid(u64::MAX), 10), &Tid(102).to_string());
+    raw("UPDATE trans SET oids = X'', ttid = -3 WHERE tid = 102");
+    assert_corrupt(b.fetch_transactions(1, Tid::ZERO, Tid(u64::MAX), 10), &Tid(102).to_string());
+    raw("UPDATE trans SET ttid = 101, tid = -3 WHERE tid = 102");
+    assert_corrupt(b.partition_last_tid(1), "tid");
+}
+
 // --- SQLite
 
 mod sqlite {
@@ -1255,6 +2101,10 @@ mod sqlite {
         tids_and_tids_from,
         undo_info,
         pack,
+        fetch_for_replication,
+        partition_last_tid_ignores_temporary_data,
+        store_replicated_replaces_and_prunes,
+        purge_partition_keeps_the_others,
     );
 
     #[test]
@@ -1291,6 +2141,36 @@ mod sqlite {
     fn corrupt_history_rows() {
         let db = FileDb::new();
         super::corrupt_history_rows(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    #[test]
+    fn corrupt_replication_rows() {
+        let db = FileDb::new();
+        super::corrupt_replication_rows(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    #[test]
+    fn replication_of_random_histories() {
+        let db = FileDb::new();
+        super::replication_of_random_histories(&mut *memory(), &mut *db.backend());
+    }
+
+    #[test]
+    fn replication_of_random_histories_into_memory() {
+        let db = FileDb::new();
+        super::replication_of_random_histories(&mut *db.backend(), &mut *memory());
+    }
+
+    #[test]
+    fn replication_resumes() {
+        let db = FileDb::new();
+        super::replication_resumes(&mut *memory(), &|c| db.open(c));
+    }
+
+    #[test]
+    fn purge_then_replicate_again() {
+        let db = FileDb::new();
+        super::purge_then_replicate_again(&mut *memory(), &mut *db.backend());
     }
 
     // --- SQLite specifics
@@ -1338,6 +2218,64 @@ mod sqlite {
         db.raw("UPDATE data SET value = 'text' WHERE id = (SELECT data_id FROM obj WHERE oid = 1 AND tid = 100)");
         assert_corrupt(b.object_history(part(1), Oid(1), 0, 10), &Oid(1).to_string());
         assert_eq!(history(&mut *b, 1, 0, 1), [(200, 1)]);
+    }
+
+    /// Values of the wrong SQL type are corruption for replication too.
+    #[test]
+    fn replication_of_a_wrong_type_is_corrupt() {
+        let db = FileDb::new();
+        let mut b = db.backend();
+        commit(&mut *b, 100, &[(1, Some(b"a")), (5, Some(b"b"))]);
+        let fetch = |b: &mut dyn Backend, oid: u64| {
+            b.fetch_objects(1, (Tid(100), Oid(oid)), Tid(100), 1, usize::MAX).map(|v| v.len())
+        };
+        db.raw("UPDATE data SET value = 'text' WHERE id = (SELECT data_id FROM obj WHERE oid = 1)");
+        assert_corrupt(fetch(&mut *b, 1), &Oid(1).to_string());
+        db.raw("UPDATE obj SET data_id = 'garbage' WHERE oid = 5");
+        assert_corrupt(fetch(&mut *b, 5), &Oid(5).to_string());
+        db.raw("UPDATE config SET value = X'00' WHERE name = 'replication.1'");
+        assert_eq!(b.replication_progress(1).unwrap(), None);
+        b.set_replication_progress(1, Some(&crate::backend::ReplProgress::ZERO)).unwrap();
+        db.raw("UPDATE config SET value = X'00' WHERE name = 'replication.1'");
+        assert_corrupt(b.replication_progress(1), "replication.1");
+    }
+
+    /// store_replicated joins an open batch (as a savepoint): committed with it, or undone
+    /// alone when it fails.
+    #[test]
+    fn store_replicated_in_a_batch() {
+        use crate::backend::{NewData, ReplObject, ReplProgress};
+        let db = FileDb::new();
+        drop(db.backend());
+        db.raw(
+            "CREATE TRIGGER no_99 BEFORE INSERT ON obj WHEN NEW.oid = 99
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        );
+        let mut b = SqliteBackend::open(&db.path, CLUSTER).unwrap();
+        let t = |tid: u64| TxnInfo { tid: Tid(tid), ttid: Tid(tid - 1), packed: false, meta: TxnMeta::default() };
+        let data = Some(NewData { checksum: sha1(b"r"), compression: 0, data: b"r".to_vec() });
+        let o = ReplObject { oid: Oid(1), tid: Tid(100), data, data_serial: None };
+        let progress = ReplProgress::after(Tid(100));
+        assert!(b.begin_batch());
+        commit(&mut b, 50, &[(5, Some(b"direct"))]);
+        b.store_replicated(1, &[t(100)], std::slice::from_ref(&o), &progress).unwrap();
+        // Fails at its last row: undoes its own writes only.
+        let refused = [ReplObject { oid: Oid(3), ..o.clone() }, ReplObject { oid: Oid(99), ..o.clone() }];
+        let e = b.store_replicated(3, &[t(200)], &refused, &progress).unwrap_err();
+        assert!(e.to_string().contains("refused by the test"), "{e}");
+        // Not visible to other connections before the batch commits.
+        let mut reader = SqliteBackend::open_reader(&db.path).unwrap();
+        assert_eq!(reader.replication_progress(1).unwrap(), None);
+        b.commit_batch().unwrap();
+        b.sync().unwrap();
+        assert_eq!(reader.replication_progress(1).unwrap(), Some(progress));
+        assert_eq!(latest(&mut reader, 1).data, b"r");
+        assert_eq!(latest(&mut reader, 5).data, b"direct");
+        assert_eq!(history(&mut reader, 1, 0, 10), [(100, 1)]);
+        assert_eq!(reader.transaction(1, Tid(100)).unwrap(), Some(t(100)));
+        assert_eq!(reader.replication_progress(3).unwrap(), None);
+        assert!(reader.transaction(3, Tid(200)).unwrap().is_none());
+        assert_eq!(load(&mut reader, 3, None, None), Load::DoesNotExist);
     }
 
     /// A reader sees every commit of the storage's connection, while it is open, and cannot
@@ -1566,6 +2504,10 @@ mod mysql {
         tids_and_tids_from,
         undo_info,
         pack,
+        fetch_for_replication,
+        partition_last_tid_ignores_temporary_data,
+        store_replicated_replaces_and_prunes,
+        purge_partition_keeps_the_others,
     );
 
     #[test]
@@ -1602,6 +2544,58 @@ mod mysql {
     fn corrupt_history_rows() {
         let Some(db) = TestDb::new() else { return };
         super::corrupt_history_rows(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    #[test]
+    fn corrupt_replication_rows() {
+        let Some(db) = TestDb::new() else { return };
+        super::corrupt_replication_rows(&|c| db.open(c), &|sql| db.raw(sql));
+    }
+
+    // --- replication between two cells, of this engine or of both
+
+    #[test]
+    fn replication_of_random_histories() {
+        let (Some(a), Some(b)) = (TestDb::new(), TestDb::new()) else { return };
+        super::replication_of_random_histories(&mut *a.backend(), &mut *b.backend());
+    }
+
+    /// Both cells store records in chunks of 64 KiB: most records of a few KiB or more are
+    /// split, written statement by statement, and reassembled when fetched.
+    #[test]
+    fn replication_of_random_histories_in_small_chunks() {
+        let (Some(a), Some(b)) = (TestDb::new(), TestDb::new()) else { return };
+        let mut src = MysqlBackend::open(&a.url, CLUSTER).unwrap();
+        src.set_chunk_size(64 << 10);
+        let mut dst = MysqlBackend::open(&b.url, CLUSTER).unwrap();
+        dst.set_chunk_size(64 << 10);
+        super::replication_of_random_histories(&mut src, &mut dst);
+    }
+
+    #[test]
+    fn replication_from_sqlite() {
+        let Some(db) = TestDb::new() else { return };
+        let mut src = crate::backend::sqlite::SqliteBackend::open(std::path::Path::new(":memory:"), CLUSTER).unwrap();
+        super::replication_of_random_histories(&mut src, &mut *db.backend());
+    }
+
+    #[test]
+    fn replication_to_sqlite() {
+        let Some(db) = TestDb::new() else { return };
+        let mut dst = crate::backend::sqlite::SqliteBackend::open(std::path::Path::new(":memory:"), CLUSTER).unwrap();
+        super::replication_of_random_histories(&mut *db.backend(), &mut dst);
+    }
+
+    #[test]
+    fn replication_resumes() {
+        let (Some(a), Some(b)) = (TestDb::new(), TestDb::new()) else { return };
+        super::replication_resumes(&mut *a.backend(), &|c| b.open(c));
+    }
+
+    #[test]
+    fn purge_then_replicate_again() {
+        let (Some(a), Some(b)) = (TestDb::new(), TestDb::new()) else { return };
+        super::purge_then_replicate_again(&mut *a.backend(), &mut *b.backend());
     }
 
     // --- MySQL specifics
@@ -1664,6 +2658,99 @@ mod mysql {
         assert_eq!(latest(&mut b, 3).data, big(150, 5));
         assert_eq!(latest(&mut b, 1).data, big(120, 7));
         assert_eq!(history(&mut b, 2, 0, 10), [(300, 5)]);
+    }
+
+    /// Replication writes records longer than a chunk into `bigdata`, fetches them whole, and
+    /// reports missing chunks as corruption; purging a partition deletes the chunks of the
+    /// data rows it prunes.
+    #[test]
+    fn replication_of_chunked_records() {
+        use crate::backend::{NewData, ReplObject, ReplProgress};
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        b.set_chunk_size(100);
+        let big = |n: usize, k: u8| -> Vec<u8> { (0..n).map(|i| (i as u8).wrapping_mul(k)).collect() };
+        let r = |oid: u64, tid: u64, d: Vec<u8>| ReplObject {
+            oid: Oid(oid),
+            tid: Tid(tid),
+            data: Some(NewData { checksum: sha1(&d), compression: 0, data: d }),
+            data_serial: None,
+        };
+        // 250 bytes: 2 extra chunks, 150: 1, 100: none; shared by partitions 1 and 2.
+        let objects = [r(1, 100, big(250, 3)), r(5, 100, big(150, 5)), r(9, 100, big(100, 7))];
+        b.store_replicated(1, &[], &objects, &ReplProgress::after(Tid(100))).unwrap();
+        b.store_replicated(2, &[], &[r(2, 100, big(150, 5))], &ReplProgress::after(Tid(100))).unwrap();
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM bigdata"), 3);
+        let fetched = b.fetch_objects(1, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 10, usize::MAX).unwrap();
+        assert!(fetched == objects, "chunked records differ");
+        assert_eq!(latest(&mut b, 1).data, big(250, 3));
+        // Budget: by the whole size of a record.
+        assert_eq!(b.fetch_objects(1, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 10, 399).unwrap().len(), 1);
+        assert_eq!(b.fetch_objects(1, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 10, 400).unwrap().len(), 2);
+        // Replaced by a small record: its chunks go with its data row.
+        b.store_replicated(1, &[], &[r(1, 100, b"small".to_vec())], &ReplProgress::after(Tid(100))).unwrap();
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM bigdata"), 1);
+        b.purge_partition(1).unwrap();
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM bigdata"), 1, "still used by partition 2");
+        assert_eq!(latest(&mut b, 2).data, big(150, 5));
+        b.purge_partition(2).unwrap();
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM bigdata"), 0);
+        assert_eq!(db.query_int("SELECT COUNT(*) FROM data"), 0);
+        // Missing or extra bytes are corruption.
+        b.store_replicated(1, &[], &[r(1, 100, big(250, 3)), r(5, 100, big(150, 5))], &ReplProgress::ZERO).unwrap();
+        db.raw("DELETE FROM bigdata WHERE n = 2");
+        let e = b.fetch_objects(1, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 1, usize::MAX);
+        assert_corrupt(e, &Oid(1).to_string());
+        db.raw("UPDATE data SET value_size = 151 WHERE value_size = 150");
+        let e = b.fetch_objects(1, (Tid(100), Oid(5)), Tid(u64::MAX), 1, usize::MAX);
+        assert_corrupt(e, &Oid(5).to_string());
+    }
+
+    /// store_replicated commits the deferred unlocks with its own writes, in one query or
+    /// statement by statement, and is retried after a lost connection.
+    #[test]
+    fn store_replicated_commits_deferred_unlocks_and_survives_a_killed_connection() {
+        use crate::backend::{NewData, ReplObject, ReplProgress};
+        let Some(db) = TestDb::new() else { return };
+        let mut b = MysqlBackend::open(&db.url, CLUSTER).unwrap();
+        b.set_max_defer(Duration::from_secs(3600));
+        let outside = |db: &TestDb| db.query_int("SELECT COUNT(*) FROM obj");
+        let r = |oid: u64, tid: u64, d: &[u8]| ReplObject {
+            oid: Oid(oid),
+            tid: Tid(tid),
+            data: Some(NewData { checksum: sha1(d), compression: 0, data: d.to_vec() }),
+            data_serial: None,
+        };
+        commit_one(&mut b, 60, 1, b"a");
+        assert_eq!(outside(&db), 0, "not committed yet");
+        b.store_replicated(2, &[], &[r(2, 50, b"b")], &ReplProgress::after(Tid(50))).unwrap();
+        assert_eq!(outside(&db), 2, "committed together");
+        assert!(!b.has_deferred());
+        // Statement by statement (longer than a chunk).
+        commit_one(&mut b, 70, 3, b"c");
+        b.set_chunk_size(100);
+        b.store_replicated(2, &[], &[r(6, 50, &[7; 300])], &ReplProgress::after(Tid(50))).unwrap();
+        assert_eq!(outside(&db), 4);
+        assert!(!b.has_deferred());
+        // A lost connection: retried.
+        commit_one(&mut b, 80, 4, b"d");
+        kill(&db, &mut b);
+        b.store_replicated(2, &[], &[r(10, 50, b"e")], &ReplProgress::after(Tid(55))).unwrap();
+        assert_eq!(outside(&db), 6);
+        kill(&db, &mut b);
+        b.store_replicated(2, &[], &[r(14, 50, &[8; 300])], &ReplProgress::after(Tid(56))).unwrap();
+        kill(&db, &mut b);
+        b.purge_partition(3).unwrap();
+        kill(&db, &mut b);
+        assert_eq!(b.fetch_objects(2, (Tid::ZERO, Oid::ZERO), Tid(u64::MAX), 10, usize::MAX).unwrap().len(), 4);
+        kill(&db, &mut b);
+        assert_eq!(b.replication_progress(2).unwrap(), Some(ReplProgress::after(Tid(56))));
+        kill(&db, &mut b);
+        assert_eq!(b.partition_last_tid(2).unwrap(), Some(Tid(50)));
+        kill(&db, &mut b);
+        assert_eq!(b.fetch_transactions(1, Tid::ZERO, Tid(u64::MAX), 10).unwrap().len(), 1);
+        assert_eq!(latest(&mut b, 4).data, b"d");
+        assert_eq!(latest(&mut b, 14).data, [8; 300]);
     }
 
     /// The largest record (64 MiB: four times a MEDIUMBLOB, and more than the server's default

@@ -28,6 +28,8 @@ mod backends;
 mod bad_input;
 mod commit;
 mod failover;
+mod kill;
 mod records;
+mod replication;
 mod restart;
 mod zodb_api;
