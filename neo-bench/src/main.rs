@@ -1,6 +1,8 @@
 //! `neo-bench`: start a local cluster (real node processes, like neosimple) and print
 //! throughput and latency figures of commits and loads, then the resident memory of each node.
 
+mod replication;
+
 use clap::Parser;
 use neo_client::{Client, ClientConfig};
 use neo_lib::{Oid, Tid};
@@ -40,6 +42,16 @@ struct Cli {
     /// records of several sizes and shapes; no cluster.
     #[arg(long)]
     codec: bool,
+    /// Time the copy of a database to a storage added to the cluster (see `--objects`),
+    /// instead of the commit and load figures.
+    #[arg(long)]
+    replication: bool,
+    /// With --replication: objects in the database to copy (of --object-size bytes).
+    #[arg(long, default_value_t = 200_000)]
+    objects: usize,
+    /// With --replication: seconds over which the commit rate is measured before the copy.
+    #[arg(long, default_value_t = 5)]
+    window_secs: u64,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,7 +73,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli)) {
+    let r = if cli.replication { rt.block_on(replication::run(&cli)) } else { rt.block_on(run(cli)) };
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("neo-bench: {e}");

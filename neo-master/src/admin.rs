@@ -163,6 +163,9 @@ impl Master {
     }
 
     async fn drop_nodes(&mut self, nids: &[i32]) -> Result<Body, Body> {
+        if self.state == ClusterState::Recovering && !self.stopping {
+            return self.drop_missing(nids).await;
+        }
         self.require_running()?;
         let nids = self.named_storages(nids)?;
         let last = self.last_copies(&nids);
@@ -198,6 +201,59 @@ impl Master {
                 self.forget_node(nid).await;
             }
         }
+        Ok(proto::ack())
+    }
+
+    /// `neoctl drop` while RECOVERING waits for storages that hold the newest data: the
+    /// operator gives up on them. Only storages that are not connected; their cells are
+    /// discarded, and a partition left without a readable cell falls back to the cells that
+    /// remain (OUT_OF_DATE: they miss what only the dropped storages had). Refused if a
+    /// partition would have no cell at all.
+    async fn drop_missing(&mut self, nids: &[i32]) -> Result<Body, Body> {
+        let nids = self.named_storages(nids)?;
+        if let Some(n) = nids.iter().find(|n| self.conn_of_node(**n).is_some()) {
+            return Err(denied(format!("{n} is connected: only storages that are not back can be dropped now")));
+        }
+        let Some(pt) = &self.pt else { return Err(denied("no partition table yet")) };
+        let gone: BTreeSet<Nid> = nids.iter().copied().collect();
+        let mut changes = Vec::new();
+        let mut fallback = Vec::new();
+        for p in 0..pt.np() {
+            let row = pt.row(p);
+            if !row.iter().any(|c| gone.contains(&c.nid)) {
+                continue;
+            }
+            let rest: Vec<_> =
+                row.iter().filter(|c| !gone.contains(&c.nid) && c.state != CellState::Corrupted).collect();
+            if rest.is_empty() {
+                return Err(denied(format!("partition {p} has no cell outside {nids:?}")));
+            }
+            changes.extend(row.iter().filter(|c| gone.contains(&c.nid)).map(|c| CellChange {
+                partition: p,
+                nid: c.nid,
+                state: CellState::Discarded,
+            }));
+            if !rest.iter().any(|c| c.state.is_readable()) {
+                fallback.push(p);
+                changes.extend(rest.iter().map(|c| CellChange {
+                    partition: p,
+                    nid: c.nid,
+                    state: CellState::UpToDate,
+                }));
+            }
+        }
+        if fallback.is_empty() {
+            warn!("dropping {nids:?} (neoctl drop)");
+        } else {
+            warn!(
+                "dropping {nids:?} (neoctl drop): partitions {fallback:?} fall back to older copies; the commits only the dropped storages had are lost"
+            );
+        }
+        self.commit_pt_changes(&changes).await;
+        for nid in nids {
+            self.forget_node(nid).await;
+        }
+        self.check_recovery().await;
         Ok(proto::ack())
     }
 

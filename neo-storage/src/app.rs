@@ -577,6 +577,16 @@ async fn serve_peer(st: Arc<Storage>, link: Link, mut incoming: Incoming, token:
 
 /// A storage replicating from this one: its requests are answered one at a time.
 async fn serve_storage(st: Arc<Storage>, link: Link, mut incoming: Incoming, token: CancellationToken) {
+    // SQLite: a read-only connection of this link's own (see `replication::serve`).
+    let cfg = st.cfg.clone();
+    let mut reader = match tokio::task::spawn_blocking(move || crate::open_reader(&cfg)).await {
+        Ok(Some(Ok(r))) => Some(r),
+        Ok(Some(Err(e))) => {
+            warn!("replication source: cannot open a reader ({e}): reading on the database thread");
+            None
+        }
+        _ => None,
+    };
     loop {
         let req = tokio::select! {
             _ = token.cancelled() => break,
@@ -584,13 +594,17 @@ async fn serve_storage(st: Arc<Storage>, link: Link, mut incoming: Incoming, tok
         };
         let answer = match req.body {
             Body::Ping(_) => msg::Pong {}.into(),
-            body => replication::serve(&st, body).await,
+            body => replication::serve(&st, &mut reader, body).await,
         };
         if link.answer(req.id, answer).await.is_err() {
             break;
         }
     }
     link.close().await;
+    if let Some(r) = reader {
+        // Closed on a blocking thread (it may checkpoint).
+        let _ = tokio::task::spawn_blocking(move || drop(r)).await;
+    }
 }
 
 async fn handle_client(st: &Arc<Storage>, link: &Link, req: Request) {

@@ -25,6 +25,9 @@ pub struct SimpleOptions {
     /// Program to run with `__node ...` for each node (normally the current executable).
     pub exe: PathBuf,
     pub verbose: u8,
+    /// Storage sections written to `neo.conf` but not started (`respawn` starts them): storages
+    /// to add later.
+    pub spare_storages: usize,
     /// Put the storages on this MySQL/MariaDB server (`mysql://user:password@host:port`), one
     /// database each, `neosimple_<cluster>_storage<N>`; SQLite files otherwise.
     pub mysql: Option<String>,
@@ -42,6 +45,7 @@ impl SimpleOptions {
             exe,
             verbose: 0,
             mysql: None,
+            spare_storages: 0,
         }
     }
 }
@@ -135,7 +139,7 @@ impl SimpleCluster {
             dir.join("master.log").display()
         )?;
         writeln!(conf, "\n[admin]\nbind = {admin}\nlogfile = {}", dir.join("admin.log").display())?;
-        for i in 1..=opts.storages {
+        for i in 1..=opts.storages + opts.spare_storages {
             let database = match &opts.mysql {
                 Some(server) => format!("{}/{}", server.trim_end_matches('/'), mysql_database(&opts.cluster, i)),
                 None => dir.join(format!("storage{i}.sqlite")).display().to_string(),

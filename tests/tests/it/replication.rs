@@ -130,7 +130,8 @@ async fn a_stale_replica_restarted_alone_never_becomes_the_data(opts: Options) {
     cluster.stop_master().await;
     cluster.start_master().await;
     cluster.start_storage(0).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.wait_state(ClusterState::Recovering).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(cluster.cluster_state().await, Some(ClusterState::Recovering));
     // An operator's `neoctl start` does not override the newer table either.
     let answer = cluster.admin_ask(proto::msg::SetClusterState { state: ClusterState::Verifying as i32 }).await;
@@ -272,3 +273,39 @@ async fn a_storage_added_under_load_takes_over_from_one_that_is_dropped(opts: Op
 }
 
 crate::both_backends!(a_storage_added_under_load_takes_over_from_one_that_is_dropped);
+
+/// The way out when the storage with the newest data is lost for good: the operator drops it
+/// while the cluster waits, and the cluster starts on the stale replica, explicitly without
+/// what only the dropped storage had.
+async fn an_operator_can_give_up_on_a_lost_storage_and_start_on_an_older_copy(opts: Options) {
+    let mut cluster = Cluster::start(opts).await;
+    let c = cluster.client().await;
+    let (mut first, mut second) = (Acked::new(), Acked::new());
+    write(&c, &mut first, 10, 0).await;
+    cluster.stop_storage(0).await;
+    write(&c, &mut second, 10, 10).await;
+    c.close().await;
+    let lost = storage_list(&cluster).await.into_iter().find(|n| n.state == neo_lib::NodeState::Running).unwrap();
+    cluster.stop_storage(1).await;
+    cluster.stop_master().await;
+    cluster.start_master().await;
+    cluster.start_storage(0).await;
+    cluster.wait_state(ClusterState::Recovering).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(cluster.cluster_state().await, Some(ClusterState::Recovering));
+    // Refused: an unknown node; accepted: the lost one.
+    let unknown = neo_lib::Nid::new(neo_lib::NodeType::Storage, 99);
+    let drop =
+        |nid: neo_lib::Nid| proto::msg::SetNodeState { nids: vec![nid.0], state: neo_lib::NodeState::Unknown as i32 };
+    assert!(admin(&cluster, drop(unknown)).await.unwrap_err().contains("not a storage node of this cluster"));
+    admin(&cluster, drop(lost.nid)).await.unwrap();
+    cluster.wait_state(ClusterState::Running).await;
+    let c = cluster.client().await;
+    check_all(&c, &first, "the older copy").await;
+    for oid in second.keys() {
+        assert!(c.load(*oid).await.is_err(), "{oid:?} was only on the dropped storage");
+    }
+    assert!(!table(&cluster).await.nodes().contains(&lost.nid));
+}
+
+crate::both_backends!(an_operator_can_give_up_on_a_lost_storage_and_start_on_an_older_copy);
