@@ -66,8 +66,8 @@ pub(crate) fn decide(view: &ClusterView, primary: Option<&Primary>, body: Body) 
             let nodes = view.node_list(filter).iter().map(convert::node_to_msg).collect();
             Action::Answer(msg::AnswerNodeList { nodes }.into())
         }
-        Body::AskPartitionList(_) => match &view.pt {
-            Some(pt) => Action::Answer(Body::AnswerPartitionList(convert::pt_to_msg(pt))),
+        Body::AskPartitionList(_) => match view.pt_msg() {
+            Some(m) => Action::Answer(Body::AnswerPartitionList(m)),
             None => not_ready("The partition table is not known yet."),
         },
         Body::AskPrimary(_) => match primary {

@@ -47,6 +47,8 @@ pub struct ClusterView {
     pub cluster_detail: String,
     nodes: BTreeMap<Nid, NodeInfo>,
     pub pt: Option<PartitionTable>,
+    /// Replication progress of OUT_OF_DATE cells, in percent: (partition, nid) -> percent.
+    pub progress: BTreeMap<(u32, Nid), u32>,
 }
 
 impl ClusterView {
@@ -88,7 +90,29 @@ impl ClusterView {
     /// Replace the partition table.
     pub fn set_pt(&mut self, m: &msg::PartitionTableMsg) -> Result<(), ConvertError> {
         self.pt = Some(convert::pt_from_msg(m)?);
+        self.forget_progress();
         Ok(())
+    }
+
+    /// Progress is kept only for cells that are OUT_OF_DATE.
+    fn forget_progress(&mut self) {
+        let pt = self.pt.as_ref();
+        self.progress.retain(|(p, n), _| pt.is_some_and(|pt| pt.cell(*p, *n) == Some(neo_lib::CellState::OutOfDate)));
+    }
+
+    /// The partition table as neoctl gets it: with the replication progress of its cells.
+    pub fn pt_msg(&self) -> Option<msg::PartitionTableMsg> {
+        let mut m = convert::pt_to_msg(self.pt.as_ref()?);
+        m.progress = self
+            .progress
+            .iter()
+            .map(|((partition, nid), percent)| msg::CellProgress {
+                partition: *partition,
+                nid: nid.0,
+                percent: *percent,
+            })
+            .collect();
+        Some(m)
     }
 
     /// Apply incremental changes; on error the table is left as it was.
@@ -96,6 +120,7 @@ impl ClusterView {
         let changes = convert::changes_from_msg(m)?;
         let pt = self.pt.as_mut().ok_or(UpdateError::NoTable(Ptid(m.ptid)))?;
         pt.apply(Ptid(m.ptid), m.replicas, &changes)?;
+        self.forget_progress();
         Ok(())
     }
 
@@ -112,6 +137,15 @@ impl ClusterView {
             Body::NotifyNodeInformation(m) => self.update_nodes(&m.nodes)?,
             Body::SendPartitionTable(m) => self.set_pt(m)?,
             Body::NotifyPartitionChanges(m) => self.apply_pt_changes(m)?,
+            Body::NotifyReplicationProgress(m) => {
+                if let Some(p) = &m.progress {
+                    let cell = (p.partition, Nid(p.nid));
+                    if self.pt.as_ref().is_some_and(|pt| pt.cell(cell.0, cell.1) == Some(neo_lib::CellState::OutOfDate))
+                    {
+                        self.progress.insert(cell, p.percent.min(100));
+                    }
+                }
+            }
             Body::NotifyClusterInformation(m) => {
                 self.cluster_detail = m.detail.clone();
                 if self.set_cluster_state(m.state)? == ClusterState::Stopping {

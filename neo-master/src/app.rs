@@ -543,6 +543,15 @@ impl Master {
             Body::AskReplicationDone(m) if node_type == NodeType::Storage => {
                 self.handle_replication_done(conn, nid, id, m).await
             }
+            Body::NotifyReplicationProgress(m) if node_type == NodeType::Storage => {
+                if let Some(mut p) = m.progress {
+                    p.nid = nid.0;
+                    let m = msg::NotifyReplicationProgress { progress: Some(p) };
+                    for c in self.conns_of(&[NodeType::Admin]) {
+                        self.notify(c, m).await;
+                    }
+                }
+            }
             Body::AskClusterState(_) => {
                 let m = msg::AnswerClusterState { state: self.state as i32, detail: self.recovery.waiting.clone() };
                 self.answer(conn, id, m).await

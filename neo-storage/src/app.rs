@@ -309,7 +309,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
         }
         Body::AskPartitionTable(_) => {
             let m = st.with(|s| s.pt.as_ref().map(proto::convert::pt_to_msg));
-            let m = m.unwrap_or(msg::PartitionTableMsg { ptid: 0, replicas: 0, rows: vec![] });
+            let m = m.unwrap_or(msg::PartitionTableMsg { ptid: 0, replicas: 0, rows: vec![], progress: vec![] });
             let _ = link.answer(id, Body::AnswerPartitionTable(m)).await;
         }
         Body::AskLockedTransactions(_) => {

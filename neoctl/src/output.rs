@@ -89,7 +89,9 @@ pub fn format_answer(cmd: &Command, answer: Body, json: bool) -> Result<String, 
         }
         (Command::PrintPt { min, max }, Body::AnswerPartitionList(m)) => {
             let pt = convert::pt_from_msg(&m).map_err(invalid)?;
-            format_pt(&pt, *min, *max, json)
+            let progress: Vec<(u32, Nid, u32)> =
+                m.progress.iter().map(|c| (c.partition, Nid(c.nid), c.percent)).collect();
+            format_pt_progress(&pt, &progress, *min, *max, json)
         }
         (Command::PrintIds, Body::AnswerIds(m)) => Ok(format_ids(&m, json)),
         (Command::PrintPrimary, Body::AnswerPrimary(m)) => {
@@ -165,24 +167,60 @@ pub fn pt_range(np: u32, min: Option<u32>, max: Option<u32>) -> Result<std::ops:
 
 /// `print pt`: the whole grid without bounds, else one line per partition.
 pub fn format_pt(pt: &PartitionTable, min: Option<u32>, max: Option<u32>, json: bool) -> Result<String, CtlError> {
+    format_pt_progress(pt, &[], min, max, json)
+}
+
+/// `print pt` with the replication progress of OUT_OF_DATE cells, `(partition, nid,
+/// percent)`: after the cell in per-partition lines and JSON, on a last line under the grid.
+pub fn format_pt_progress(
+    pt: &PartitionTable,
+    progress: &[(u32, Nid, u32)],
+    min: Option<u32>,
+    max: Option<u32>,
+    json: bool,
+) -> Result<String, CtlError> {
+    let percent = |p: u32, n: Nid| progress.iter().find(|(pp, nn, _)| *pp == p && *nn == n).map(|x| x.2);
     let bounded = min.is_some() || max.is_some();
     let range = if bounded { pt_range(pt.np(), min, max)? } else { 0..pt.np() };
     if json {
         let rows: Vec<Value> = range
             .map(|p| {
-                let cells: Vec<Value> =
-                    pt.row(p).iter().map(|c| json!({ "nid": c.nid.to_string(), "state": c.state.as_str() })).collect();
+                let cells: Vec<Value> = pt
+                    .row(p)
+                    .iter()
+                    .map(|c| match percent(p, c.nid) {
+                        Some(pc) => json!({ "nid": c.nid.to_string(), "state": c.state.as_str(), "progress": pc }),
+                        None => json!({ "nid": c.nid.to_string(), "state": c.state.as_str() }),
+                    })
+                    .collect();
                 json!({ "partition": p, "cells": cells })
             })
             .collect();
         return Ok(json!({ "ptid": pt.ptid.0, "replicas": pt.replicas, "rows": rows }).to_string());
     }
     if !bounded {
-        return Ok(pt.format_grid().trim_end().to_string());
+        let mut out = pt.format_grid().trim_end().to_string();
+        let mut shown: Vec<String> = Vec::new();
+        for (p, n, pc) in progress {
+            if pt.cell(*p, *n).is_some() {
+                shown.push(format!("{n} {p}: {pc}%"));
+            }
+        }
+        if !shown.is_empty() {
+            out.push_str(&format!("\n# replicating: {}", shown.join(", ")));
+        }
+        return Ok(out);
     }
     let mut lines = vec![format!("# ptid: {}, replicas: {}", pt.ptid, pt.replicas)];
     for p in range {
-        let cells: Vec<String> = pt.row(p).iter().map(|c| format!("{} {}", c.nid, c.state.letter())).collect();
+        let cells: Vec<String> = pt
+            .row(p)
+            .iter()
+            .map(|c| match percent(p, c.nid) {
+                Some(pc) => format!("{} {} {pc}%", c.nid, c.state.letter()),
+                None => format!("{} {}", c.nid, c.state.letter()),
+            })
+            .collect();
         lines.push(format!("{p:>3} | {}", cells.join("  ")).trim_end().to_string());
     }
     Ok(lines.join("\n"))
@@ -363,6 +401,19 @@ mod tests {
         assert!(matches!(e, CtlError::Invalid(_)), "{e:?}");
         assert_eq!(pt_range(5, None, Some(0)), Ok(0..5));
         assert_eq!(pt_range(5, Some(1), Some(50)), Ok(1..5));
+        // Replication progress of the OUT_OF_DATE cell.
+        let with_progress = || {
+            let mut m = convert::pt_to_msg(&pt);
+            m.progress = vec![msg::CellProgress { partition: 3, nid: s(2).0, percent: 42 }];
+            Body::AnswerPartitionList(m)
+        };
+        let grid = out(Command::PrintPt { min: None, max: None }, with_progress(), false);
+        assert!(grid.ends_with("\n# replicating: S2 3: 42%"), "{grid}");
+        let rows = out(Command::PrintPt { min: Some(3), max: Some(4) }, with_progress(), false);
+        assert_eq!(rows, "# ptid: 2, replicas: 1\n  3 | S1 U  S2 O 42%");
+        let j: Value =
+            serde_json::from_str(&out(Command::PrintPt { min: Some(3), max: Some(4) }, with_progress(), true)).unwrap();
+        assert_eq!(j["rows"][0]["cells"][1], json!({"nid": "S2", "state": "OUT_OF_DATE", "progress": 42}));
         // Malformed table.
         let mut m = convert::pt_to_msg(&pt);
         m.rows.clear();

@@ -66,6 +66,7 @@ pub fn pt_to_msg(pt: &PartitionTable) -> msg::PartitionTableMsg {
                 cells: row.iter().map(|c| msg::CellInfo { nid: c.nid.0, state: c.state as i32 }).collect(),
             })
             .collect(),
+        progress: Vec::new(),
     }
 }
 

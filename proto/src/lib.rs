@@ -110,6 +110,7 @@ body_from!(
     AnswerFetchObjects,
     AskReplicationDone,
     AnswerReplicationDone,
+    NotifyReplicationProgress,
 );
 
 /// Name of a message, for logs and "unexpected message" errors.

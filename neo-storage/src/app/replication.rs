@@ -42,6 +42,8 @@ const OBJ_BYTES: usize = 256 << 10;
 /// Most a source sends at once, whatever it is asked.
 const MAX_CHUNK: u32 = 10_000;
 const MAX_BYTES: usize = 16 << 20;
+/// How often the progress of a cell is reported (`neoctl print pt`).
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Pause between rounds that did not finish a cell.
 const RETRY: Duration = Duration::from_millis(100);
 
@@ -279,6 +281,17 @@ async fn replicate(
     progress.base_obj = progress.next_obj;
     save_progress(st, p, progress).await?;
     let started = std::time::Instant::now();
+    // The first chunk is reported at once.
+    let mut reported = started.checked_sub(PROGRESS_EVERY).unwrap_or(started);
+    let report = |progress: &ReplProgress, reported: &mut std::time::Instant| {
+        if reported.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        *reported = std::time::Instant::now();
+        let percent = percent_done(progress, target);
+        let m = msg::NotifyReplicationProgress { progress: Some(msg::CellProgress { partition: p, nid: 0, percent }) };
+        let _ = master.try_notify(m);
+    };
     let (mut txn_count, mut obj_count, mut bytes) = (0usize, 0usize, 0usize);
     // Transactions.
     while progress.next_trans <= target {
@@ -298,6 +311,7 @@ async fn replicate(
         };
         txn_count += txns.len();
         store(st, p, txns, Vec::new(), progress).await?;
+        report(&progress, &mut reported);
     }
     // Object revisions.
     while progress.next_obj.0 <= target {
@@ -320,6 +334,7 @@ async fn replicate(
         obj_count += objects.len();
         bytes += objects.iter().map(|o| o.data.as_ref().map_or(0, |d| d.data.len())).sum::<usize>();
         store(st, p, Vec::new(), objects, progress).await?;
+        report(&progress, &mut reported);
     }
     // Durable before the master is told: it will never ask for it again.
     st.db.call_durable(|b| b.sync()).await.map_err(db_err)?.map_err(db_err)?;
@@ -347,6 +362,19 @@ async fn replicate(
         debug!("partition {p}: not done: {}", a.reason);
     }
     Ok(false)
+}
+
+/// How far a round is, in percent of the TIDs it copies: transactions count for a fifth, object
+/// revisions for the rest; 99 at most (100 is UP_TO_DATE).
+fn percent_done(r: &ReplProgress, target: Tid) -> u32 {
+    let fraction = |from: Tid, at: Tid| {
+        if target <= from {
+            return 1.0;
+        }
+        (at.0.saturating_sub(from.0) as f64 / (target.0 - from.0) as f64).clamp(0.0, 1.0)
+    };
+    let done = 0.2 * fraction(r.base_trans, r.next_trans) + 0.8 * fraction(r.base_obj.0, r.next_obj.0);
+    ((done * 100.0) as u32).min(99)
 }
 
 async fn save_progress(st: &Storage, p: u32, progress: ReplProgress) -> Result<(), ReplError> {

@@ -321,8 +321,19 @@ async fn replication_survives_the_kill_of_its_source_then_of_its_destination(mys
     let b = cluster.admin_ask(msg::AddPendingNodes { nids: vec![s3.0] }.into()).await.unwrap();
     assert!(matches!(b, proto::Body::Error(ref e) if e.code == 0), "{b:?}");
     let of = |c: &[(neo_lib::Nid, u32, CellState)], nid, state| c.iter().filter(|x| x.0 == nid && x.2 == state).count();
-    // Kill a source once the copy has begun.
+    // Kill a source once the copy has begun, and `print pt` shows how far it is.
     wait_cells(&cluster, 60, "storage 3 gets cells", |c| of(c, s3, CellState::OutOfDate) > 0).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let b =
+            cluster.admin_ask(msg::AskPartitionList { min_offset: 0, max_offset: 0, nid: None }.into()).await.unwrap();
+        let m = expect_answer!(b, AnswerPartitionList).unwrap();
+        if m.progress.iter().any(|c| neo_lib::Nid(c.nid) == s3 && c.percent < 100) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no replication progress reported");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
     cluster.kill("storage1").unwrap();
     wait_cells(&cluster, 30, "storage 1 outdated", |c| of(c, s1, CellState::UpToDate) == 0).await;
