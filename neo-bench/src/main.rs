@@ -235,14 +235,7 @@ async fn loads(c: &Client, oids: &[Oid]) -> Result<Stats, BoxError> {
 
 async fn run(cli: Cli) -> Result<(), BoxError> {
     let exe = std::env::current_exe()?;
-    let mut opts = SimpleOptions::new(exe);
-    opts.storages = cli.storages;
-    opts.replicas = cli.replicas;
-    opts.partitions = cli.partitions;
-    opts.tls = cli.tls;
-    opts.data = cli.data.clone();
-    opts.cluster = format!("bench{}", std::process::id());
-    opts.mysql = cli.mysql.clone();
+    let opts = cluster_options(&cli, exe);
     let mut cluster = SimpleCluster::start(&opts)?;
     cluster.wait_running(Duration::from_secs(60)).await?;
     println!(
@@ -262,15 +255,32 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         println!("  {name:<10} {:>8.1} MiB", kib as f64 / 1024.0);
     }
     cluster.stop(Duration::from_secs(20)).await;
-    if let Some(server) = &cli.mysql {
-        for i in 1..=cli.storages {
-            let db = neosimple::launcher::mysql_database(&opts.cluster, i);
-            if let Err(e) = neo_storage::testing::server_sql(server, None, &format!("DROP DATABASE IF EXISTS `{db}`")) {
-                eprintln!("neo-bench: cannot drop database {db}: {e}");
-            }
+    drop_databases(cli.mysql.as_deref(), &opts.cluster, cli.storages);
+    result
+}
+
+/// The local cluster the command line asks for.
+fn cluster_options(cli: &Cli, exe: std::path::PathBuf) -> SimpleOptions {
+    let mut opts = SimpleOptions::new(exe);
+    opts.storages = cli.storages;
+    opts.replicas = cli.replicas;
+    opts.partitions = cli.partitions;
+    opts.tls = cli.tls;
+    opts.data = cli.data.clone();
+    opts.cluster = format!("bench{}", std::process::id());
+    opts.mysql = cli.mysql.clone();
+    opts
+}
+
+/// Drop the MySQL databases of the storages of cluster `cluster` (nothing on SQLite).
+fn drop_databases(server: Option<&str>, cluster: &str, storages: usize) {
+    let Some(server) = server else { return };
+    for i in 1..=storages {
+        let db = neosimple::launcher::mysql_database(cluster, i);
+        if let Err(e) = neo_storage::testing::server_sql(server, None, &format!("DROP DATABASE IF EXISTS `{db}`")) {
+            eprintln!("neo-bench: cannot drop database {db}: {e}");
         }
     }
-    result
 }
 
 /// CPU time used so far by each node process and by this process (the clients).

@@ -7,7 +7,7 @@
 use crate::{BoxError, Cli, data};
 use neo_client::{Client, ClientConfig};
 use neo_lib::{CellState, NodeState, NodeType, Oid, Tid};
-use neosimple::{SimpleCluster, SimpleOptions};
+use neosimple::SimpleCluster;
 use proto::{expect_answer, msg};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,26 +18,14 @@ const FILL_BATCH: usize = 1000;
 
 pub async fn run(cli: &Cli) -> Result<(), BoxError> {
     let exe = std::env::current_exe()?;
-    let mut opts = SimpleOptions::new(exe.clone());
+    let mut opts = crate::cluster_options(cli, exe.clone());
     opts.storages = 1;
     opts.spare_storages = 1;
     opts.replicas = 1;
-    opts.partitions = cli.partitions;
-    opts.tls = cli.tls;
-    opts.data = cli.data.clone();
-    opts.cluster = format!("bench{}", std::process::id());
-    opts.mysql = cli.mysql.clone();
     let mut cluster = SimpleCluster::start(&opts)?;
     let result = bench(cli, &exe, &mut cluster).await;
     cluster.stop(Duration::from_secs(30)).await;
-    if let Some(server) = &cli.mysql {
-        for i in 1..=2 {
-            let db = neosimple::launcher::mysql_database(&opts.cluster, i);
-            if let Err(e) = neo_storage::testing::server_sql(server, None, &format!("DROP DATABASE IF EXISTS `{db}`")) {
-                eprintln!("neo-bench: cannot drop database {db}: {e}");
-            }
-        }
-    }
+    crate::drop_databases(cli.mysql.as_deref(), &opts.cluster, 2);
     result
 }
 

@@ -31,6 +31,18 @@ pub enum PtError {
     NoPartitions,
 }
 
+/// The distinct nodes, sorted, and how many cells each partition gets over them.
+fn spread_over(nodes: &[Nid], replicas: u32) -> Result<(Vec<Nid>, usize), PtError> {
+    let mut nodes: Vec<Nid> = nodes.to_vec();
+    nodes.sort();
+    nodes.dedup();
+    if nodes.is_empty() {
+        return Err(PtError::NoNodes);
+    }
+    let repeats = (replicas as usize + 1).min(nodes.len());
+    Ok((nodes, repeats))
+}
+
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct PartitionTable {
     pub ptid: Ptid,
@@ -58,14 +70,8 @@ impl PartitionTable {
         if np == 0 {
             return Err(PtError::NoPartitions);
         }
-        let mut nodes: Vec<Nid> = nodes.to_vec();
-        nodes.sort();
-        nodes.dedup();
-        if nodes.is_empty() {
-            return Err(PtError::NoNodes);
-        }
+        let (nodes, repeats) = spread_over(nodes, replicas)?;
         let n = nodes.len();
-        let repeats = (replicas as usize + 1).min(n);
         let rows = (0..np as usize)
             .map(|p| {
                 (0..repeats).map(|i| Cell { nid: nodes[(p * repeats + i) % n], state: CellState::UpToDate }).collect()
@@ -183,14 +189,8 @@ impl PartitionTable {
     /// cells that must go, and every cell on a node not in `nodes`, are discarded (readable
     /// ones only when enough readable cells stay).
     pub fn tweak(&self, nodes: &[Nid]) -> Result<Vec<CellChange>, PtError> {
-        let mut nodes: Vec<Nid> = nodes.to_vec();
-        nodes.sort();
-        nodes.dedup();
-        if nodes.is_empty() {
-            return Err(PtError::NoNodes);
-        }
+        let (nodes, repeats) = spread_over(nodes, self.replicas)?;
         let n = nodes.len();
-        let repeats = (self.replicas as usize + 1).min(n);
         let rank = |s: CellState| match s {
             CellState::UpToDate => 0,
             CellState::Feeding => 1,
