@@ -241,12 +241,17 @@ async fn install_pt(
     pt: PartitionTable,
     changes: Option<&[neo_lib::pt::CellChange]>,
 ) -> Result<(), StorageError> {
-    let (old, me) = st.with(|s| (s.pt.clone(), s.nid));
+    // The new table is in force before the cells' rows are purged: nothing written for a
+    // dropped cell after its purge (see `replication::store`).
+    let (old, me) = st.with(|s| (s.pt.replace(pt.clone()), s.nid));
     if let Some(me) = me {
         let c = replication::cells_changed(me, old.as_ref(), &pt, changes);
-        replication::apply_cells_changed(st, c).await?;
+        if let Err(e) = replication::apply_cells_changed(st, c).await {
+            // The next table the master sends is compared with this one again.
+            st.with(|s| s.pt = old);
+            return Err(e);
+        }
     }
-    st.with(|s| s.pt = Some(pt));
     save_pt(st).await?;
     st.repl_kick.notify_waiters();
     Ok(())

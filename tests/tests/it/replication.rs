@@ -255,7 +255,25 @@ async fn a_storage_added_under_load_takes_over_from_one_that_is_dropped(opts: Op
     assert!(!pt.nodes().contains(&dropped), "{pt:?}");
     write(&c, &mut acked, 10, 9000).await;
     c.close().await;
+    // The dropped storage came back as a stranger: PENDING, without cells, its data deleted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !storage_nids(&cluster).await.contains(&(dropped, neo_lib::NodeState::Pending)) {
+        assert!(Instant::now() < deadline, "the dropped storage is not pending: {:?}", storage_nids(&cluster).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     cluster.stop_storage(dropped_index).await;
+    let left = cluster.with_storage_db(dropped_index, |db| {
+        (0..12u32)
+            .filter_map(|p| {
+                let t = db.fetch_transactions(p, Tid::ZERO, Tid::MAX, 10).unwrap();
+                let o = db.fetch_objects(p, (Tid::ZERO, neo_lib::Oid::ZERO), Tid::MAX, 10, 1 << 20).unwrap();
+                let found =
+                    (t.iter().map(|t| t.tid).collect::<Vec<_>>(), o.iter().map(|o| (o.oid, o.tid)).collect::<Vec<_>>());
+                (!found.0.is_empty() || !found.1.is_empty()).then_some((p, found))
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(left.is_empty(), "the dropped storage kept data: {left:?}");
     // Each of the two that stay serves everything alone.
     for (alone, other) in [(kept, new), (new, kept)] {
         cluster.stop_storage(other).await;
