@@ -314,8 +314,10 @@ async fn replicate(
         report(&progress, &mut reported);
     }
     // Object revisions.
+    let mut last_durable = st.db.stats().durable.load(std::sync::atomic::Ordering::Relaxed);
     while progress.next_obj.0 <= target {
         let (min_tid, min_oid) = progress.next_obj;
+        let chunk_started = std::time::Instant::now();
         let m = msg::AskFetchObjects {
             partition: p,
             min_tid: min_tid.0,
@@ -335,6 +337,14 @@ async fn replicate(
         bytes += objects.iter().map(|o| o.data.as_ref().map_or(0, |d| d.data.len())).sum::<usize>();
         store(st, p, Vec::new(), objects, progress).await?;
         report(&progress, &mut reported);
+        // Commits ran meanwhile (locks were synced): leave them as much time as the chunk took,
+        // so that the copy takes at most half of the database thread while the cluster is
+        // busy, and runs at full speed when it is idle (bench/BENCHMARKS.md, "Replication").
+        let durable = st.db.stats().durable.load(std::sync::atomic::Ordering::Relaxed);
+        if durable != last_durable {
+            last_durable = durable;
+            tokio::time::sleep(chunk_started.elapsed()).await;
+        }
     }
     // Durable before the master is told: it will never ask for it again.
     st.db.call_durable(|b| b.sync()).await.map_err(db_err)?.map_err(db_err)?;
