@@ -98,6 +98,9 @@ pub struct Master {
     pub readable_since: HashMap<(u32, Nid), neo_lib::Ptid>,
     /// Why the master stopped itself, if it did (the process then exits with an error).
     pub fatal: Option<String>,
+    /// OUT_OF_DATE cells reset by verification (they lack an older transaction): named in
+    /// every full table sent to storages until they are readable again.
+    pub reset_cells: std::collections::BTreeSet<(u32, Nid)>,
 }
 
 impl Master {
@@ -130,6 +133,7 @@ impl Master {
             missed: HashMap::new(),
             readable_since: HashMap::new(),
             fatal: None,
+            reset_cells: Default::default(),
             cfg,
         };
         match &m.cfg.database {
@@ -312,10 +316,17 @@ impl Master {
         }
     }
 
+    /// The whole partition table as a message, with the reset cells for storages.
+    pub fn pt_msg(&self) -> Option<msg::PartitionTableMsg> {
+        let mut m = proto::convert::pt_to_msg(self.pt.as_ref()?);
+        m.reset =
+            self.reset_cells.iter().map(|(partition, nid)| msg::CellId { partition: *partition, nid: nid.0 }).collect();
+        Some(m)
+    }
+
     /// Send the whole partition table to storages and admins (and clients if `clients`).
     pub async fn send_pt_to_all(&self, clients: bool) {
-        let Some(pt) = &self.pt else { return };
-        let m = proto::convert::pt_to_msg(pt);
+        let Some(m) = self.pt_msg() else { return };
         for c in self.conns.values() {
             if matches!(c.node_type, NodeType::Storage | NodeType::Admin)
                 || (clients && c.node_type == NodeType::Client)
@@ -363,12 +374,22 @@ impl Master {
         info!("partition table changed: ptid {ptid}, {changes:?}");
         for ch in changes {
             let cell = (ch.partition, ch.nid);
+            if ch.state == neo_lib::CellState::OutOfDate {
+                // Commits already past their finish (or committed, but maybe not unlocked on
+                // the source yet) were not written to this cell and are not above the source's
+                // last TID yet: the cell must replicate up to them.
+                let floor = self.tm.partition_floor(ch.partition);
+                let t = self.missed.entry(cell).or_insert(floor);
+                *t = (*t).max(floor);
+            }
             if ch.state.is_readable() {
                 self.readable_since.insert(cell, ptid);
                 self.missed.remove(&cell);
+                self.reset_cells.remove(&cell);
             } else if ch.state == neo_lib::CellState::Discarded {
                 self.readable_since.remove(&cell);
                 self.missed.remove(&cell);
+                self.reset_cells.remove(&cell);
             }
         }
         let m = proto::convert::changes_to_msg(ptid, replicas, changes);
@@ -505,8 +526,8 @@ impl Master {
             NodeType::Storage => self.state != ClusterState::Recovering,
             _ => true,
         };
-        if send_pt && let Some(pt) = &self.pt {
-            let _ = link.notify(Body::SendPartitionTable(proto::convert::pt_to_msg(pt))).await;
+        if send_pt && let Some(m) = self.pt_msg() {
+            let _ = link.notify(Body::SendPartitionTable(m)).await;
         }
         let m = msg::NotifyClusterInformation { state: self.state as i32, detail: self.recovery.waiting.clone() };
         let _ = link.notify(m).await;
@@ -546,9 +567,12 @@ impl Master {
             Body::NotifyReplicationProgress(m) if node_type == NodeType::Storage => {
                 if let Some(mut p) = m.progress {
                     p.nid = nid.0;
+                    // Without waiting: an admin that does not read must not stall the master.
                     let m = msg::NotifyReplicationProgress { progress: Some(p) };
                     for c in self.conns_of(&[NodeType::Admin]) {
-                        self.notify(c, m).await;
+                        if let Some(conn) = self.conns.get(&c) {
+                            let _ = conn.link.try_notify(m);
+                        }
                     }
                 }
             }

@@ -76,6 +76,9 @@ impl Master {
             self.notify(c, msg::StopOperation {}).await;
         }
         self.tm.reset();
+        // Verification finishes every acknowledged commit on the readable cells before any
+        // replication round can start again: what was missed before is above no target.
+        self.missed.clear();
         self.recovery = crate::recovery::Recovery { startup_allowed: true, ..Default::default() };
         for nid in self.connected_storages() {
             self.set_node_state(nid, NodeState::Pending).await;
@@ -471,6 +474,10 @@ impl Master {
             }
         }
         self.commit_pt_changes(&changes).await;
+        // Named in every full table until readable again (after the change: its Discarded
+        // half clears the mark).
+        self.reset_cells
+            .extend(changes.iter().filter(|c| c.state == CellState::OutOfDate).map(|c| (c.partition, c.nid)));
     }
 
     /// A storage finished StartOperation.

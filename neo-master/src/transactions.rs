@@ -54,6 +54,8 @@ pub struct Transactions {
     delayed: Vec<(ConnId, u32, Option<u64>)>,
     /// ttid -> tid of recent commits, for clients that lost their connection during finish.
     recent: BTreeMap<Tid, Tid>,
+    /// The greatest TID committed in each partition (objects or metadata).
+    partition_last: BTreeMap<u32, Tid>,
 }
 
 /// How many recent commits are remembered for AskFinalTid.
@@ -74,6 +76,20 @@ impl Transactions {
         // Oid 0 is ZODB's root object: created explicitly, never handed out by new_oid.
         self.next_oid = self.next_oid.max(next_oid).max(Oid(1));
         self.last_oid = Oid(self.next_oid.0.saturating_sub(1));
+    }
+
+    /// The greatest TID of a transaction committed in `partition`, or being committed there
+    /// (past its finish): what a cell that becomes OUT_OF_DATE now must replicate up to.
+    pub fn partition_floor(&self, partition: u32) -> Tid {
+        let committing = self
+            .txns
+            .values()
+            .filter_map(|t| t.finish.as_ref())
+            .filter(|f| f.partitions.contains(&partition))
+            .map(|f| f.tid)
+            .max();
+        let committed = self.partition_last.get(&partition).copied();
+        committing.max(committed).unwrap_or(Tid::ZERO)
     }
 
     pub fn has_pending(&self) -> bool {
@@ -383,6 +399,10 @@ impl Master {
                 }
             }
             self.tm.last_tid = tid;
+            for p in &f.partitions {
+                let t = self.tm.partition_last.entry(*p).or_insert(tid);
+                *t = (*t).max(tid);
+            }
             for cell in f.missed {
                 let t = self.missed.entry(cell).or_insert(tid);
                 *t = (*t).max(tid);

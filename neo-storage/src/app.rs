@@ -240,12 +240,13 @@ async fn install_pt(
     st: &Storage,
     pt: PartitionTable,
     changes: Option<&[neo_lib::pt::CellChange]>,
+    reset: &[(u32, Nid)],
 ) -> Result<(), StorageError> {
     // The new table is in force before the cells' rows are purged: nothing written for a
     // dropped cell after its purge (see `replication::store`).
     let (old, me) = st.with(|s| (s.pt.replace(pt.clone()), s.nid));
     if let Some(me) = me {
-        let c = replication::cells_changed(me, old.as_ref(), &pt, changes);
+        let c = replication::cells_changed(me, old.as_ref(), &pt, changes, reset);
         if let Err(e) = replication::apply_cells_changed(st, c).await {
             // The next table the master sends is compared with this one again.
             st.with(|s| s.pt = old);
@@ -292,7 +293,8 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
         Body::SendPartitionTable(m) => {
             let pt = proto::convert::pt_from_msg(&m).map_err(proto_err)?;
             debug!("partition table ptid {}", pt.ptid);
-            install_pt(st, pt, None).await?;
+            let reset: Vec<(u32, Nid)> = m.reset.iter().map(|c| (c.partition, Nid(c.nid))).collect();
+            install_pt(st, pt, None, &reset).await?;
         }
         Body::NotifyPartitionChanges(m) => {
             let changes = proto::convert::changes_from_msg(&m).map_err(proto_err)?;
@@ -300,7 +302,7 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
                 .with(|s| s.pt.clone())
                 .ok_or_else(|| StorageError::Protocol("partition changes without a partition table".into()))?;
             pt.apply(Ptid(m.ptid), m.replicas, &changes).map_err(|e| StorageError::Protocol(e.to_string()))?;
-            install_pt(st, pt, Some(&changes)).await?;
+            install_pt(st, pt, Some(&changes), &[]).await?;
         }
         Body::NotifyClusterInformation(m) => {
             if m.state == ClusterState::Stopping as i32 {
@@ -314,7 +316,13 @@ async fn handle_master(st: &Arc<Storage>, link: &Link, req: Request) -> Result<O
         }
         Body::AskPartitionTable(_) => {
             let m = st.with(|s| s.pt.as_ref().map(proto::convert::pt_to_msg));
-            let m = m.unwrap_or(msg::PartitionTableMsg { ptid: 0, replicas: 0, rows: vec![], progress: vec![] });
+            let m = m.unwrap_or(msg::PartitionTableMsg {
+                ptid: 0,
+                replicas: 0,
+                rows: vec![],
+                progress: vec![],
+                reset: vec![],
+            });
             let _ = link.answer(id, Body::AnswerPartitionTable(m)).await;
         }
         Body::AskLockedTransactions(_) => {

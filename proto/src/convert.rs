@@ -67,6 +67,7 @@ pub fn pt_to_msg(pt: &PartitionTable) -> msg::PartitionTableMsg {
             })
             .collect(),
         progress: Vec::new(),
+        reset: Vec::new(),
     }
 }
 

@@ -97,6 +97,9 @@ pub struct Transaction {
     /// them, so that a cell that missed the transaction is caught up or outdated.
     stored_on: BTreeSet<(u32, Nid)>,
     skipped_on: BTreeSet<(u32, Nid)>,
+    /// Per partition, the cells every write of this transaction to it was sent to (a cell
+    /// added to the table after the first write missed that one, whatever it took later).
+    targets: HashMap<u32, BTreeSet<Nid>>,
     /// Number of cells that locked each object.
     locked: HashMap<Oid, usize>,
     /// Objects checked by `check_current_serial` (not modified): oid -> serial read.
@@ -228,6 +231,7 @@ impl Client {
             failed: BTreeSet::new(),
             stored_on: BTreeSet::new(),
             skipped_on: BTreeSet::new(),
+            targets: HashMap::new(),
             locked: HashMap::new(),
             checked: BTreeMap::new(),
             voted_on: BTreeSet::new(),
@@ -332,6 +336,9 @@ impl Client {
             return Err(ClientError::NoStorage(format!("oid {oid}: no writable cell")));
         }
         let check = m.check_only;
+        if !check {
+            narrow_targets(txn, partition, &cells);
+        }
         for nid in cells {
             txn.contacted.insert(nid);
             txn.voted_on.remove(&nid);
@@ -464,6 +471,7 @@ impl Client {
         }
         // Metadata to the cells of partition(ttid), a plain vote to the other storages.
         let (meta_partition, meta_cells) = self.write_cells(txn.ttid.0);
+        narrow_targets(txn, meta_partition, &meta_cells);
         let oids: Vec<u64> = txn.objects.iter().map(|(o, _)| o.0).collect();
         let mut votes = JoinSet::new();
         for nid in meta_cells.iter().copied().filter(|n| !txn.voted_on.contains(n) && !txn.failed.contains(n)) {
@@ -605,6 +613,7 @@ impl Client {
                 .stored_on
                 .iter()
                 .filter(|c| !txn.skipped_on.contains(c) && !txn.failed.contains(&c.1))
+                .filter(|(p, n)| txn.targets.get(p).is_some_and(|t| t.contains(n)))
                 .map(|&(partition, nid)| msg::CellRef { partition, nid: nid.0 })
                 .collect(),
         };
@@ -707,6 +716,15 @@ impl Client {
             let _ = link.notify(msg::AbortTransaction { ttid, nids: contacted.iter().map(|n| n.0).collect() }).await;
         }
     }
+}
+
+/// Keep, as the cells that took every write to `partition`, only those also among `cells`
+/// (the cells this write goes to).
+fn narrow_targets(txn: &mut Transaction, partition: u32, cells: &[Nid]) {
+    txn.targets
+        .entry(partition)
+        .and_modify(|t| t.retain(|n| cells.contains(n)))
+        .or_insert_with(|| cells.iter().copied().collect());
 }
 
 /// Record a conflict (once per oid) with the data the transaction stored for that oid.

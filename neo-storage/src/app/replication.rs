@@ -82,14 +82,21 @@ impl CellsChanged {
 }
 
 /// Compare this node's cells in `old` and `new`; `changes` (an incremental change) may reset
-/// a cell by discarding it and adding it again.
+/// a cell by discarding it and adding it again; a full table names the cells that were reset
+/// (`reset`, for a node that missed that change). A reset cell this node was already
+/// replicating from nothing keeps its progress.
 pub(super) fn cells_changed(
     me: Nid,
     old: Option<&PartitionTable>,
     new: &PartitionTable,
     changes: Option<&[CellChange]>,
+    reset_cells: &[(u32, Nid)],
 ) -> CellsChanged {
-    let mut reset = BTreeSet::new();
+    let mut reset: BTreeSet<u32> = reset_cells
+        .iter()
+        .filter(|(p, n)| *n == me && old.and_then(|pt| pt.cell(*p, me)) != Some(CellState::OutOfDate))
+        .map(|(p, _)| *p)
+        .collect();
     if let Some(changes) = changes {
         let mut discarded = BTreeSet::new();
         for ch in changes.iter().filter(|c| c.nid == me) {
@@ -113,6 +120,11 @@ pub(super) fn cells_changed(
             (Some(_), None) => out.dropped.push(p),
             _ => {}
         }
+    }
+    // Dropped from the cluster: every partition is purged, also rows of partitions it no
+    // longer had (a transaction that voted before such a cell went, unlocked after).
+    if new.partitions_of(me).is_empty() && old.is_some_and(|pt| !pt.partitions_of(me).is_empty()) {
+        out.dropped = (0..new.np()).collect();
     }
     out
 }
@@ -305,12 +317,13 @@ async fn replicate(
         let full = a.transactions.len() >= TRANS_CHUNK as usize;
         let txns = check_transactions(a.transactions, p, np, progress.next_trans, target)
             .map_err(|e| ReplError::Source(source, e))?;
+        let before = progress;
         progress.next_trans = match (full, txns.last()) {
             (true, Some(last)) => last.tid.next(),
             _ => target.next(),
         };
         txn_count += txns.len();
-        store(st, p, txns, Vec::new(), progress).await?;
+        store(st, p, txns, Vec::new(), before, progress).await?;
         report(&progress, &mut reported);
     }
     // Object revisions.
@@ -329,13 +342,14 @@ async fn replicate(
         let a = link.ask(m).await.and_then(|b| expect_answer!(b, AnswerFetchObjects)).map_err(src)?;
         let objects =
             check_objects(a.objects, p, np, progress.next_obj, target).map_err(|e| ReplError::Source(source, e))?;
+        let before = progress;
         progress.next_obj = match objects.last() {
             Some(last) => (last.tid, Oid(last.oid.0 + 1)),
             None => (target.next(), Oid::ZERO),
         };
         obj_count += objects.len();
         bytes += objects.iter().map(|o| o.data.as_ref().map_or(0, |d| d.data.len())).sum::<usize>();
-        store(st, p, Vec::new(), objects, progress).await?;
+        store(st, p, Vec::new(), objects, before, progress).await?;
         report(&progress, &mut reported);
         // Commits ran meanwhile (locks were synced): leave them as much time as the chunk took,
         // so that the copy takes at most half of the database thread while the cluster is
@@ -396,6 +410,7 @@ async fn store(
     p: u32,
     txns: Vec<TxnInfo>,
     objects: Vec<ReplObject>,
+    before: ReplProgress,
     progress: ReplProgress,
 ) -> Result<(), ReplError> {
     // Not synced (the round's end is): syncing each chunk let commits go faster meanwhile
@@ -409,6 +424,11 @@ async fn store(
             let me = st2.with(|s| s.nid);
             if st2.with(|s| s.pt.as_ref().zip(me).and_then(|(pt, me)| pt.cell(p, me))) != Some(CellState::OutOfDate) {
                 return Err(BackendError::Db(format!("partition {p} is no longer out of date here")));
+            }
+            // The cell may have been dropped and added again (purged, progress reset) since
+            // the round's last chunk: then this round's cursor is not the cell's any more.
+            if b.replication_progress(p)? != Some(before) {
+                return Err(BackendError::Db(format!("partition {p} was reset during the round")));
             }
             b.store_replicated(p, &txns, &objects, &progress)
         })
@@ -684,7 +704,7 @@ mod tests {
             CellChange { partition: 3, nid: s(1), state: CellState::Feeding },
         ];
         new.commit_changes(&changes);
-        let c = cells_changed(s(1), old.as_ref(), &new, Some(&changes));
+        let c = cells_changed(s(1), old.as_ref(), &new, Some(&changes), &[]);
         assert_eq!((c.outdated, c.fresh, c.readable, c.dropped), (vec![0], vec![1], vec![], vec![2]));
         // A full table (no change list): a cell this node did not have before is fresh.
         let c = cells_changed(
@@ -696,7 +716,14 @@ mod tests {
                 t
             },
             None,
+            &[],
         );
         assert_eq!(c.fresh, vec![2]);
+        // A full table naming a reset cell that was readable here: fresh, not "outdated"
+        // (its last TID is above a transaction it lacks); one already OUT_OF_DATE here: kept.
+        let c = cells_changed(s(1), old.as_ref(), &new, None, &[(0, s(1))]);
+        assert_eq!((c.outdated, c.fresh), (vec![1], vec![0]));
+        let c = cells_changed(s(1), Some(&new), &new, None, &[(0, s(1)), (1, s(1))]);
+        assert!(c.is_empty(), "{c:?}");
     }
 }
