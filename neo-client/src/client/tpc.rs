@@ -614,7 +614,7 @@ impl Client {
                 .iter()
                 .filter(|c| !txn.skipped_on.contains(c) && !txn.failed.contains(&c.1))
                 .filter(|(p, n)| txn.targets.get(p).is_some_and(|t| t.contains(n)))
-                .map(|&(partition, nid)| msg::CellRef { partition, nid: nid.0 })
+                .map(|&(partition, nid)| msg::CellId { partition, nid: nid.0 })
                 .collect(),
         };
         let link = self.master().await?;

@@ -130,6 +130,9 @@ async fn random_records_of_every_size_come_back_as_committed(opts: Options) {
     compressing.store(&mut t, oid, Tid::ZERO, b"small").unwrap();
     compressing.tpc_vote(&mut t).await.unwrap();
     let tid = compressing.tpc_finish(t).await.unwrap();
+    // Another client sees a commit once it has synced with the master (its invalidation may
+    // still be on the way).
+    reader.sync().await.unwrap();
     assert_eq!(reader.load(oid).await.unwrap(), (b"small".to_vec(), tid));
 }
 
